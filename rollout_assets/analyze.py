@@ -1,0 +1,123 @@
+"""Analyzer storage: read `window_metrics`, score with `scoring`, replace `slo_scores` and
+`window_verdicts` for a range of windows in one transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pandas as pd
+
+from rollout_assets.partitions import WINDOW
+from rollout_assets.policy import Policy
+from rollout_assets.scoring import SloScore, Verdict, decide, score_window
+from rollout_assets.warehouse import transaction
+
+SCORE_COLUMNS = (
+    "window_start", "phase", "slo", "metric", "value", "comparator", "threshold", "sample_size",
+    "min_sample", "passed", "status", "severity", "rollback", "shadow", "baseline",
+)
+
+
+def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[float, str]:
+    """Crash rate of the baseline phase's judged sessions in the lookback, else the pinned value."""
+    b = policy.baseline
+    crashes, sessions = con.execute(
+        """select coalesce(sum(crash_count), 0), coalesce(sum(session_count), 0)
+           from window_metrics where phase = ? and window_start > ? and window_start <= ?""",
+        [b.phase, window_start - timedelta(hours=b.lookback_hours), window_start],
+    ).fetchone()
+    if sessions >= b.min_sessions:
+        return crashes / sessions, "measured"
+    return b.pinned_crash_rate, "pinned"
+
+
+def _needs_baseline(phase) -> bool:
+    return any(r.metric == "crash_rate_delta" for r in phase.slos)
+
+
+def score_range(con, policy: Policy, first: datetime, last: datetime,
+                now: datetime) -> list[SloScore]:
+    """Replace `slo_scores` for windows in [first, last] from `window_metrics`."""
+    end = last + WINDOW
+    metrics = con.execute(
+        "select * from window_metrics where window_start >= ? and window_start < ? "
+        "order by window_start, phase", [first, end]
+    ).df()
+    scores: list[SloScore] = []
+    for rec in metrics.to_dict("records"):
+        if rec["phase"] not in policy.phase_names:
+            continue  # a phase the current policy no longer knows is not judged
+        phase = policy.phase(rec["phase"])
+        ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
+        baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
+        scores.extend(score_window(phase, ws, rec, baseline))
+    with transaction(con):
+        con.execute("delete from slo_scores where window_start >= ? and window_start < ?",
+                    [first, end])
+        if scores:
+            df = pd.DataFrame([s.as_row() for s in scores], columns=list(SCORE_COLUMNS))
+            df["value"] = df["value"].astype("float64")
+            df["baseline"] = df["baseline"].astype("float64")
+            df["passed"] = df["passed"].astype("boolean")
+            con.register("score_batch", df)
+            con.execute(
+                f"insert into slo_scores select {', '.join(SCORE_COLUMNS)}, ?, ? from score_batch",
+                [policy.version, now],
+            )
+            con.unregister("score_batch")
+    return scores
+
+
+def _nullable(v):
+    return None if v is None or (isinstance(v, float) and v != v) or v is pd.NA else v
+
+
+def load_scores(con, first: datetime, last: datetime) -> list[SloScore]:
+    df = con.execute(
+        f"select {', '.join(SCORE_COLUMNS)} from slo_scores "
+        "where window_start >= ? and window_start < ? order by window_start, phase, slo",
+        [first, last + WINDOW],
+    ).df()
+    out = []
+    for rec in df.to_dict("records"):
+        rec = {k: _nullable(v) for k, v in rec.items()}
+        rec["window_start"] = pd.Timestamp(rec["window_start"]).to_pydatetime()
+        rec["sample_size"] = int(rec["sample_size"])
+        rec["min_sample"] = int(rec["min_sample"])
+        rec["passed"] = None if rec["passed"] is None else bool(rec["passed"])
+        out.append(SloScore(**rec))
+    return out
+
+
+def judge_range(con, policy: Policy, first: datetime, last: datetime,
+                now: datetime) -> list[Verdict]:
+    """Replace `window_verdicts` for windows in [first, last] from `slo_scores`."""
+    end = last + WINDOW
+    by_window: dict[tuple, list[SloScore]] = {}
+    for s in load_scores(con, first, last):
+        by_window.setdefault((s.window_start, s.phase), []).append(s)
+    # phases without SLOs (A-0) have metrics but no scores: they get a not_judged verdict
+    for ws, phase in con.execute(
+        "select window_start, phase from window_metrics where window_start >= ? "
+        "and window_start < ?", [first, end]
+    ).fetchall():
+        by_window.setdefault((ws, phase), [])
+    verdicts = [
+        decide(policy, policy.phase(phase), ws, scores)
+        for (ws, phase), scores in sorted(by_window.items())
+        if phase in policy.phase_names
+    ]
+    with transaction(con):
+        con.execute("delete from window_verdicts where window_start >= ? and window_start < ?",
+                    [first, end])
+        if verdicts:
+            con.executemany(
+                "insert into window_verdicts values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    [v.window_start, v.window_start + WINDOW, v.phase, v.status, v.breach,
+                     v.rollback_required, v.rollback_to, v.level, v.failed_slos,
+                     policy.version, now]
+                    for v in verdicts
+                ],
+            )
+    return verdicts

@@ -1,0 +1,1 @@
+"""Window assets by stage: collector → analyzer → reporter (seed §6)."""

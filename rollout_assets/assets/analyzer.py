@@ -1,0 +1,83 @@
+"""Analyzer (seed §6, minutes 7–12): `window_metrics` → `slo_scores` → `window_verdicts`."""
+
+
+import dagster as dg
+
+from rollout_assets.analyze import judge_range, score_range
+from rollout_assets.assets.collector import window_metrics
+from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.collect import now_utc
+from rollout_assets.partitions import partition_key
+from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
+from rollout_assets.resources.home import HomeResource
+
+
+@dg.asset(group_name="analyzer", deps=[window_metrics], **WINDOW_ASSET_KWARGS)
+def slo_scores(
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """One row per (window, phase, SLO): value vs the policy's threshold, sample size, and
+    `passed` (NULL when the sample is below the rule's minimum or the value is NULL).
+
+    The asset checks on this asset (one per SLO in governance/policy.yaml) record every window's
+    result in Dagster: their history is the governance audit trail.
+    """
+    policy = home.policy()
+    windows = run_windows(context)
+    with warehouse.connect() as con:
+        scores = score_range(con, policy, windows[0], windows[-1], now_utc())
+        schema = column_schema(con, "slo_scores")
+    failed = [s for s in scores if s.passed is False]
+    by_window: dict = {}
+    for s in scores:
+        by_window.setdefault(s.window_start, []).append(s)
+    for w in windows:
+        ws = by_window.get(w, [])
+        context.add_asset_metadata(
+            {"scored": len(ws), "failed": sum(1 for s in ws if s.passed is False),
+             "not_judged": sum(1 for s in ws if s.passed is None)},
+            partition_key=partition_key(w),
+        )
+    return dg.MaterializeResult(metadata={
+        "scores": len(scores), "passed": sum(1 for s in scores if s.passed),
+        "failed": len(failed), "not_judged": sum(1 for s in scores if s.passed is None),
+        "policy_version": policy.version, "dagster/column_schema": schema,
+    })
+
+
+@dg.asset(group_name="analyzer", deps=[slo_scores], **WINDOW_ASSET_KWARGS)
+def window_verdicts(
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """One row per (window, phase): `breach`, `rollback_required`, `rollback_to` (the previous
+    phase in policy order), notification `level` and the failed SLOs.
+
+    Each window's materialization carries the rollbacks it requires; the breach sensor reads
+    them from Dagster's event log (not from DuckDB) and launches `rollback_job`.
+    """
+    policy = home.policy()
+    windows = run_windows(context)
+    with warehouse.connect() as con:
+        verdicts = judge_range(con, policy, windows[0], windows[-1], now_utc())
+        schema = column_schema(con, "window_verdicts")
+    by_window: dict = {}
+    for v in verdicts:
+        by_window.setdefault(v.window_start, []).append(v)
+    for w in windows:
+        vs = by_window.get(w, [])
+        context.add_asset_metadata({
+            "breaches": sum(1 for v in vs if v.breach),
+            "level": max((v.level for v in vs), key=("ok", "warning", "P2", "P1").index,
+                         default="ok"),
+            "rollbacks_required": dg.MetadataValue.json([
+                {"phase": v.phase, "rollback_to": v.rollback_to, "level": v.level,
+                 "failed_slos": v.failed_slos}
+                for v in vs if v.rollback_required
+            ]),
+        }, partition_key=partition_key(w))
+    breaches = [v for v in verdicts if v.breach]
+    return dg.MaterializeResult(metadata={
+        "verdicts": len(verdicts), "breaches": len(breaches),
+        "rollbacks_required": sum(1 for v in verdicts if v.rollback_required),
+        "policy_version": policy.version, "dagster/column_schema": schema,
+    })

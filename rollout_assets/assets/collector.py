@@ -1,0 +1,92 @@
+"""Collector (seed §6, minutes 0–7): canary JSONL → `canary_events` → `window_metrics`."""
+
+
+import dagster as dg
+
+from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.collect import (
+    compute_window_metrics,
+    exclusions_by_window,
+    export_monitoring,
+    ingest_canary,
+    now_utc,
+)
+from rollout_assets.partitions import WINDOW, partition_key
+from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
+from rollout_assets.resources.home import HomeResource
+
+
+@dg.asset(group_name="collector", **WINDOW_ASSET_KWARGS)
+def canary_events(
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """Validated, de-duplicated canary events from `reports/canary/phase-*.jsonl`.
+
+    Reads every canary file from its byte-offset cursor (`ingest_files`), so a run only reads what
+    was appended since the last one. Each line is either stored in `canary_events` or quarantined
+    in `quarantine` with its file, line number and reason; lines read = loaded + duplicates +
+    quarantined, per file. Duplicate `event_id`s count once (the first occurrence wins).
+    """
+    policy = home.policy()
+    windows = run_windows(context)
+    with warehouse.connect() as con:
+        stats = ingest_canary(con, home.home, policy)
+        counts = dict(con.execute(
+            "select window_start, count(*) from canary_events where window_start >= ? "
+            "and window_start < ? group by 1", [windows[0], windows[-1] + WINDOW]
+        ).fetchall())
+        totals = con.execute(
+            "select count(*), (select count(*) from quarantine) from canary_events"
+        ).fetchone()
+        schema = column_schema(con, "canary_events")
+    for w in windows:
+        context.add_asset_metadata({"events": counts.get(w, 0)}, partition_key=partition_key(w))
+    read = sum(s.lines_read for s in stats)
+    loaded = sum(s.loaded for s in stats)
+    dups = sum(s.duplicates for s in stats)
+    quarantined = sum(s.quarantined for s in stats)
+    context.log.info(
+        f"ingested {len(stats)} file(s): {read} lines read = {loaded} loaded + {dups} duplicates "
+        f"+ {quarantined} quarantined"
+    )
+    return dg.MaterializeResult(metadata={
+        "lines_read": read, "loaded": loaded, "duplicates": dups, "quarantined": quarantined,
+        "files": dg.MetadataValue.json([s.as_dict() for s in stats]),
+        "stored_events_total": totals[0], "quarantine_total": totals[1],
+        "dagster/column_schema": schema,
+    })
+
+
+@dg.asset(group_name="collector", deps=[canary_events], **WINDOW_ASSET_KWARGS)
+def window_metrics(
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """Per (window, phase) metrics of judged events: `autosave_p95_ms`, error count, restore,
+    merge and crash rates, plus `excluded_events` (seed §4 observed-only traffic, never judged).
+
+    A rate with an empty denominator is NULL, not 100 %. Also exports
+    `reports/monitoring/<window>.jsonl`, one line per phase with a fixed schema.
+    """
+    policy = home.policy()
+    windows = run_windows(context)
+    first, last = windows[0], windows[-1]
+    with warehouse.connect() as con:
+        df = compute_window_metrics(con, policy, first, last, now_utc())
+        excl = exclusions_by_window(con, first, last)
+        schema = column_schema(con, "window_metrics")
+    files = export_monitoring(home.home, df, excl, windows, policy)
+    for w in windows:
+        rows = df[df["window_start"] == w]
+        md: dict = {"phases": ", ".join(rows["phase"]) or "none"}
+        for rec in rows.to_dict("records"):
+            for col in ("events", "autosave_p95_ms", "restore_success_rate",
+                        "merge_auto_success_rate", "crash_rate", "excluded_events"):
+                v = rec[col]
+                if v is not None and v == v:
+                    md[f"{rec['phase']}/{col}"] = float(v)
+        context.add_asset_metadata(md, partition_key=partition_key(w))
+    return dg.MaterializeResult(metadata={
+        "rows": len(df), "windows": len(windows), "monitoring_files": len(files),
+        "policy_version": policy.version, "dagster/column_schema": schema,
+        "dagster/row_count": len(df),
+    })

@@ -1,0 +1,76 @@
+"""Reporter (seed §6, minutes 12–15): breached windows → alert reports and notifications."""
+
+
+import dagster as dg
+
+from rollout_assets.assets.analyzer import window_verdicts
+from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, run_windows
+from rollout_assets.partitions import WINDOW, partition_key
+from rollout_assets.reporting import alert_context, alert_messages, render_alert
+from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
+from rollout_assets.resources.home import HomeResource
+from rollout_assets.resources.notifier import Notifier
+from rollout_assets.warehouse import transaction
+
+
+def publish_window(con, home: HomeResource, notifier: Notifier, ws) -> tuple[str, dict] | None:
+    """Render `reports/alerts/<window>.md` for a breached window and send its messages once."""
+    policy = home.policy()
+    ctx = alert_context(con, policy, ws)
+    if ctx is None:
+        return None
+    path = render_alert(home.home, ctx)
+    rel = home.home.relative(path)
+    sent = {"queued": 0, "duplicate": 0}
+    with transaction(con):
+        con.execute("insert or replace into alert_reports values (?, ?, ?, ?, now()::TIMESTAMP)",
+                    [ws, rel, [p["phase"] for p in ctx["phases"]], ctx["level"]])
+        for msg in alert_messages(ctx, ws, rel):
+            sent[notifier.send(con, msg)] += 1
+    return rel, {"level": ctx["level"], **sent}
+
+
+@dg.asset(group_name="reporter", deps=[window_verdicts], **WINDOW_ASSET_KWARGS)
+def alert_reports(
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse,
+    notifier: Notifier,
+) -> dg.MaterializeResult:
+    """`reports/alerts/<window>.md` for every breached window, rendered from
+    `templates/alerts/rollback.md` (Slack, PagerDuty and rollback sections), and the Slack /
+    PagerDuty messages the policy routes it to, each recorded once in `notifications`.
+
+    The rollback section is filled in by `rollback_job` once the breach sensor has run it.
+    """
+    windows = run_windows(context)
+    reports = []
+    totals = {"queued": 0, "duplicate": 0}
+    with warehouse.connect() as con:
+        breached = [r[0] for r in con.execute(
+            "select distinct window_start from window_verdicts where breach and window_start >= ? "
+            "and window_start < ? order by 1", [windows[0], windows[-1] + WINDOW]
+        ).fetchall()]
+        # a window that no longer breaches (re-scored) must not keep a stale report
+        stale = con.execute(
+            "select window_start, path from alert_reports where window_start >= ? and "
+            "window_start < ?", [windows[0], windows[-1] + WINDOW]
+        ).fetchall()
+        for ws, path in stale:
+            if ws not in breached:
+                (home.home.root / path).unlink(missing_ok=True)
+                con.execute("delete from alert_reports where window_start = ?", [ws])
+        for ws in breached:
+            out = publish_window(con, home, notifier, ws)
+            if out:
+                rel, info = out
+                reports.append(rel)
+                totals["queued"] += info["queued"]
+                totals["duplicate"] += info["duplicate"]
+                context.add_asset_metadata(
+                    {"report": rel, "level": info["level"], "messages_queued": info["queued"]},
+                    partition_key=partition_key(ws),
+                )
+    return dg.MaterializeResult(metadata={
+        "reports": len(reports), "messages_queued": totals["queued"],
+        "messages_already_sent": totals["duplicate"],
+        "latest_reports": dg.MetadataValue.json(reports[-10:]),
+    })

@@ -1,0 +1,1 @@
+"""Asset checks derived from governance/policy.yaml."""

@@ -1,0 +1,81 @@
+"""One asset check per SLO in the policy, evaluated for every window a run materializes.
+
+Each evaluation carries the window, value, threshold, sample size and policy version, so the
+check history in the Dagster UI reads as the governance audit trail. A window in which the phase
+had no traffic gets no evaluation (Dagster shows it as skipped); a sample below the rule's
+minimum is a WARN-level "insufficient data" result, never a pass.
+"""
+
+
+import dagster as dg
+
+from rollout_assets.analyze import load_scores
+from rollout_assets.assets.analyzer import slo_scores
+from rollout_assets.assets.common import WAREHOUSE_POOL, run_windows
+from rollout_assets.partitions import partition_key, window_partitions
+from rollout_assets.policy import Phase, Policy, SloRule
+from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
+from rollout_assets.resources.home import HomeResource
+
+SEED_SECTION = "seed §3"
+
+
+def check_name(phase: str, slo: str) -> str:
+    return f"{phase.lower().replace('-', '')}_{slo}"
+
+
+def describe(phase: Phase, rule: SloRule) -> str:
+    return (
+        f"{SEED_SECTION}, phase {phase.name} ({phase.title}): {rule.metric} {rule.comparator} "
+        f"{rule.threshold:g} per 15-minute window, minimum sample {rule.min_sample}; "
+        f"severity {rule.severity}; a failure {'requires' if rule.rollback else 'does not require'}"
+        f" rollback{' (shadow: never breaches)' if rule.shadow else ''}."
+    )
+
+
+def build_slo_checks(policy: Policy) -> list[dg.AssetChecksDefinition]:
+    specs = {
+        (phase.name, rule.name): dg.AssetCheckSpec(
+            name=check_name(phase.name, rule.name), asset=slo_scores,
+            description=describe(phase, rule), partitions_def=window_partitions,
+            metadata={"phase": phase.name, "metric": rule.metric, "threshold": rule.threshold,
+                      "comparator": rule.comparator, "severity": rule.severity},
+        )
+        for phase, rule in policy.all_slos()
+    }
+    if not specs:
+        return []
+
+    @dg.multi_asset_check(
+        specs=list(specs.values()), can_subset=True, name="slo_threshold_checks",
+        description="Evaluates every SLO of governance/policy.yaml for each window.",
+        pool=WAREHOUSE_POOL,
+    )
+    def slo_threshold_checks(context, home: HomeResource, warehouse: DuckDBWarehouse):
+        windows = run_windows(context)
+        version = home.policy().version
+        with warehouse.connect() as con:
+            scores = load_scores(con, windows[0], windows[-1])
+        selected = {k.name for k in context.selected_asset_check_keys}
+        for s in scores:
+            spec = specs.get((s.phase, s.slo))
+            if spec is None or spec.name not in selected:
+                continue
+            judged = s.passed is not None
+            severity = (dg.AssetCheckSeverity.ERROR if judged and not s.shadow
+                        else dg.AssetCheckSeverity.WARN)
+            yield dg.AssetCheckEvaluation(
+                asset_key=spec.asset_key, check_name=spec.name,
+                passed=bool(s.passed) if judged else False, severity=severity,
+                partition=partition_key(s.window_start),
+                description=(f"{s.status}: {s.metric}={s.value} {s.comparator} {s.threshold:g} "
+                             f"(sample {s.sample_size}, min {s.min_sample})"),
+                metadata={
+                    "window_start": f"{s.window_start:%Y-%m-%d %H:%M} UTC", "phase": s.phase,
+                    "status": s.status, "value": s.value, "threshold": s.threshold,
+                    "comparator": s.comparator, "sample_size": s.sample_size,
+                    "min_sample": s.min_sample, "policy_version": version,
+                },
+            )
+
+    return [slo_threshold_checks]

@@ -1,0 +1,351 @@
+"""`rollout`: simulate canary traffic, run windows through Dagster, manage flags, open the UI.
+
+Exit code 0 on success; non-zero with a one-line reason on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+from rollout_assets.home import RolloutHome
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.code = code
+
+
+def _policy(home: RolloutHome):
+    from rollout_assets.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(home.policy_path)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _time(text: str, flag: str) -> datetime:
+    from rollout_assets.partitions import parse_cli_time
+
+    try:
+        return parse_cli_time(text)
+    except ValueError:
+        raise CliError(f"{flag}: not an ISO-8601 time: {text!r}") from None
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+def cmd_simulate(args, home: RolloutHome) -> int:
+    from rollout_assets.simulate import DrillRefused, simulate
+
+    policy = _policy(home)
+    if args.hours <= 0 or args.rate <= 0:
+        raise CliError("--hours and --rate must be positive")
+    if args.phase and args.phase not in policy.phase_names:
+        raise CliError(f"--phase: unknown phase {args.phase!r}")
+    try:
+        res = simulate(home, policy, _time(args.start, "--start"), args.hours, rate=args.rate,
+                       seed=args.seed, breach_metric=args.simulate_breach,
+                       breach_phase=args.breach_phase, latency_ms=args.simulate_latency or 0.0,
+                       only_phase=args.phase, noise=not args.no_noise)
+    except DrillRefused as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    for path, n in res.files.items():
+        print(f"wrote {n} lines to {path}")
+    print(f"{res.events} events, {res.duplicates} duplicate deliveries, {res.malformed} malformed "
+          "lines")
+    if res.breach:
+        b = res.breach
+        print(f"injected breach: {b['metric']} in {b['phase']} from {b['from']} to {b['to']}")
+    return 0
+
+
+# ---- run --------------------------------------------------------------------------------------
+def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[str]:
+    from rollout_assets.warehouse import connect
+
+    con = connect(home.db_path, read_only=True)
+    try:
+        judged, breaches, levels = con.execute(
+            "select count(*) filter (where status in ('pass', 'breach')), "
+            "count(*) filter (where breach), "
+            "string_agg(distinct level, ',') filter (where breach) "
+            "from window_verdicts where window_start >= ? and window_start < ?", [start, end]
+        ).fetchone()
+        passed, failed, not_judged = con.execute(
+            "select count(*) filter (where passed), count(*) filter (where not passed), "
+            "count(*) filter (where passed is null) from slo_scores "
+            "where window_start >= ? and window_start < ?", [start, end]
+        ).fetchone()
+        windows = con.execute(
+            "select count(distinct window_start) from window_metrics "
+            "where window_start >= ? and window_start < ?", [start, end]).fetchone()[0]
+        lines = [
+            f"windows with events: {windows}; (window, phase) verdicts judged: {judged}",
+            f"SLO scores: {passed} passed, {failed} failed, {not_judged} not judged "
+            "(sample below minimum or no data)",
+            f"breaches: {breaches}" + (f" (levels {levels})" if breaches else ""),
+        ]
+        for ws, phase, failed_slos, level, to in con.execute(
+            "select window_start, phase, failed_slos, level, rollback_to from window_verdicts "
+            "where breach and window_start >= ? and window_start < ? order by 1, 2 limit 12",
+            [start, end]
+        ).fetchall():
+            lines.append(f"  {ws:%Y-%m-%d %H:%M} {phase} {level} failed={','.join(failed_slos)}"
+                         + (f" rollback_to={to}" if to else ""))
+        for ws, phase, to, status, code in con.execute(
+            "select window_start, phase, rollback_to, status, exit_code from rollbacks "
+            "where window_start >= ? and window_start < ? order by 1, 2", [start, end]
+        ).fetchall():
+            lines.append(f"rollback {ws:%Y-%m-%d %H:%M} {phase} -> {to}: {status}, "
+                         f"ExitCode={code}")
+        return lines
+    finally:
+        con.close()
+
+
+def cmd_run(args, home: RolloutHome) -> int:
+    from rollout_assets.runner import RunError, run_range
+
+    _policy(home)
+    start, end = _time(args.from_, "--from"), _time(args.to, "--to")
+    if end <= start:
+        raise CliError("--to must be after --from")
+    try:
+        summary = run_range(home, start, end, log=lambda m: print(m, flush=True))
+    except RunError as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    print(f"run {summary.run_id}: {len(summary.windows)} window(s) materialized")
+    for rb in summary.rollbacks:
+        state = "already handled" if rb.skipped else ("succeeded" if rb.success else "FAILED")
+        print(f"rollback run {rb.run_key}: {state} (run {rb.run_id[:8]})")
+    for line in _verdict_summary(home, start, end):
+        print(line)
+    failed = [rb for rb in summary.rollbacks if not rb.success]
+    return EXIT_FAILED if failed else 0
+
+
+# ---- flags ------------------------------------------------------------------------------------
+def cmd_flags(args, home: RolloutHome) -> int:
+    from rollout_assets import flags
+    from rollout_assets.warehouse import connect
+
+    policy = _policy(home)
+    try:
+        if args.flags_cmd in ("rollback", "promote"):
+            flags.validate_phase(policy, args.phase)
+    except flags.FlagError as exc:
+        raise CliError(str(exc)) from None
+    con = connect(home.db_path)
+    try:
+        if args.flags_cmd == "show":
+            state = flags.current_state(con, policy)
+            print(f"phase: {state.phase} ({policy.phase(state.phase).title})")
+            for k, v in state.flags.items():
+                print(f"{k}: {str(v).lower() if isinstance(v, bool) else v}")
+            print(f"updated_at: {state.updated_at:%Y-%m-%dT%H:%M:%SZ}")
+            for row in con.execute(
+                "select changed_at, action, from_phase, to_phase, reason from flag_history "
+                "order by changed_at desc limit 5").fetchall():
+                print(f"  {row[0]:%Y-%m-%d %H:%M:%S} {row[1]}: {row[2] or '-'} -> {row[3]}"
+                      + (f" ({row[4]})" if row[4] else ""))
+            return 0
+        if args.flags_cmd == "rollback":
+            if args.dry_run:
+                state = flags.current_state(con, policy)
+                path = flags.write_rehearsal(home, policy, state, args.phase)
+                print(f"dry run: flags unchanged at {state.phase}; drill recorded in {path}")
+                return 0
+            _, _, msg = flags.rollback(con, policy, args.phase, reason=args.reason,
+                                       actor=args.actor)
+        else:
+            _, _, msg = flags.promote(con, policy, args.phase, reason=args.reason,
+                                      actor=args.actor)
+        print(msg)
+        return 0
+    except flags.FlagError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        con.close()
+
+
+# ---- demo -------------------------------------------------------------------------------------
+DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "reports/canary",
+                "reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks",
+                "reports/rca", "docs/rehearsal")
+
+
+def reset_demo_home(home: RolloutHome) -> None:
+    for rel in DEMO_OUTPUTS:
+        p = home.inside(home.root / rel)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    if home.dagster_home.resolve().parent == home.root:
+        shutil.rmtree(home.dagster_home, ignore_errors=True)
+
+
+def cmd_demo(args, home: RolloutHome) -> int:
+    import time
+
+    from rollout_assets import flags
+    from rollout_assets.runner import RunError, run_range
+    from rollout_assets.simulate import phase_schedule, simulate
+    from rollout_assets.warehouse import connect
+
+    t0 = time.monotonic()
+    policy = _policy(home)
+    start = (datetime.now(UTC).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+             - timedelta(days=1))
+    if args.start:
+        start = _time(args.start, "--start")
+    print(f"rollout demo in {home.root}")
+    reset_demo_home(home)
+    sim = simulate(home, policy, start, 24, rate=args.rate, seed=args.seed,
+                   breach_metric=args.breach, breach_phase=args.breach_phase)
+    print(f"simulated {sim.events} events over 24 h from {start:%Y-%m-%d %H:%M} UTC "
+          f"({sim.duplicates} duplicate deliveries, {sim.malformed} malformed lines); injected "
+          f"{sim.breach['metric']} breach in {sim.breach['phase']} "
+          f"{sim.breach['from']}..{sim.breach['to']}")
+    rollbacks = []
+    for phase, seg_start, seg_end in phase_schedule(policy, start, 24):
+        # Walk the flags forward to the phase this segment's traffic runs under, one gate at a
+        # time (after a rollback the rollout restarts from the canary phase, seed §5).
+        con = connect(home.db_path)
+        try:
+            state = flags.current_state(con, policy)
+            while policy.phase_index(state.phase) < policy.phase_index(phase):
+                nxt = policy.next_phase(state.phase)
+                flags.promote(con, policy, nxt, reason="demo: phase segment starts",
+                              actor="rollout demo")
+                state = flags.current_state(con, policy)
+        finally:
+            con.close()
+        print(f"phase {phase}: windows {seg_start:%H:%M}..{seg_end:%H:%M} UTC (flags at "
+              f"{state.phase})", flush=True)
+        try:
+            summary = run_range(home, seg_start, seg_end, log=lambda m: None)
+        except RunError as exc:
+            raise CliError(str(exc), EXIT_FAILED) from None
+        rollbacks.extend(summary.rollbacks)
+    print()
+    print("summary")
+    for line in _verdict_summary(home, start, start + timedelta(days=1)):
+        print("  " + line)
+    con = connect(home.db_path, read_only=True)
+    try:
+        q = con.execute("select count(*) from quarantine").fetchone()[0]
+        ev = con.execute("select count(*) from canary_events").fetchone()[0]
+        st = flags.read_state(con)
+    finally:
+        con.close()
+    print(f"  events stored: {ev}; lines quarantined: {q}")
+    print(f"  rollback runs: {len(rollbacks)} ({sum(1 for r in rollbacks if r.success)} "
+          "succeeded)")
+    print(f"  flags now: {st.describe() if st else 'unknown'}")
+    counts = {d: len(list((home.root / d).glob('*'))) for d in
+              ("reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks")}
+    print("  files: " + ", ".join(f"{d}/ ({n})" for d, n in counts.items()))
+    print(f"  finished in {time.monotonic() - t0:.1f}s")
+    print()
+    print("next:")
+    print(f"  rollout --home {home.root} ui      # Dagster UI: lineage, check history, sensor, "
+          "rollback runs")
+    print(f"  duckdb {home.db_path} \"select * from window_verdicts where breach\"")
+    return 0
+
+
+# ---- ui ---------------------------------------------------------------------------------------
+def cmd_ui(args, home: RolloutHome) -> int:
+    from rollout_assets.home import PROJECT_ROOT
+    from rollout_assets.runner import prepare_instance
+
+    prepare_instance(home)  # sets DAGSTER_HOME and ROLLOUT_HOME for the child
+    dagster = shutil.which("dagster") or os.path.join(os.path.dirname(sys.executable), "dagster")
+    argv = [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "--host", args.host,
+            "--port", str(args.port)]
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home.dagster_home}); "
+          "Ctrl-C stops it", flush=True)
+    return subprocess.call(argv, cwd=str(home.root))
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rollout", description=__doc__.splitlines()[0])
+    p.add_argument("--home", help="rollout home (default: $ROLLOUT_HOME, else the current dir)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("simulate", help="write canary JSONL under the home")
+    s.add_argument("--start", required=True, help="ISO time of the first window (UTC if no zone)")
+    s.add_argument("--hours", type=float, required=True)
+    s.add_argument("--rate", type=float, default=60.0, help="events per minute (default 60)")
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--simulate-breach", metavar="METRIC",
+                   help="degrade METRIC for one hour (drill; refused in production mode)")
+    s.add_argument("--breach-phase", metavar="PHASE", help="phase to inject the breach into")
+    s.add_argument("--simulate-latency", metavar="MS", type=float,
+                   help="add MS to every AutoSave latency (drill; refused in production mode)")
+    s.add_argument("--phase", help="simulate only this phase for the whole span")
+    s.add_argument("--no-noise", action="store_true",
+                   help="no observed-only traffic, duplicates or malformed lines")
+    s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("run", help="materialize every window starting in [from, to) via Dagster")
+    r.add_argument("--from", dest="from_", required=True)
+    r.add_argument("--to", required=True)
+    r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser("flags", help="show or change the feature-flag phase")
+    fs = f.add_subparsers(dest="flags_cmd", required=True)
+    fs.add_parser("show")
+    for name, text in (("rollback", "move the flags back to PHASE (flags:rollback)"),
+                       ("promote", "move the flags one phase forward to PHASE")):
+        fr = fs.add_parser(name, help=text)
+        fr.add_argument("--phase", required=True)
+        fr.add_argument("--reason")
+        fr.add_argument("--actor", default=os.environ.get("USER", "rollout"))
+        if name == "rollback":
+            fr.add_argument("--dry-run", action="store_true",
+                            help="drill: write docs/rehearsal/<time>.md, change nothing")
+    f.set_defaults(func=cmd_flags)
+
+    d = sub.add_parser("demo", help="simulate a day with a breach, run it, say where to look")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--rate", type=float, default=40.0)
+    d.add_argument("--start", help="first window (default: yesterday 00:00 UTC)")
+    d.add_argument("--breach", default="restore_success_rate", help="metric to break")
+    d.add_argument("--breach-phase", default="A-2")
+    d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("ui", help="the Dagster UI (dagster dev) over this home's instance")
+    u.add_argument("--port", type=int, default=3000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    home = RolloutHome.resolve(args.home)
+    try:
+        return args.func(args, home)
+    except CliError as exc:
+        print(f"rollout: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

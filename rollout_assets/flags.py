@@ -1,0 +1,137 @@
+"""The flag store: the current phase and its flag values in DuckDB, with an append-only history.
+
+`rollout flags rollback --phase P` (the seed's `flags:rollback`) moves the flags back to phase P;
+`rollout flags promote --phase P` moves one phase forward. Flag values always come from the
+policy's phase definition, never from the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from rollout_assets.collect import atomic_write, now_utc
+from rollout_assets.home import RolloutHome
+from rollout_assets.policy import Policy
+from rollout_assets.warehouse import transaction
+
+PHASE_PATTERN = re.compile(r"^[A-Z]-[0-9]{1,3}$")
+
+
+class FlagError(ValueError):
+    """A flag change that the policy or the phase order does not allow."""
+
+
+@dataclass(frozen=True)
+class FlagState:
+    phase: str
+    flags: dict
+    updated_at: datetime
+
+    def describe(self) -> str:
+        return f"{self.phase} (" + ", ".join(f"{k}={v}" for k, v in self.flags.items()) + ")"
+
+
+def validate_phase(policy: Policy, phase: str) -> str:
+    """Reject anything that is not exactly a phase of the policy (no paths, no shell text)."""
+    if not isinstance(phase, str) or not PHASE_PATTERN.fullmatch(phase):
+        raise FlagError(f"invalid phase {phase!r}: expected one of {', '.join(policy.phase_names)}")
+    if phase not in policy.phase_names:
+        raise FlagError(f"unknown phase {phase!r}: expected one of {', '.join(policy.phase_names)}")
+    return phase
+
+
+def _flags_for(policy: Policy, phase: str) -> dict:
+    return dict(policy.phase(phase).flags)
+
+
+def current_state(con, policy: Policy) -> FlagState:
+    row = con.execute("select phase, flags, updated_at from flag_state").fetchone()
+    if row is None:
+        first = policy.phase_names[0]
+        _write(con, policy, None, first, "init", "flag store initialised", "rollout")
+        row = con.execute("select phase, flags, updated_at from flag_state").fetchone()
+    return FlagState(row[0], json.loads(row[1]), row[2])
+
+
+def read_state(con) -> FlagState | None:
+    """Read-only view (no initialisation) for readers that open the file read-only."""
+    try:
+        row = con.execute("select phase, flags, updated_at from flag_state").fetchone()
+    except Exception:  # the table does not exist yet in a fresh read-only file
+        return None
+    return FlagState(row[0], json.loads(row[1]), row[2]) if row else None
+
+
+def _write(con, policy: Policy, from_phase: str | None, to_phase: str, action: str,
+           reason: str | None, actor: str) -> None:
+    flags = json.dumps(_flags_for(policy, to_phase))
+    now = now_utc()
+    with transaction(con):
+        con.execute("insert or replace into flag_state values (true, ?, ?, ?)", [to_phase, flags, now])
+        con.execute(
+            "insert into flag_history values (?, ?, ?, ?, ?, ?, ?, ?)",
+            [now, action, from_phase, to_phase, flags, reason, actor, policy.version],
+        )
+
+
+def rollback(con, policy: Policy, target: str, reason: str | None = None,
+             actor: str = "rollout") -> tuple[FlagState, FlagState, str]:
+    """Move the flags back to `target`. Returns (before, after, message). Rolling back to the
+    current phase or an earlier state is a no-op; rolling forward is refused."""
+    validate_phase(policy, target)
+    before = current_state(con, policy)
+    cur_i, tgt_i = policy.phase_index(before.phase), policy.phase_index(target)
+    if tgt_i > cur_i:
+        raise FlagError(
+            f"cannot roll back to {target}: the flags are at {before.phase}, which is earlier; "
+            "use `rollout flags promote`"
+        )
+    if tgt_i == cur_i:
+        return before, before, f"flags already at {target}; nothing to roll back"
+    _write(con, policy, before.phase, target, "rollback", reason, actor)
+    after = current_state(con, policy)
+    return before, after, f"rolled back {before.describe()} -> {after.describe()}"
+
+
+def promote(con, policy: Policy, target: str, reason: str | None = None,
+            actor: str = "rollout") -> tuple[FlagState, FlagState, str]:
+    """Move the flags one phase forward, to `target`."""
+    validate_phase(policy, target)
+    before = current_state(con, policy)
+    expected = policy.next_phase(before.phase)
+    if target != expected:
+        raise FlagError(
+            f"cannot promote to {target}: the flags are at {before.phase}; the next phase is "
+            f"{expected or 'none (already at the last phase)'}"
+        )
+    _write(con, policy, before.phase, target, "promote", reason, actor)
+    after = current_state(con, policy)
+    return before, after, f"promoted {before.describe()} -> {after.describe()}"
+
+
+def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target: str,
+                    when: datetime | None = None) -> str:
+    """A dry-run rollback drill: record what would change in docs/rehearsal/, change nothing."""
+    validate_phase(policy, target)
+    when = when or now_utc()
+    after_flags = _flags_for(policy, target)
+    path = home.inside(home.rehearsal_dir / f"{when.strftime('%Y%m%dT%H%M%SZ')}.md")
+    lines = [
+        f"# Rollback drill {when.strftime('%Y-%m-%d %H:%M:%S')} UTC",
+        "",
+        "Dry run (`dry_run=true`): no flag was changed. Seed §4: drills are never judged.",
+        "",
+        f"- Policy version: `{policy.version}` ({policy.version_label})",
+        f"- Current phase: `{before.phase}`",
+        f"- Rollback target: `{target}`",
+        "",
+        "| flag | now | after rollback |",
+        "| --- | --- | --- |",
+    ]
+    for k, v in before.flags.items():
+        lines.append(f"| `{k}` | `{v}` | `{after_flags.get(k)}` |")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return home.relative(path)

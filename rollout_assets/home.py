@@ -1,0 +1,97 @@
+"""The rollout home: one directory holding everything the platform reads and writes.
+
+Resolution order (contract): `--home DIR`, else `ROLLOUT_HOME`, else the current directory.
+The policy and templates are read from the home when it carries its own `governance/` and
+`templates/`, else from the project checkout this package was installed from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_home(cli_home: str | os.PathLike | None = None) -> Path:
+    if cli_home:
+        return Path(cli_home).expanduser().resolve()
+    env = os.environ.get("ROLLOUT_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.cwd().resolve()
+
+
+@dataclass(frozen=True)
+class RolloutHome:
+    root: Path
+
+    @classmethod
+    def resolve(cls, cli_home: str | os.PathLike | None = None) -> RolloutHome:
+        return cls(resolve_home(cli_home))
+
+    # ---- inputs ---------------------------------------------------------------------------
+    @property
+    def canary_dir(self) -> Path:
+        return self.root / "reports" / "canary"
+
+    def canary_files(self) -> list[Path]:
+        return sorted(self.canary_dir.glob("phase-*.jsonl"))
+
+    @property
+    def policy_path(self) -> Path:
+        own = self.root / "governance" / "policy.yaml"
+        return own if own.is_file() else PROJECT_ROOT / "governance" / "policy.yaml"
+
+    @property
+    def templates_dir(self) -> Path:
+        own = self.root / "templates"
+        return own if (own / "alerts" / "rollback.md").is_file() else PROJECT_ROOT / "templates"
+
+    # ---- outputs --------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.root / "data" / "rollout.duckdb"
+
+    @property
+    def monitoring_dir(self) -> Path:
+        return self.root / "reports" / "monitoring"
+
+    @property
+    def alerts_dir(self) -> Path:
+        return self.root / "reports" / "alerts"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.root / "reports" / "outbox"
+
+    @property
+    def rca_dir(self) -> Path:
+        return self.root / "reports" / "rca"
+
+    @property
+    def rehearsal_dir(self) -> Path:
+        return self.root / "docs" / "rehearsal"
+
+    @property
+    def rollback_log_dir(self) -> Path:
+        return self.root / "reports" / "rollbacks"
+
+    @property
+    def dagster_home(self) -> Path:
+        env = os.environ.get("DAGSTER_HOME")
+        return Path(env) if env else self.root / ".dagster"
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def inside(self, path: Path) -> Path:
+        """Return `path` if it resolves under the home, else raise: nothing is written outside."""
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise ValueError(f"refusing to write outside the rollout home: {path}")
+        return resolved

@@ -1,0 +1,99 @@
+"""Jobs: the window pipeline (Collector → Analyzer → Reporter) and the rollback job."""
+
+
+import json
+
+import dagster as dg
+
+from rollout_assets.assets.analyzer import slo_scores, window_verdicts
+from rollout_assets.assets.collector import canary_events, window_metrics
+from rollout_assets.assets.common import WAREHOUSE_POOL
+from rollout_assets.assets.reporter import alert_reports, publish_window
+from rollout_assets.collect import atomic_write, now_utc
+from rollout_assets.flags import current_state, validate_phase
+from rollout_assets.partitions import window_from_stamp, window_partitions
+from rollout_assets.reporting import rollback_run_key, slack_channels
+from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
+from rollout_assets.resources.home import HomeResource
+from rollout_assets.resources.notifier import Message, Notifier
+from rollout_assets.resources.rollback_runner import RollbackRunner
+
+WINDOW_ASSETS = [canary_events, window_metrics, slo_scores, window_verdicts, alert_reports]
+
+window_job = dg.define_asset_job(
+    "rollout_window_job",
+    selection=dg.AssetSelection.assets(*WINDOW_ASSETS),
+    partitions_def=window_partitions,
+    description="Collector → Analyzer → Reporter for one window, or a range in a single run.",
+)
+
+
+class RollbackRequest(dg.Config):
+    """What the breach sensor asks for: roll `phase` back to `rollback_to` for `window`."""
+
+    window: str  # YYYYMMDDTHHMMZ
+    phase: str
+    rollback_to: str
+    level: str
+    failed_slos: list[str]
+
+
+@dg.op(pool=WAREHOUSE_POOL, tags={"kind": "rollback"})
+def execute_rollback(
+    context: dg.OpExecutionContext, config: RollbackRequest, home: HomeResource,
+    warehouse: DuckDBWarehouse, rollback_runner: RollbackRunner, notifier: Notifier,
+) -> dg.Output:
+    """Run the policy's rollback command (argv, no shell, timeout), record it in `rollbacks`,
+    attach its exit code and log to the window's alert report, and tell the phase's channel."""
+    policy = home.policy()
+    validate_phase(policy, config.phase)
+    validate_phase(policy, config.rollback_to)
+    ws = window_from_stamp(config.window)
+    rollback_id = rollback_run_key(ws, config.phase)
+    # The DuckDB file is closed while the command runs: it opens the flag store itself.
+    with warehouse.connect() as con:
+        before = current_state(con, policy)
+    started = now_utc()
+    outcome = rollback_runner.run(policy, config.rollback_to)
+    status = "succeeded" if outcome.exit_code == 0 else (
+        "timed_out" if outcome.timed_out else "failed")
+    log_path = home.home.inside(
+        home.home.rollback_log_dir / f"{config.window}-{config.phase}.log")
+    atomic_write(log_path, f"$ {outcome.command}\n{outcome.output}\nExitCode={outcome.exit_code}\n")
+    with warehouse.connect() as con:
+        after = current_state(con, policy)
+        con.execute(
+            "insert or replace into rollbacks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [rollback_id, ws, config.phase, config.rollback_to, status, outcome.command,
+             outcome.exit_code, outcome.log_tail(), home.home.relative(log_path),
+             before.describe(), after.describe(), context.run_id, policy.version, started,
+             now_utc()],
+        )
+        publish_window(con, home, notifier, ws)
+        text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
+                f"ExitCode={outcome.exit_code} ({status}); flags now {after.describe()}")
+        for ch in slack_channels(policy, config.phase, config.level):
+            notifier.send(con, Message(ws, config.phase, ch, "rollback", config.level, text,
+                                       {"exit_code": outcome.exit_code, "status": status}))
+    context.log.info(text)
+    metadata = {
+        "command": outcome.command, "exit_code": outcome.exit_code, "status": status,
+        "flags_before": before.describe(), "flags_after": after.describe(),
+        "log": dg.MetadataValue.md(f"```\n{outcome.log_tail(40)}\n```"),
+        "seconds": round(outcome.seconds, 3),
+    }
+    if outcome.exit_code != 0:
+        raise dg.Failure(
+            description=f"rollback to {config.rollback_to} failed: ExitCode={outcome.exit_code}",
+            metadata=metadata,
+        )
+    return dg.Output(json.dumps({"exit_code": outcome.exit_code}), metadata=metadata)
+
+
+@dg.job(
+    description="Rolls the flags back one phase for a breached window (launched by the breach "
+                "sensor, run key <window>:<phase>).",
+    tags={"team": "release-engineering"},
+)
+def rollback_job():
+    execute_rollback()

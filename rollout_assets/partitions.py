@@ -1,0 +1,91 @@
+"""Window arithmetic: the one place that knows how a 15-minute window is named and bounded.
+
+Windows are `[start, start + 15m)` in UTC, aligned to :00, :15, :30, :45. Dagster partition keys
+use `%Y-%m-%d-%H:%M`; files use the contract's `YYYYMMDDTHHMMZ` stamp.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+WINDOW = timedelta(minutes=15)
+PARTITION_FMT = "%Y-%m-%d-%H:%M"
+STAMP_FMT = "%Y%m%dT%H%MZ"
+# The first window Dagster knows about. Older data can be replayed by setting this earlier.
+PARTITIONS_START = os.environ.get("ROLLOUT_PARTITIONS_START", "2024-01-01-00:00")
+
+window_partitions = dg.TimeWindowPartitionsDefinition(
+    cron_schedule="*/15 * * * *",
+    start=PARTITIONS_START,
+    fmt=PARTITION_FMT,
+    timezone="UTC",
+)
+
+daily_partitions = dg.DailyPartitionsDefinition(
+    start_date=PARTITIONS_START[:10], timezone="UTC", end_offset=0
+)
+
+
+def to_utc_naive(dt: datetime) -> datetime:
+    """DuckDB TIMESTAMP columns hold naive UTC."""
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return dt
+
+
+def floor_window(dt: datetime) -> datetime:
+    dt = to_utc_naive(dt)
+    return dt.replace(minute=dt.minute - dt.minute % 15, second=0, microsecond=0)
+
+
+def ceil_window(dt: datetime) -> datetime:
+    f = floor_window(dt)
+    return f if f == to_utc_naive(dt) else f + WINDOW
+
+
+def partition_key(window_start: datetime) -> str:
+    return to_utc_naive(window_start).strftime(PARTITION_FMT)
+
+
+def window_from_key(key: str) -> datetime:
+    return datetime.strptime(key, PARTITION_FMT)
+
+
+def window_stamp(window_start: datetime) -> str:
+    return to_utc_naive(window_start).strftime(STAMP_FMT)
+
+
+def window_from_stamp(stamp: str) -> datetime:
+    return datetime.strptime(stamp, STAMP_FMT)
+
+
+def windows_between(start: datetime, end: datetime) -> list[datetime]:
+    """Every window whose start lies in [start, end)."""
+    out = []
+    w = ceil_window(start)
+    end = to_utc_naive(end)
+    while w < end:
+        out.append(w)
+        w += WINDOW
+    return out
+
+
+def parse_cli_time(text: str) -> datetime:
+    """Parse an ISO timestamp from the CLI; a value without a zone is taken as UTC."""
+    t = text.strip()
+    if t.endswith("Z") or t.endswith("z"):
+        t = t[:-1] + "+00:00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return to_utc_naive(dt)
+
+
+def partition_keys_in_context(context) -> list[str]:
+    """Partition keys of a run: one window, or a range from a single-run backfill."""
+    if not context.has_partition_key and not context.has_partition_key_range:
+        return []
+    return list(context.partition_keys)

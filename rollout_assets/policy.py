@@ -1,0 +1,247 @@
+"""The governance policy: `governance/policy.yaml` parsed into validated pydantic models.
+
+The policy is the single source of phases, flag values, SLO thresholds, exclusions, channels and
+services. An invalid policy fails at load time with the field path and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rollout_assets.metrics_catalog import METRICS
+
+Comparator = Literal["<=", "<", ">=", ">"]
+Severity = Literal["warning", "P2", "P1"]
+LEVEL_ORDER: tuple[str, ...] = ("ok", "warning", "P2", "P1")
+EXCLUSION_FIELDS = ("tags.dry_run", "tags.observed_only", "environment", "tenant")
+
+
+class PolicyError(ValueError):
+    """Raised when governance/policy.yaml cannot be used; the message names the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SloRule(_Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    metric: str
+    comparator: Comparator
+    threshold: float
+    min_sample: int = Field(ge=1)
+    severity: Severity
+    rollback: bool
+    shadow: bool = False
+    description: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; known: {', '.join(sorted(METRICS))}")
+        return v
+
+    def passes(self, value: float) -> bool:
+        """Compare with a relative tolerance so a value computed exactly at the threshold passes."""
+        tol = 1e-9 * max(1.0, abs(self.threshold))
+        if self.comparator == "<=":
+            return value <= self.threshold + tol
+        if self.comparator == "<":
+            return value < self.threshold - tol
+        if self.comparator == ">=":
+            return value >= self.threshold - tol
+        return value > self.threshold + tol
+
+    @property
+    def rule_text(self) -> str:
+        return f"{self.metric} {self.comparator} {self.threshold:g}"
+
+
+class GaGate(_Model):
+    consecutive_days: int = Field(ge=1)
+    max_major_incidents: int = Field(ge=0)
+
+
+class Phase(_Model):
+    name: str = Field(pattern=r"^[A-Z]-[0-9]+$")
+    title: str
+    flags: dict[str, bool | str]
+    slack_channel: str = Field(pattern=r"^#[a-z0-9_-]+$")
+    pagerduty_service: str
+    rollback_allowed: bool
+    gate: GaGate | None = None
+    slos: tuple[SloRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_slos(self) -> Phase:
+        names = [s.name for s in self.slos]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"duplicate SLO names {sorted(dupes)}")
+        return self
+
+
+class Exclusion(_Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    field: Literal["tags.dry_run", "tags.observed_only", "environment", "tenant"]
+    equals: bool | str
+    phases: Literal["all"] | tuple[str, ...]
+
+    def applies_to(self, phase: str) -> bool:
+        return self.phases == "all" or phase in self.phases
+
+
+class PagerDutyService(_Model):
+    name: str
+    routing_key_env: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
+
+
+class Notifications(_Model):
+    incident_channel: str = Field(pattern=r"^#[a-z0-9_-]+$")
+    page_levels: tuple[Severity, ...]
+    incident_channel_levels: tuple[Severity, ...]
+
+
+class Baseline(_Model):
+    phase: str
+    lookback_hours: int = Field(ge=1)
+    min_sessions: int = Field(ge=1)
+    pinned_crash_rate: float = Field(gt=0, lt=1)
+
+
+class RollbackCommand(_Model):
+    command: tuple[str, ...] = Field(min_length=1)
+    timeout_seconds: float = Field(gt=0, le=3600)
+
+    @field_validator("command")
+    @classmethod
+    def _has_phase(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not any("{phase}" in a for a in v):
+            raise ValueError("the rollback command must pass the target phase as {phase}")
+        return v
+
+
+class EtlSlots(_Model):
+    collector: int = Field(ge=1, le=15)
+    analyzer: int = Field(ge=1, le=15)
+    reporter: int = Field(ge=1, le=15)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EtlSlots:
+        if not self.collector <= self.analyzer <= self.reporter:
+            raise ValueError("slots must be ordered collector <= analyzer <= reporter")
+        return self
+
+
+class Policy(_Model):
+    version_label: str
+    document_id: str
+    mode: Literal["production", "rehearsal"]
+    window_minutes: Literal[15]
+    etl_slots: EtlSlots
+    flags: dict[str, str]
+    pagerduty_services: dict[str, PagerDutyService]
+    notifications: Notifications
+    baseline: Baseline
+    rollback: RollbackCommand
+    exclusions: tuple[Exclusion, ...]
+    phases: tuple[Phase, ...] = Field(min_length=1)
+    # content hash of the YAML this policy was parsed from (set by load_policy)
+    content_hash: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phases: duplicate phase names in {names}")
+        flag_names = set(self.flags.values())
+        for p in self.phases:
+            if set(p.flags) != flag_names:
+                raise ValueError(
+                    f"phases.{p.name}.flags: must set exactly {sorted(flag_names)}, got {sorted(p.flags)}"
+                )
+            if p.pagerduty_service not in self.pagerduty_services:
+                raise ValueError(
+                    f"phases.{p.name}.pagerduty_service: {p.pagerduty_service!r} is not one of "
+                    f"{sorted(self.pagerduty_services)}"
+                )
+        for ex in self.exclusions:
+            if ex.phases != "all":
+                unknown = set(ex.phases) - set(names)
+                if unknown:
+                    raise ValueError(f"exclusions.{ex.name}.phases: unknown phases {sorted(unknown)}")
+        if self.baseline.phase not in names:
+            raise ValueError(f"baseline.phase: unknown phase {self.baseline.phase!r}")
+        return self
+
+    # ---- lookups -------------------------------------------------------------------------
+    @cached_property
+    def phase_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(f"unknown phase {name!r}; the policy knows {', '.join(self.phase_names)}")
+
+    def previous_phase(self, name: str) -> str | None:
+        i = self.phase_names.index(name)
+        return self.phase_names[i - 1] if i > 0 else None
+
+    def next_phase(self, name: str) -> str | None:
+        i = self.phase_names.index(name)
+        return self.phase_names[i + 1] if i + 1 < len(self.phase_names) else None
+
+    def phase_index(self, name: str) -> int:
+        return self.phase_names.index(name)
+
+    @property
+    def version(self) -> str:
+        """Short content hash identifying the thresholds in force."""
+        return self.content_hash[:12]
+
+    def effective_mode(self) -> str:
+        env = os.environ.get("ROLLOUT_MODE")
+        if env and env not in ("production", "rehearsal"):
+            raise PolicyError(f"ROLLOUT_MODE must be production or rehearsal, got {env!r}")
+        return env or self.mode
+
+    def all_slos(self) -> list[tuple[Phase, SloRule]]:
+        return [(p, s) for p in self.phases for s in p.slos]
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc or '<root>'}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: the policy must be a mapping")
+    raw["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(f"{source}: invalid policy: {_format_errors(exc)}") from None
+
+
+def load_policy(path: Path) -> Policy:
+    if not path.is_file():
+        raise PolicyError(f"policy file not found: {path}")
+    return parse_policy(path.read_text(encoding="utf-8"), str(path))

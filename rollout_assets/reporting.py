@@ -1,0 +1,160 @@
+"""Reporter logic: gather a breached window's evidence, render the alert template, and derive the
+Slack / PagerDuty messages the policy routes it to."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+
+from rollout_assets.collect import atomic_write, exclusion_case_sql, sql_literal
+from rollout_assets.flags import read_state
+from rollout_assets.home import RolloutHome
+from rollout_assets.metrics_catalog import METRICS
+from rollout_assets.partitions import WINDOW, window_stamp
+from rollout_assets.policy import Policy
+from rollout_assets.resources.notifier import Message
+from rollout_assets.scoring import max_level
+
+PAGERDUTY_SEVERITY = {"P1": "critical", "P2": "error", "warning": "warning"}
+
+
+def _env(templates_dir: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # Markdown output; Slack text is escaped separately by the transport
+        keep_trailing_newline=True,
+        trim_blocks=True,
+    )
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.4f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def rollback_run_key(window_start: datetime, phase: str) -> str:
+    """One breach, one rollback: the sensor's run key for a (window, phase) breach."""
+    return f"{window_stamp(window_start)}:{phase}"
+
+
+def slack_channels(policy: Policy, phase: str, level: str) -> list[str]:
+    channels = [policy.phase(phase).slack_channel]
+    if level in policy.notifications.incident_channel_levels:
+        channels.append(policy.notifications.incident_channel)
+    return list(dict.fromkeys(channels))
+
+
+def pagerduty_service(policy: Policy, phase: str) -> str:
+    return policy.pagerduty_services[policy.phase(phase).pagerduty_service].name
+
+
+def evidence_sql(policy: Policy, ws: datetime, phase: str, metrics: list[str],
+                 baseline: float | None) -> str:
+    """The exact DuckDB query that reproduces a window's judged metrics from stored events."""
+    exprs = []
+    for m in metrics:
+        sql = METRICS[m].sql
+        if "{baseline}" in sql:
+            sql = sql.replace("{baseline}", _fmt(baseline))
+        exprs.append(f"  {sql} as {m}")
+    return (
+        "select\n" + ",\n".join(exprs) + "\nfrom canary_events\n"
+        f"where window_start = TIMESTAMP '{ws:%Y-%m-%d %H:%M:%S}' and phase = {sql_literal(phase)}\n"
+        f"  and {exclusion_case_sql(policy)} is null;"
+    )
+
+
+def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
+    """Everything the template needs for one window, or None if nothing in it breached."""
+    verdicts = con.execute(
+        "select phase, status, level, rollback_required, rollback_to, failed_slos, policy_version "
+        "from window_verdicts where window_start = ? and breach order by phase", [ws]
+    ).fetchall()
+    if not verdicts:
+        return None
+    phases = []
+    for phase, status, level, rb_req, rb_to, failed, pver in verdicts:
+        scores = con.execute(
+            "select slo, metric, value, comparator, threshold, sample_size, min_sample, status, "
+            "shadow, baseline from slo_scores where window_start = ? and phase = ? order by slo",
+            [ws, phase],
+        ).fetchall()
+        excluded = dict(con.execute(
+            "select reason, events from window_exclusions where window_start = ? and phase = ? "
+            "order by reason", [ws, phase]).fetchall())
+        rb = con.execute(
+            "select command, status, exit_code, log_tail, flags_before, flags_after "
+            "from rollbacks where window_start = ? and phase = ? order by started_at desc limit 1",
+            [ws, phase],
+        ).fetchone()
+        score_dicts = [
+            dict(slo=s[0], metric=s[1], value=s[2], value_text=_fmt(s[2]), comparator=s[3],
+                 threshold=s[4], threshold_text=_fmt(s[4]), sample_size=s[5], min_sample=s[6],
+                 status=s[7], shadow=s[8], baseline=s[9])
+            for s in scores
+        ]
+        baseline = next((s["baseline"] for s in score_dicts if s["baseline"] is not None), None)
+        page = level in policy.notifications.page_levels
+        phases.append(dict(
+            phase=phase, title=policy.phase(phase).title if phase in policy.phase_names else "",
+            status=status, level=level, rollback_required=rb_req, rollback_to=rb_to,
+            failed_slos=list(failed), policy_version=pver, scores=score_dicts, excluded=excluded,
+            slack_channels=slack_channels(policy, phase, level), page=page,
+            pagerduty_service=pagerduty_service(policy, phase),
+            pagerduty_severity=PAGERDUTY_SEVERITY[level] if page else None,
+            dedup_key=f"rollout-{phase}-{window_stamp(ws)}",
+            run_key=rollback_run_key(ws, phase),
+            rollback=dict(command=rb[0], status=rb[1], exit_code=rb[2], log_tail=rb[3] or "",
+                          flags_before=rb[4], flags_after=rb[5]) if rb else None,
+            evidence_sql=evidence_sql(policy, ws, phase, sorted({s["metric"] for s in score_dicts}),
+                                      baseline),
+        ))
+    state = read_state(con)
+    return dict(
+        window_start=f"{ws:%Y-%m-%d %H:%M}", window_end=f"{ws + WINDOW:%Y-%m-%d %H:%M}",
+        window_stamp=window_stamp(ws), level=max_level([p["level"] for p in phases]),
+        policy_label=policy.version_label, policy_version=policy.version,
+        flags=dict(phase=state.phase if state else "unknown", flags=state.flags if state else {}),
+        phases=phases,
+    )
+
+
+def render_alert(home: RolloutHome, ctx: dict) -> Path:
+    text = _env(home.templates_dir).get_template("alerts/rollback.md").render(**ctx)
+    path = home.inside(home.alerts_dir / f"{ctx['window_stamp']}.md")
+    atomic_write(path, text)
+    return path
+
+
+def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
+    """Slack to each routed channel; PagerDuty when the level pages."""
+    out = []
+    for p in ctx["phases"]:
+        failed = [s for s in p["scores"] if s["status"] == "fail" and not s["shadow"]]
+        details = {
+            s["slo"]: {"value": s["value"], "rule": f"{s['metric']} {s['comparator']} "
+                       f"{_fmt(s['threshold'])}", "sample_size": s["sample_size"]}
+            for s in failed
+        }
+        summary = (
+            f"[{p['level']}] {p['phase']} breached {', '.join(p['failed_slos'])} in window "
+            f"{ctx['window_stamp']}"
+            + (f"; rolling back to {p['rollback_to']}" if p["rollback_required"] else "")
+        )
+        payload = {"report": report_rel, "failed": details, "excluded": p["excluded"],
+                   "rollback_required": p["rollback_required"], "rollback_to": p["rollback_to"],
+                   "evidence_sql": p["evidence_sql"]}
+        for ch in p["slack_channels"]:
+            out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary, payload))
+        if p["page"]:
+            out.append(Message(
+                ws, p["phase"], f"pagerduty:{p['pagerduty_service']}", "alert", p["level"], summary,
+                {**payload, "severity": p["pagerduty_severity"], "dedup_key": p["dedup_key"]},
+            ))
+    return out

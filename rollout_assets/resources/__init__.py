@@ -1,0 +1,1 @@
+"""Resources: one file per outside system (home & policy, DuckDB, notifications, rollback)."""

@@ -1,0 +1,159 @@
+"""Drive Dagster from the CLI: the same definitions, instance, checks and sensor the UI uses.
+
+`rollout run` materializes a range of windows as one single-run backfill on the home's Dagster
+instance, then ticks the breach sensor and executes the runs it requests with the tags the daemon
+would add (`dagster/run_key`, `dagster/sensor_name`), so a breach the CLI already rolled back is
+never rolled back again by the daemon, and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
+
+from rollout_assets.home import RolloutHome
+from rollout_assets.partitions import partition_key, window_partitions, windows_between
+
+SENSOR_NAME = "breach_sensor"
+CURSOR_KEY = "rollout/cli/breach_sensor_cursor"
+INSTANCE_YAML = """\
+# Written by rollout: the Dagster instance of this rollout home.
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+concurrency:
+  pools:
+    # one writer at a time on data/rollout.duckdb (DuckDB allows one writing process)
+    default_limit: 1
+"""
+
+
+# The CLI prints its own summary; Dagster's step-by-step console log stays in the event log/UI.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RollbackRun:
+    run_key: str
+    run_id: str
+    success: bool
+    skipped: bool = False
+
+
+@dataclass
+class RunSummary:
+    windows: list[datetime]
+    run_id: str | None
+    success: bool
+    rollbacks: list[RollbackRun] = field(default_factory=list)
+
+
+def prepare_instance(home: RolloutHome) -> dg.DagsterInstance:
+    """The home's persistent instance (`<home>/.dagster` unless DAGSTER_HOME is set)."""
+    dagster_home = home.dagster_home
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    cfg = dagster_home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(INSTANCE_YAML)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["ROLLOUT_HOME"] = str(home.root)
+    return dg.DagsterInstance.get()
+
+
+def _defs(home: RolloutHome) -> dg.Definitions:
+    from rollout_assets.definitions import build_definitions
+
+    return build_definitions(home)
+
+
+def valid_window_keys(windows: list[datetime]) -> list[str]:
+    """Keys of the windows Dagster knows: from the partitions start to the last closed window."""
+    first = window_partitions.get_first_partition_key()
+    last = window_partitions.get_last_partition_key()
+    return [k for k in map(partition_key, windows) if first and last and first <= k <= last]
+
+
+def run_range(home: RolloutHome, start: datetime, end: datetime,
+              log: Callable[[str], None] = print) -> RunSummary:
+    windows = windows_between(start, end)
+    if not windows:
+        raise RunError(f"no 15-minute window starts in [{start:%Y-%m-%dT%H:%MZ}, "
+                       f"{end:%Y-%m-%dT%H:%MZ})")
+    keys = valid_window_keys(windows)
+    if len(keys) != len(windows):
+        raise RunError(
+            f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
+            f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
+            "has not closed yet cannot be judged")
+    instance = prepare_instance(home)
+    defs = _defs(home)
+    job = defs.resolve_job_def("rollout_window_job")
+    log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
+    result = job.execute_in_process(
+        instance=instance, raise_on_error=False, run_config=QUIET,
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1],
+              "rollout/launched_by": "cli"},
+    )
+    summary = RunSummary(windows, result.run_id, result.success)
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_failure), None)
+        msg = failure.message if failure is not None else "see the run in the Dagster UI"
+        raise RunError(f"window run {result.run_id} failed: {msg}")
+    summary.rollbacks = tick_breach_sensor(instance, defs, log)
+    return summary
+
+
+def tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
+                       log: Callable[[str], None] = print) -> list[RollbackRun]:
+    """One evaluation of the breach sensor, then its run requests executed in-process."""
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    cursor = instance.run_storage.get_cursor_values({CURSOR_KEY}).get(CURSOR_KEY)
+    out: list[RollbackRun] = []
+    while True:
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+        data = sensor.evaluate_tick(ctx)
+        job = defs.resolve_job_def("rollback_job")
+        for rr in data.run_requests or []:
+            existing = [
+                r for r in instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: rr.run_key}))
+                if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME
+            ]
+            if existing:
+                out.append(RollbackRun(rr.run_key, existing[0].run_id, True, skipped=True))
+                continue
+            log(f"breach sensor: launching rollback_job for {rr.run_key}")
+            res = job.execute_in_process(
+                run_config={**_as_dict(rr.run_config), **QUIET}, instance=instance,
+                raise_on_error=False,
+                tags={**rr.tags, RUN_KEY_TAG: rr.run_key, SENSOR_NAME_TAG: SENSOR_NAME},
+            )
+            out.append(RollbackRun(rr.run_key, res.run_id, res.success))
+        new_cursor = data.cursor
+        if new_cursor is not None and new_cursor != cursor:
+            instance.run_storage.set_cursor_values({CURSOR_KEY: new_cursor})
+        if new_cursor == cursor or new_cursor is None:
+            break
+        cursor = new_cursor
+        if not data.run_requests and data.skip_message:
+            # keep paging until the sensor has seen every new verdict
+            continue
+    return out
+
+
+def _as_dict(run_config) -> dict:
+    return run_config if isinstance(run_config, dict) else run_config.to_config_dict()

@@ -1,0 +1,128 @@
+"""Analyzer logic: score one window's metrics against its phase's SLOs, then decide the verdict.
+
+Plain functions over plain values, so every boundary is unit-tested without Dagster:
+a value exactly at its threshold passes; a NULL value (empty denominator) is not a pass;
+a sample below the rule's minimum is not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from rollout_assets.metrics_catalog import METRICS
+from rollout_assets.policy import LEVEL_ORDER, Phase, Policy, SloRule
+
+# slo_scores.status values
+PASS, FAIL, INSUFFICIENT, NO_DATA = "pass", "fail", "insufficient_data", "no_data"
+
+
+@dataclass(frozen=True)
+class SloScore:
+    window_start: datetime
+    phase: str
+    slo: str
+    metric: str
+    value: float | None
+    comparator: str
+    threshold: float
+    sample_size: int
+    min_sample: int
+    passed: bool | None
+    status: str
+    severity: str
+    rollback: bool
+    shadow: bool
+    baseline: float | None = None
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    window_start: datetime
+    phase: str
+    status: str  # pass | breach | insufficient_data | not_judged
+    breach: bool
+    rollback_required: bool
+    rollback_to: str | None
+    level: str
+    failed_slos: list[str] = field(default_factory=list)
+
+
+def _num(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f  # NaN from pandas means NULL
+
+
+def metric_value(rule: SloRule, metrics: Mapping, baseline_crash_rate: float | None) -> float | None:
+    if rule.metric == "crash_rate_delta":
+        rate = _num(metrics.get("crash_rate"))
+        if rate is None or baseline_crash_rate is None:
+            return None
+        # absolute delta in crash-rate points: 0.05 means five percentage points above baseline
+        return rate - baseline_crash_rate
+    return _num(metrics.get(rule.metric))
+
+
+def score_rule(rule: SloRule, window_start: datetime, phase: str, metrics: Mapping,
+               baseline_crash_rate: float | None = None) -> SloScore:
+    sample = int(_num(metrics.get(METRICS[rule.metric].sample_column)) or 0)
+    value = metric_value(rule, metrics, baseline_crash_rate)
+    if sample < rule.min_sample:
+        passed, status = None, INSUFFICIENT
+    elif value is None:
+        passed, status = None, NO_DATA
+    else:
+        passed = rule.passes(value)
+        status = PASS if passed else FAIL
+    return SloScore(
+        window_start=window_start, phase=phase, slo=rule.name, metric=rule.metric, value=value,
+        comparator=rule.comparator, threshold=rule.threshold, sample_size=sample,
+        min_sample=rule.min_sample, passed=passed, status=status, severity=rule.severity,
+        rollback=rule.rollback, shadow=rule.shadow,
+        baseline=baseline_crash_rate if rule.metric == "crash_rate_delta" else None,
+    )
+
+
+def score_window(phase: Phase, window_start: datetime, metrics: Mapping,
+                 baseline_crash_rate: float | None = None) -> list[SloScore]:
+    return [score_rule(r, window_start, phase.name, metrics, baseline_crash_rate) for r in phase.slos]
+
+
+def max_level(levels: Sequence[str]) -> str:
+    return max(levels, key=LEVEL_ORDER.index, default="ok")
+
+
+def decide(policy: Policy, phase: Phase, window_start: datetime,
+           scores: Sequence[SloScore]) -> Verdict:
+    """Breach = a non-shadow SLO failed. Rollback goes one phase back in policy order."""
+    failed = [s for s in scores if s.passed is False and not s.shadow]
+    breach = bool(failed)
+    previous = policy.previous_phase(phase.name)
+    rollback_required = (
+        breach and phase.rollback_allowed and previous is not None
+        and any(s.rollback for s in failed)
+    )
+    if not phase.slos:
+        status = "not_judged"
+    elif breach:
+        status = "breach"
+    elif all(s.passed is None for s in scores if not s.shadow):
+        status = "insufficient_data"
+    else:
+        status = "pass"
+    return Verdict(
+        window_start=window_start, phase=phase.name, status=status, breach=breach,
+        rollback_required=rollback_required,
+        rollback_to=previous if rollback_required else None,
+        level=max_level([s.severity for s in failed]),
+        failed_slos=[s.slo for s in failed],
+    )

@@ -1,0 +1,155 @@
+"""The DuckDB warehouse: every table's DDL in one place, and how to open the file safely.
+
+DuckDB lets one process write a file at a time. Writers retry while another process holds the
+lock (the webserver, a concurrent run); readers open read-only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+DDL: dict[str, str] = {
+    # ---- Collector -------------------------------------------------------------------------
+    "canary_events": """
+        create table if not exists canary_events (
+            event_id VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, window_start TIMESTAMP NOT NULL,
+            phase VARCHAR NOT NULL, kind VARCHAR NOT NULL, latency_ms DOUBLE, ok BOOLEAN,
+            conflict BOOLEAN, session_id VARCHAR, tenant VARCHAR, environment VARCHAR,
+            observed_only BOOLEAN NOT NULL, dry_run BOOLEAN NOT NULL,
+            source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
+        )""",
+    "quarantine": """
+        create table if not exists quarantine (
+            source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL, raw VARCHAR,
+            reason VARCHAR NOT NULL, ingested_at TIMESTAMP NOT NULL
+        )""",
+    "ingest_files": """
+        create table if not exists ingest_files (
+            source_file VARCHAR PRIMARY KEY, byte_offset BIGINT NOT NULL, lines_read BIGINT NOT NULL,
+            loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL,
+            size_bytes BIGINT NOT NULL, mtime DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL
+        )""",
+    "window_metrics": """
+        create table if not exists window_metrics (
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+            events BIGINT NOT NULL, autosave_count BIGINT NOT NULL, autosave_p95_ms DOUBLE,
+            autosave_error_count BIGINT NOT NULL, restore_count BIGINT NOT NULL,
+            restore_success_rate DOUBLE, merge_count BIGINT NOT NULL,
+            merge_auto_success_rate DOUBLE, merge_conflict_rate DOUBLE,
+            session_count BIGINT NOT NULL, crash_count BIGINT NOT NULL, crash_rate DOUBLE,
+            excluded_events BIGINT NOT NULL, computed_at TIMESTAMP NOT NULL,
+            policy_version VARCHAR NOT NULL,
+            PRIMARY KEY (window_start, phase)
+        )""",
+    "window_exclusions": """
+        create table if not exists window_exclusions (
+            window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL, reason VARCHAR NOT NULL,
+            events BIGINT NOT NULL, PRIMARY KEY (window_start, phase, reason)
+        )""",
+    # ---- Analyzer --------------------------------------------------------------------------
+    "slo_scores": """
+        create table if not exists slo_scores (
+            window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL, slo VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL, value DOUBLE, comparator VARCHAR NOT NULL,
+            threshold DOUBLE NOT NULL, sample_size BIGINT NOT NULL, min_sample BIGINT NOT NULL,
+            passed BOOLEAN, status VARCHAR NOT NULL, severity VARCHAR NOT NULL,
+            rollback BOOLEAN NOT NULL, shadow BOOLEAN NOT NULL, baseline DOUBLE,
+            policy_version VARCHAR NOT NULL, scored_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (window_start, phase, slo)
+        )""",
+    "window_verdicts": """
+        create table if not exists window_verdicts (
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+            status VARCHAR NOT NULL, breach BOOLEAN NOT NULL, rollback_required BOOLEAN NOT NULL,
+            rollback_to VARCHAR, level VARCHAR NOT NULL, failed_slos VARCHAR[] NOT NULL,
+            policy_version VARCHAR NOT NULL, judged_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (window_start, phase)
+        )""",
+    # ---- Reporter & actions ----------------------------------------------------------------
+    "alert_reports": """
+        create table if not exists alert_reports (
+            window_start TIMESTAMP PRIMARY KEY, path VARCHAR NOT NULL, phases VARCHAR[] NOT NULL,
+            level VARCHAR NOT NULL, rendered_at TIMESTAMP NOT NULL
+        )""",
+    "notifications": """
+        create table if not exists notifications (
+            idempotency_key VARCHAR PRIMARY KEY, window_start TIMESTAMP NOT NULL,
+            phase VARCHAR NOT NULL, channel VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+            level VARCHAR NOT NULL, transport VARCHAR NOT NULL, status VARCHAR NOT NULL,
+            attempts INTEGER NOT NULL, response_code INTEGER, thread_ts VARCHAR,
+            incident_id VARCHAR, path VARCHAR, created_at TIMESTAMP NOT NULL,
+            updated_at TIMESTAMP NOT NULL
+        )""",
+    "rollbacks": """
+        create table if not exists rollbacks (
+            rollback_id VARCHAR PRIMARY KEY, window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+            rollback_to VARCHAR NOT NULL, status VARCHAR NOT NULL, command VARCHAR NOT NULL,
+            exit_code INTEGER, log_tail VARCHAR, log_path VARCHAR, flags_before VARCHAR,
+            flags_after VARCHAR, dagster_run_id VARCHAR, policy_version VARCHAR NOT NULL,
+            started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP
+        )""",
+    "flag_state": """
+        create table if not exists flag_state (
+            singleton BOOLEAN PRIMARY KEY DEFAULT true, phase VARCHAR NOT NULL,
+            flags JSON NOT NULL, updated_at TIMESTAMP NOT NULL
+        )""",
+    "flag_history": """
+        create table if not exists flag_history (
+            changed_at TIMESTAMP NOT NULL, action VARCHAR NOT NULL, from_phase VARCHAR,
+            to_phase VARCHAR NOT NULL, flags JSON NOT NULL, reason VARCHAR,
+            actor VARCHAR NOT NULL, policy_version VARCHAR NOT NULL
+        )""",
+    "policy_versions": """
+        create table if not exists policy_versions (
+            policy_version VARCHAR PRIMARY KEY, content_hash VARCHAR NOT NULL,
+            version_label VARCHAR NOT NULL, first_seen_at TIMESTAMP NOT NULL, source VARCHAR
+        )""",
+}
+
+LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    return any(m in str(exc) for m in LOCK_MARKERS)
+
+
+def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
+    """Open the warehouse, waiting while another process holds the single-writer lock."""
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if not _is_lock_error(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    if not read_only:
+        ensure_schema(con)
+    return con
+
+
+def ensure_schema(con) -> None:
+    for ddl in DDL.values():
+        con.execute(ddl)
+
+
+@contextmanager
+def transaction(con) -> Iterator:
+    """One transaction: a window's rows are replaced all at once or not at all."""
+    con.execute("begin transaction")
+    try:
+        yield con
+    except BaseException:
+        con.execute("rollback")
+        raise
+    con.execute("commit")
