@@ -141,6 +141,17 @@ class EtlSlots(_Model):
         return self
 
 
+class Incidents(_Model):
+    close_after_green_cycles: int = Field(ge=1)
+    escalation_deadline_minutes: int = Field(ge=1)
+    rca_business_days: int = Field(ge=0)
+    oncall: dict[str, tuple[str, ...]]
+
+
+class Promotion(_Model):
+    min_green_windows: int = Field(ge=0)
+
+
 class Policy(_Model):
     version_label: str
     document_id: str
@@ -150,12 +161,15 @@ class Policy(_Model):
     flags: dict[str, str]
     pagerduty_services: dict[str, PagerDutyService]
     notifications: Notifications
+    incidents: Incidents
+    promotion: Promotion
     baseline: Baseline
     rollback: RollbackCommand
     exclusions: tuple[Exclusion, ...]
     phases: tuple[Phase, ...] = Field(min_length=1)
-    # content hash of the YAML this policy was parsed from (set by load_policy)
+    # content hash and text of the YAML this policy was parsed from (set by parse_policy)
     content_hash: str = ""
+    source_text: str = Field(default="", repr=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -178,6 +192,9 @@ class Policy(_Model):
                 unknown = set(ex.phases) - set(names)
                 if unknown:
                     raise ValueError(f"exclusions.{ex.name}.phases: unknown phases {sorted(unknown)}")
+        missing_oncall = set(self.pagerduty_services) - set(self.incidents.oncall)
+        if missing_oncall:
+            raise ValueError(f"incidents.oncall: no on-call list for {sorted(missing_oncall)}")
         if self.baseline.phase not in names:
             raise ValueError(f"baseline.phase: unknown phase {self.baseline.phase!r}")
         return self
@@ -235,6 +252,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a mapping")
     raw["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
+    raw["source_text"] = text
     try:
         return Policy.model_validate(raw)
     except ValidationError as exc:

@@ -102,12 +102,43 @@ DDL: dict[str, str] = {
         create table if not exists flag_history (
             changed_at TIMESTAMP NOT NULL, action VARCHAR NOT NULL, from_phase VARCHAR,
             to_phase VARCHAR NOT NULL, flags JSON NOT NULL, reason VARCHAR,
-            actor VARCHAR NOT NULL, policy_version VARCHAR NOT NULL
+            actor VARCHAR NOT NULL, policy_version VARCHAR NOT NULL,
+            -- the latest judged window when the change was made: gates count windows after it
+            effective_window TIMESTAMP
+        )""",
+    # ---- Governance (seed §5, §8) -----------------------------------------------------------
+    "incidents": """
+        create table if not exists incidents (
+            incident_id VARCHAR PRIMARY KEY, phase VARCHAR NOT NULL, level VARCHAR NOT NULL,
+            status VARCHAR NOT NULL, opened_window TIMESTAMP NOT NULL,
+            last_breach_window TIMESTAMP NOT NULL, breach_windows INTEGER NOT NULL,
+            failed_slos VARCHAR[] NOT NULL, rollback_required BOOLEAN NOT NULL,
+            alert_received_at TIMESTAMP, escalation_decided_at TIMESTAMP,
+            escalation_late BOOLEAN, rollback_executed_at TIMESTAMP, rollback_exit_code INTEGER,
+            rca_path VARCHAR, rca_created_at TIMESTAMP, rca_due DATE, owner VARCHAR,
+            green_cycles INTEGER NOT NULL, closed_window TIMESTAMP, closed_at TIMESTAMP,
+            policy_version VARCHAR NOT NULL, updated_at TIMESTAMP NOT NULL
+        )""",
+    "incident_timeline": """
+        create table if not exists incident_timeline (
+            incident_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, step VARCHAR NOT NULL,
+            detail VARCHAR
+        )""",
+    "sla_daily": """
+        create table if not exists sla_daily (
+            phase VARCHAR NOT NULL, day DATE NOT NULL, windows_judged BIGINT NOT NULL,
+            windows_passed BIGINT NOT NULL, attainment DOUBLE, breaches BIGINT NOT NULL,
+            rollbacks BIGINT NOT NULL, incidents BIGINT NOT NULL, major_incidents BIGINT NOT NULL,
+            mean_time_to_restore_minutes DOUBLE, excluded_events BIGINT NOT NULL,
+            drill_events BIGINT NOT NULL, shadow_failures BIGINT NOT NULL,
+            policy_version VARCHAR NOT NULL, computed_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (phase, day)
         )""",
     "policy_versions": """
         create table if not exists policy_versions (
             policy_version VARCHAR PRIMARY KEY, content_hash VARCHAR NOT NULL,
-            version_label VARCHAR NOT NULL, first_seen_at TIMESTAMP NOT NULL, source VARCHAR
+            version_label VARCHAR NOT NULL, first_seen_at TIMESTAMP NOT NULL, source VARCHAR,
+            content VARCHAR
         )""",
 }
 
