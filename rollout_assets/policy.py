@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Hashable
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -35,7 +36,8 @@ class SloRule(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     metric: str
     comparator: Comparator
-    threshold: float
+    # NaN would fail every comparison (a rollback storm); inf would pass every one
+    threshold: float = Field(allow_inf_nan=False)
     min_sample: int = Field(ge=1)
     severity: Severity
     rollback: bool
@@ -94,6 +96,15 @@ class Exclusion(_Model):
     field: Literal["tags.dry_run", "tags.observed_only", "environment", "tenant"]
     equals: bool | str
     phases: Literal["all"] | tuple[str, ...]
+
+    @model_validator(mode="after")
+    def _typed_value(self) -> Exclusion:
+        # tags are booleans, environment/tenant strings: a mismatch would fail in SQL at run time
+        want = bool if self.field.startswith("tags.") else str
+        if not isinstance(self.equals, want):
+            raise ValueError(
+                f"equals: {self.field} compares with a {want.__name__}, got {self.equals!r}")
+        return self
 
     def applies_to(self, phase: str) -> bool:
         return self.phases == "all" or phase in self.phases
@@ -180,7 +191,8 @@ class Policy(_Model):
         for p in self.phases:
             if set(p.flags) != flag_names:
                 raise ValueError(
-                    f"phases.{p.name}.flags: must set exactly {sorted(flag_names)}, got {sorted(p.flags)}"
+                    f"phases.{p.name}.flags: must set exactly {sorted(flag_names)}, "
+                    f"got {sorted(p.flags)}"
                 )
             if p.pagerduty_service not in self.pagerduty_services:
                 raise ValueError(
@@ -191,7 +203,8 @@ class Policy(_Model):
             if ex.phases != "all":
                 unknown = set(ex.phases) - set(names)
                 if unknown:
-                    raise ValueError(f"exclusions.{ex.name}.phases: unknown phases {sorted(unknown)}")
+                    raise ValueError(
+                        f"exclusions.{ex.name}.phases: unknown phases {sorted(unknown)}")
         missing_oncall = set(self.pagerduty_services) - set(self.incidents.oncall)
         if missing_oncall:
             raise ValueError(f"incidents.oncall: no on-call list for {sorted(missing_oncall)}")
@@ -244,11 +257,37 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML would silently keep the
+    last one, so a reviewer could read one threshold while another one is in force."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            # explicit scalar keys only: a key overriding one merged in with `<<:` is fine
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what, so the CLI can print it as its reason."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+        raise PolicyError(f"{source}: not valid YAML: {_yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a mapping")
     raw["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
