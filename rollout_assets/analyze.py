@@ -19,11 +19,14 @@ SCORE_COLUMNS = (
 
 
 def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[float, str]:
-    """Crash rate of the baseline phase's judged sessions in the lookback, else the pinned value."""
+    """Crash rate of the baseline phase's judged sessions in the lookback, else the pinned value.
+
+    The lookback is the windows *before* this one, `[start - lookback_hours, start)`: the
+    contract's "previous 7 days", so the window being judged never moves its own baseline."""
     b = policy.baseline
     crashes, sessions = con.execute(
         """select coalesce(sum(crash_count), 0), coalesce(sum(session_count), 0)
-           from window_metrics where phase = ? and window_start > ? and window_start <= ?""",
+           from window_metrics where phase = ? and window_start >= ? and window_start < ?""",
         [b.phase, window_start - timedelta(hours=b.lookback_hours), window_start],
     ).fetchone()
     if sessions >= b.min_sessions:
