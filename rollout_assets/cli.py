@@ -103,6 +103,12 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
         ).fetchall():
             lines.append(f"  {ws:%Y-%m-%d %H:%M} {phase} {level} failed={','.join(failed_slos)}"
                          + (f" rollback_to={to}" if to else ""))
+        for iid, level, status, n, due, owner in con.execute(
+            "select incident_id, level, status, breach_windows, rca_due, owner from incidents "
+            "where opened_window >= ? and opened_window < ? order by 1", [start, end]
+        ).fetchall():
+            lines.append(f"incident {iid}: {level}, {status}, {n} breached window(s); RCA draft "
+                         f"reports/rca/{iid}.md owned by {owner}, due {due}")
         for ws, phase, to, status, code in con.execute(
             "select window_start, phase, rollback_to, status, exit_code from rollbacks "
             "where window_start >= ? and window_start < ? order by 1, 2", [start, end]
@@ -170,7 +176,7 @@ def cmd_flags(args, home: RolloutHome) -> int:
                                        actor=args.actor)
         else:
             _, _, msg = flags.promote(con, policy, args.phase, reason=args.reason,
-                                      actor=args.actor)
+                                      actor=args.actor, force=args.force)
         print(msg)
         return 0
     except flags.FlagError as exc:
@@ -227,8 +233,10 @@ def cmd_demo(args, home: RolloutHome) -> int:
             state = flags.current_state(con, policy)
             while policy.phase_index(state.phase) < policy.phase_index(phase):
                 nxt = policy.next_phase(state.phase)
-                flags.promote(con, policy, nxt, reason="demo: phase segment starts",
-                              actor="rollout demo")
+                # The demo's traffic was generated up front, so later segments run whether or
+                # not the gate holds; the override is recorded as promote_forced with its reason.
+                flags.promote(con, policy, nxt, actor="rollout demo", force=True,
+                              reason=f"demo timeline: simulated {phase} traffic starts")
                 state = flags.current_state(con, policy)
         finally:
             con.close()
@@ -251,11 +259,13 @@ def cmd_demo(args, home: RolloutHome) -> int:
     finally:
         con.close()
     print(f"  events stored: {ev}; lines quarantined: {q}")
-    print(f"  rollback runs: {len(rollbacks)} ({sum(1 for r in rollbacks if r.success)} "
-          "succeeded)")
+    print(f"  rollback runs launched by the breach sensor: {len(rollbacks)} "
+          f"({sum(1 for r in rollbacks if r.success)} succeeded; a breach of an incident that was "
+          "already rolled back is recorded as skipped)")
     print(f"  flags now: {st.describe() if st else 'unknown'}")
     counts = {d: len(list((home.root / d).glob('*'))) for d in
-              ("reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks")}
+              ("reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks",
+               "reports/rca", "reports/daily")}
     print("  files: " + ", ".join(f"{d}/ ({n})" for d, n in counts.items()))
     print(f"  finished in {time.monotonic() - t0:.1f}s")
     print()
@@ -318,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rollback":
             fr.add_argument("--dry-run", action="store_true",
                             help="drill: write docs/rehearsal/<time>.md, change nothing")
+        else:
+            fr.add_argument("--force", action="store_true",
+                            help="promote although the gate does not hold (needs --reason; "
+                                 "recorded as promote_forced)")
     f.set_defaults(func=cmd_flags)
 
     d = sub.add_parser("demo", help="simulate a day with a breach, run it, say where to look")

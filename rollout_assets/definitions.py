@@ -6,13 +6,14 @@ import dagster as dg
 
 from rollout_assets.checks.slo_checks import build_slo_checks
 from rollout_assets.home import RolloutHome
-from rollout_assets.jobs import WINDOW_ASSETS, rollback_job, window_job
+from rollout_assets.assets.governance import ga_gate_check
+from rollout_assets.jobs import DAILY_ASSETS, WINDOW_ASSETS, daily_job, rollback_job, window_job
 from rollout_assets.policy import load_policy
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
-from rollout_assets.resources.notifier import Notifier
+from rollout_assets.resources.notifier import notifier_from_env
 from rollout_assets.resources.rollback_runner import RollbackRunner
-from rollout_assets.schedules import window_schedule
+from rollout_assets.schedules import daily_schedule, window_schedule
 from rollout_assets.sensors.breach_sensor import breach_sensor
 
 
@@ -21,15 +22,15 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
     policy = load_policy(home.policy_path)
     root = str(home.root)
     return dg.Definitions(
-        assets=WINDOW_ASSETS,
-        asset_checks=build_slo_checks(policy),
-        jobs=[window_job, rollback_job],
-        schedules=[window_schedule],
+        assets=[*WINDOW_ASSETS, *DAILY_ASSETS],
+        asset_checks=[*build_slo_checks(policy), ga_gate_check],
+        jobs=[window_job, daily_job, rollback_job],
+        schedules=[window_schedule, daily_schedule],
         sensors=[breach_sensor],
         resources={
             "home": HomeResource(root=root),
             "warehouse": DuckDBWarehouse(path=str(home.db_path)),
-            "notifier": Notifier(home=root),
+            "notifier": notifier_from_env(root),  # Slack/PagerDuty from the environment
             "rollback_runner": RollbackRunner(home=root),
         },
         executor=dg.in_process_executor,

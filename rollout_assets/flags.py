@@ -69,11 +69,14 @@ def _write(con, policy: Policy, from_phase: str | None, to_phase: str, action: s
            reason: str | None, actor: str) -> None:
     flags = json.dumps(_flags_for(policy, to_phase))
     now = now_utc()
+    # gates count judged windows after the newest window judged when the flags changed
+    effective = con.execute("select max(window_start) from window_verdicts").fetchone()[0]
     with transaction(con):
-        con.execute("insert or replace into flag_state values (true, ?, ?, ?)", [to_phase, flags, now])
+        con.execute("insert or replace into flag_state values (true, ?, ?, ?)",
+                    [to_phase, flags, now])
         con.execute(
-            "insert into flag_history values (?, ?, ?, ?, ?, ?, ?, ?)",
-            [now, action, from_phase, to_phase, flags, reason, actor, policy.version],
+            "insert into flag_history values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [now, action, from_phase, to_phase, flags, reason, actor, policy.version, effective],
         )
 
 
@@ -97,8 +100,12 @@ def rollback(con, policy: Policy, target: str, reason: str | None = None,
 
 
 def promote(con, policy: Policy, target: str, reason: str | None = None,
-            actor: str = "rollout") -> tuple[FlagState, FlagState, str]:
-    """Move the flags one phase forward, to `target`."""
+            actor: str = "rollout", force: bool = False) -> tuple[FlagState, FlagState, str]:
+    """Move the flags one phase forward, to `target`, when the promotion gate holds (no open
+    incident, enough green windows since the last change, the GA gate for GA). `force` records
+    an override with its reason instead of refusing."""
+    from rollout_assets.governance import promotion_gate
+
     validate_phase(policy, target)
     before = current_state(con, policy)
     expected = policy.next_phase(before.phase)
@@ -107,7 +114,13 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
             f"cannot promote to {target}: the flags are at {before.phase}; the next phase is "
             f"{expected or 'none (already at the last phase)'}"
         )
-    _write(con, policy, before.phase, target, "promote", reason, actor)
+    gate = promotion_gate(con, policy, before.phase, target)
+    if not gate.ok and not force:
+        raise FlagError(f"cannot promote to {target}: " + "; ".join(gate.reasons))
+    if not gate.ok and not reason:
+        raise FlagError("a forced promotion needs --reason")
+    action = "promote" if gate.ok else "promote_forced"
+    _write(con, policy, before.phase, target, action, reason, actor)
     after = current_state(con, policy)
     return before, after, f"promoted {before.describe()} -> {after.describe()}"
 

@@ -8,23 +8,34 @@ import dagster as dg
 from rollout_assets.assets.analyzer import slo_scores, window_verdicts
 from rollout_assets.assets.collector import canary_events, window_metrics
 from rollout_assets.assets.common import WAREHOUSE_POOL
+from rollout_assets.assets.governance import incidents, sla_daily
 from rollout_assets.assets.reporter import alert_reports, publish_window
 from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.flags import current_state, validate_phase
-from rollout_assets.partitions import window_from_stamp, window_partitions
+from rollout_assets.incidents import incident_for, refresh_incidents
+from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
 from rollout_assets.reporting import rollback_run_key, slack_channels
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import Message, Notifier
 from rollout_assets.resources.rollback_runner import RollbackRunner
 
-WINDOW_ASSETS = [canary_events, window_metrics, slo_scores, window_verdicts, alert_reports]
+WINDOW_ASSETS = [canary_events, window_metrics, slo_scores, window_verdicts, incidents,
+                 alert_reports]
+DAILY_ASSETS = [sla_daily]
 
 window_job = dg.define_asset_job(
     "rollout_window_job",
     selection=dg.AssetSelection.assets(*WINDOW_ASSETS),
     partitions_def=window_partitions,
     description="Collector → Analyzer → Reporter for one window, or a range in a single run.",
+)
+
+daily_job = dg.define_asset_job(
+    "rollout_daily_job",
+    selection=dg.AssetSelection.assets(*DAILY_ASSETS),
+    partitions_def=daily_partitions,
+    description="Daily SLA rows, daily summaries and the GA gate check.",
 )
 
 
@@ -53,6 +64,25 @@ def execute_rollback(
     # The DuckDB file is closed while the command runs: it opens the flag store itself.
     with warehouse.connect() as con:
         before = current_state(con, policy)
+        incident = incident_for(con, config.phase, ws)
+        done = con.execute(
+            "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
+            "window_start < ? and window_start >= (select opened_window from incidents "
+            "where incident_id = ?) order by window_start limit 1",
+            [config.phase, ws, incident]).fetchone() if incident else None
+        if done:
+            # One incident, one rollback: later breaches of the same incident attach to it.
+            msg = f"incident {incident} was already rolled back by {done[0]}; nothing to do"
+            con.execute(
+                "insert or replace into rollbacks values "
+                "(?, ?, ?, ?, 'skipped', '', NULL, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                [rollback_id, ws, config.phase, config.rollback_to, msg, before.describe(),
+                 before.describe(), context.run_id, policy.version, now_utc(), now_utc()])
+            refresh_incidents(con, home.home, policy)
+            publish_window(con, home, notifier, ws)
+            context.log.info(msg)
+            return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
+                                                                     "incident": incident})
     started = now_utc()
     outcome = rollback_runner.run(policy, config.rollback_to)
     status = "succeeded" if outcome.exit_code == 0 else (
@@ -69,12 +99,15 @@ def execute_rollback(
              before.describe(), after.describe(), context.run_id, policy.version, started,
              now_utc()],
         )
+        refresh_incidents(con, home.home, policy)
         publish_window(con, home, notifier, ws)
         text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
                 f"ExitCode={outcome.exit_code} ({status}); flags now {after.describe()}")
         for ch in slack_channels(policy, config.phase, config.level):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", config.level, text,
-                                       {"exit_code": outcome.exit_code, "status": status}))
+                                       {"exit_code": outcome.exit_code, "status": status,
+                                        "rollback_to": config.rollback_to,
+                                        "command": outcome.command}, incident))
     context.log.info(text)
     metadata = {
         "command": outcome.command, "exit_code": outcome.exit_code, "status": status,
@@ -87,6 +120,7 @@ def execute_rollback(
             description=f"rollback to {config.rollback_to} failed: ExitCode={outcome.exit_code}",
             metadata=metadata,
         )
+    notifier.raise_for_failures()  # the rollback ran; an undelivered message still fails
     return dg.Output(json.dumps({"exit_code": outcome.exit_code}), metadata=metadata)
 
 

@@ -11,6 +11,7 @@ import jinja2
 from rollout_assets.collect import atomic_write, exclusion_case_sql, sql_literal
 from rollout_assets.flags import read_state
 from rollout_assets.home import RolloutHome
+from rollout_assets.incidents import incident_for
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW, window_stamp
 from rollout_assets.policy import Policy
@@ -61,7 +62,7 @@ def evidence_sql(policy: Policy, ws: datetime, phase: str, metrics: list[str],
     for m in metrics:
         sql = METRICS[m].sql
         if "{baseline}" in sql:
-            sql = sql.replace("{baseline}", _fmt(baseline))
+            sql = sql.replace("{baseline}", "NULL" if baseline is None else repr(float(baseline)))
         exprs.append(f"  {sql} as {m}")
     return (
         "select\n" + ",\n".join(exprs) + "\nfrom canary_events\n"
@@ -108,7 +109,8 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             slack_channels=slack_channels(policy, phase, level), page=page,
             pagerduty_service=pagerduty_service(policy, phase),
             pagerduty_severity=PAGERDUTY_SEVERITY[level] if page else None,
-            dedup_key=f"rollout-{phase}-{window_stamp(ws)}",
+            incident_id=incident_for(con, phase, ws),
+            dedup_key=incident_for(con, phase, ws) or f"rollout-{phase}-{window_stamp(ws)}",
             run_key=rollback_run_key(ws, phase),
             rollback=dict(command=rb[0], status=rb[1], exit_code=rb[2], log_tail=rb[3] or "",
                           flags_before=rb[4], flags_after=rb[5]) if rb else None,
@@ -133,28 +135,40 @@ def render_alert(home: RolloutHome, ctx: dict) -> Path:
 
 
 def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
-    """Slack to each routed channel; PagerDuty when the level pages."""
+    """Slack to each routed channel; PagerDuty when the level pages.
+
+    The payload carries what `rollout_assets.messages` renders (Block Kit, Events v2
+    `custom_details`): each failed SLO with value vs threshold and sample size, the rollback
+    (command and exit code once it ran), the report path, and the PagerDuty dedup key (the
+    incident id when the window belongs to an incident)."""
     out = []
     for p in ctx["phases"]:
-        failed = [s for s in p["scores"] if s["status"] == "fail" and not s["shadow"]]
-        details = {
-            s["slo"]: {"value": s["value"], "rule": f"{s['metric']} {s['comparator']} "
-                       f"{_fmt(s['threshold'])}", "sample_size": s["sample_size"]}
-            for s in failed
-        }
+        failed = [
+            {k: s[k] for k in ("slo", "metric", "value", "value_text", "comparator", "threshold",
+                               "threshold_text", "sample_size", "min_sample")}
+            for s in p["scores"] if s["status"] == "fail" and not s["shadow"]
+        ]
         summary = (
             f"[{p['level']}] {p['phase']} breached {', '.join(p['failed_slos'])} in window "
             f"{ctx['window_stamp']}"
             + (f"; rolling back to {p['rollback_to']}" if p["rollback_required"] else "")
         )
-        payload = {"report": report_rel, "failed": details, "excluded": p["excluded"],
-                   "rollback_required": p["rollback_required"], "rollback_to": p["rollback_to"],
-                   "evidence_sql": p["evidence_sql"]}
+        rb = p.get("rollback")
+        incident = p.get("incident_id")
+        payload = {
+            "window": ctx["window_stamp"], "window_start_text": ctx["window_start"],
+            "window_end_text": ctx["window_end"], "phase_title": p.get("title") or "",
+            "report": report_rel, "failed": failed, "excluded": p["excluded"],
+            "rollback_required": p["rollback_required"], "rollback_to": p["rollback_to"],
+            "rollback": {k: rb[k] for k in ("command", "status", "exit_code")} if rb else None,
+            "run_key": p["run_key"], "evidence_sql": p["evidence_sql"],
+            "service": p["pagerduty_service"], "dedup_key": incident or p["dedup_key"],
+        }
         for ch in p["slack_channels"]:
-            out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary, payload))
+            out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary, payload, incident))
         if p["page"]:
             out.append(Message(
                 ws, p["phase"], f"pagerduty:{p['pagerduty_service']}", "alert", p["level"], summary,
-                {**payload, "severity": p["pagerduty_severity"], "dedup_key": p["dedup_key"]},
+                {**payload, "severity": p["pagerduty_severity"]}, incident,
             ))
     return out

@@ -115,6 +115,14 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         msg = failure.message if failure is not None else "see the run in the Dagster UI"
         raise RunError(f"window run {result.run_id} failed: {msg}")
     summary.rollbacks = tick_breach_sensor(instance, defs, log)
+    days = sorted({w.date() for w in windows})
+    daily = defs.resolve_job_def("rollout_daily_job").execute_in_process(
+        instance=instance, raise_on_error=False, run_config=QUIET,
+        tags={ASSET_PARTITION_RANGE_START_TAG: days[0].isoformat(),
+              ASSET_PARTITION_RANGE_END_TAG: days[-1].isoformat(), "rollout/launched_by": "cli"},
+    )
+    if not daily.success:
+        raise RunError(f"daily SLA run {daily.run_id} failed; see the run in the Dagster UI")
     return summary
 
 

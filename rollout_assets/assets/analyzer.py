@@ -7,6 +7,7 @@ from rollout_assets.analyze import judge_range, score_range
 from rollout_assets.assets.collector import window_metrics
 from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
 from rollout_assets.collect import now_utc
+from rollout_assets.governance import record_policy_version
 from rollout_assets.partitions import partition_key
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
@@ -25,6 +26,8 @@ def slo_scores(
     policy = home.policy()
     windows = run_windows(context)
     with warehouse.connect() as con:
+        if record_policy_version(con, policy, home.home.relative(home.home.policy_path)):
+            context.log.info(f"policy version {policy.version} ({policy.version_label}) recorded")
         scores = score_range(con, policy, windows[0], windows[-1], now_utc())
         schema = column_schema(con, "slo_scores")
     failed = [s for s in scores if s.passed is False]

@@ -4,6 +4,7 @@
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
+from rollout_assets.assets.governance import incidents
 from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, run_windows
 from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.reporting import alert_context, alert_messages, render_alert
@@ -21,7 +22,7 @@ def publish_window(con, home: HomeResource, notifier: Notifier, ws) -> tuple[str
         return None
     path = render_alert(home.home, ctx)
     rel = home.home.relative(path)
-    sent = {"queued": 0, "duplicate": 0}
+    sent = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}
     with transaction(con):
         con.execute("insert or replace into alert_reports values (?, ?, ?, ?, now()::TIMESTAMP)",
                     [ws, rel, [p["phase"] for p in ctx["phases"]], ctx["level"]])
@@ -30,7 +31,7 @@ def publish_window(con, home: HomeResource, notifier: Notifier, ws) -> tuple[str
     return rel, {"level": ctx["level"], **sent}
 
 
-@dg.asset(group_name="reporter", deps=[window_verdicts], **WINDOW_ASSET_KWARGS)
+@dg.asset(group_name="reporter", deps=[window_verdicts, incidents], **WINDOW_ASSET_KWARGS)
 def alert_reports(
     context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse,
     notifier: Notifier,
@@ -69,6 +70,7 @@ def alert_reports(
                     {"report": rel, "level": info["level"], "messages_queued": info["queued"]},
                     partition_key=partition_key(ws),
                 )
+    notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     return dg.MaterializeResult(metadata={
         "reports": len(reports), "messages_queued": totals["queued"],
         "messages_already_sent": totals["duplicate"],

@@ -1,0 +1,209 @@
+"""Governance: daily SLA rows, the GA gate (seed §3: 5 clean UTC days, 0 major incidents), the
+promotion gate of the phase state machine (seed §5), and the record of policy versions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+from rollout_assets.collect import atomic_write, now_utc
+from rollout_assets.home import RolloutHome
+from rollout_assets.policy import Policy
+from rollout_assets.warehouse import transaction
+
+
+def record_policy_version(con, policy: Policy, source: str) -> bool:
+    """Record the policy in force the first time it is seen; returns True for a new version."""
+    exists = con.execute("select 1 from policy_versions where policy_version = ?",
+                         [policy.version]).fetchone()
+    if exists:
+        return False
+    con.execute("insert into policy_versions values (?, ?, ?, ?, ?, ?)",
+                [policy.version, policy.content_hash, policy.version_label, now_utc(), source,
+                 policy.source_text])
+    return True
+
+
+# ---- sla_daily -------------------------------------------------------------------------------
+
+SLA_DAILY_SQL = """
+with v as (
+    select phase, window_start::DATE as day,
+        count(*) filter (where status in ('pass', 'breach')) as windows_judged,
+        count(*) filter (where status = 'pass') as windows_passed,
+        count(*) filter (where breach) as breaches
+    from window_verdicts where window_start >= ? and window_start < ? group by all
+), m as (
+    select phase, window_start::DATE as day, sum(excluded_events) as excluded_events
+    from window_metrics where window_start >= ? and window_start < ? group by all
+), d as (
+    select phase, window_start::DATE as day, sum(events) as drill_events
+    from window_exclusions where window_start >= ? and window_start < ?
+      and reason in (select unnest(?::VARCHAR[])) group by all
+), r as (
+    select phase, window_start::DATE as day, count(*) as rollbacks
+    from rollbacks where status <> 'skipped' and window_start >= ? and window_start < ?
+    group by all
+), i as (
+    select phase, opened_window::DATE as day, count(*) as incidents,
+        count(*) filter (where level = 'P1') as major_incidents
+    from incidents where opened_window >= ? and opened_window < ? group by all
+), t as (
+    select phase, closed_window::DATE as day,
+        avg(epoch(closed_window + interval 15 minute - opened_window) / 60) as mttr
+    from incidents where closed_window >= ? and closed_window < ? group by all
+), s as (
+    select phase, window_start::DATE as day, count(*) as shadow_failures
+    from slo_scores where shadow and passed = false and window_start >= ? and window_start < ?
+    group by all
+)
+select v.phase, v.day, v.windows_judged, v.windows_passed,
+    v.windows_passed / nullif(v.windows_judged, 0)::DOUBLE as attainment, v.breaches,
+    coalesce(r.rollbacks, 0), coalesce(i.incidents, 0), coalesce(i.major_incidents, 0), t.mttr,
+    coalesce(m.excluded_events, 0), coalesce(d.drill_events, 0),
+    coalesce(s.shadow_failures, 0), ?::VARCHAR, ?::TIMESTAMP
+from v
+left join m using (phase, day) left join d using (phase, day) left join r using (phase, day)
+left join i using (phase, day) left join t using (phase, day) left join s using (phase, day)
+order by v.day, v.phase
+"""
+
+
+def drill_exclusions(policy: Policy) -> list[str]:
+    return [ex.name for ex in policy.exclusions if ex.field == "tags.dry_run"]
+
+
+def compute_sla_daily(con, policy: Policy, first_day: date, last_day: date,
+                      now: datetime | None = None) -> int:
+    """Replace `sla_daily` rows for days in [first_day, last_day]."""
+    now = now or now_utc()
+    lo = datetime.combine(first_day, datetime.min.time())
+    hi = datetime.combine(last_day + timedelta(days=1), datetime.min.time())
+    params = [lo, hi, lo, hi, lo, hi, drill_exclusions(policy), lo, hi, lo, hi, lo, hi, lo, hi,
+              policy.version, now]
+    with transaction(con):
+        con.execute("delete from sla_daily where day >= ? and day <= ?", [first_day, last_day])
+        con.execute("insert into sla_daily " + SLA_DAILY_SQL, params)
+    return con.execute("select count(*) from sla_daily where day >= ? and day <= ?",
+                       [first_day, last_day]).fetchone()[0]
+
+
+# ---- GA gate ---------------------------------------------------------------------------------
+
+@dataclass
+class GateResult:
+    ok: bool
+    reasons: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+def ga_gate(con, policy: Policy, day: date) -> GateResult:
+    """The gate of the first phase that declares one (B-1): the `consecutive_days` UTC days
+    ending at `day` each had every judged window pass, and no major (P1) incident."""
+    gated = next((p for p in policy.phases if p.gate is not None), None)
+    if gated is None:
+        return GateResult(True, [], {"gate": "none"})
+    need = gated.gate.consecutive_days
+    rows = dict(
+        (d, (judged, passed, major)) for d, judged, passed, major in con.execute(
+            "select day, sum(windows_judged), sum(windows_passed), sum(major_incidents) "
+            "from sla_daily where day > ? and day <= ? group by day",
+            [day - timedelta(days=need), day]).fetchall()
+    )
+    streak = 0
+    reasons = []
+    for i in range(need):
+        d = day - timedelta(days=i)
+        judged, passed, major = rows.get(d, (0, 0, 0))
+        clean = judged > 0 and passed == judged and major <= gated.gate.max_major_incidents
+        if not clean:
+            why = ("no judged windows" if judged == 0 else
+                   f"{judged - passed} window(s) missed an SLO" if passed != judged else
+                   f"{major} major incident(s)")
+            reasons.append(f"{d}: {why}")
+            break
+        streak += 1
+    ok = streak >= need
+    return GateResult(ok, [] if ok else [f"{gated.name} gate needs {need} clean UTC days; "
+                                          f"{streak} so far"] + reasons,
+                      {"phase": gated.name, "clean_days": streak, "required_days": need,
+                       "day": str(day)})
+
+
+# ---- promotion gate (phase state machine) ----------------------------------------------------
+
+def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult:
+    """Whether the flags may move from `current` to `target` now, and why not."""
+    reasons: list[str] = []
+    expected = policy.next_phase(current)
+    if target != expected:
+        reasons.append(f"the next phase after {current} is {expected or 'none'}, not {target}")
+        return GateResult(False, reasons)
+    open_inc = con.execute(
+        "select incident_id from incidents where status = 'open' order by 1").fetchall()
+    if open_inc:
+        reasons.append("open incident(s): " + ", ".join(r[0] for r in open_inc))
+    last_change = con.execute(
+        "select effective_window from flag_history order by changed_at desc limit 1").fetchone()
+    since = last_change[0] if last_change and last_change[0] else datetime(1970, 1, 1)
+    need = policy.promotion.min_green_windows
+    details: dict = {"since_window": str(since), "required_green_windows": need}
+    if policy.phase(current).slos and need:
+        statuses = [r[0] for r in con.execute(
+            "select status from window_verdicts where phase = ? and window_start > ? "
+            "and status in ('pass', 'breach') order by window_start desc", [current, since]
+        ).fetchall()]
+        green = 0
+        for st in statuses:
+            if st != "pass":
+                break
+            green += 1
+        details["green_windows"] = green
+        if green < need:
+            reasons.append(
+                f"{current} needs {need} consecutive green judged windows since the last flag "
+                f"change ({since:%Y-%m-%d %H:%M}); it has {green}")
+    gated = policy.phase(target).gate
+    if gated is not None:
+        day = con.execute("select max(day) from sla_daily").fetchone()[0]
+        if day is None:
+            reasons.append(f"{target} gate: no sla_daily rows yet")
+        else:
+            g = ga_gate(con, policy, day)
+            details["ga_gate"] = g.details
+            reasons.extend(g.reasons)
+    return GateResult(not reasons, reasons, details)
+
+
+# ---- daily summary (seed §4 footnotes) -------------------------------------------------------
+
+def write_daily_summary(con, home: RolloutHome, policy: Policy, day: date) -> str | None:
+    rows = con.execute(
+        "select phase, windows_judged, windows_passed, attainment, breaches, rollbacks, incidents, "
+        "mean_time_to_restore_minutes, excluded_events, drill_events, shadow_failures "
+        "from sla_daily where day = ? order by phase", [day]).fetchall()
+    if not rows:
+        return None
+    excl = con.execute(
+        "select reason, sum(events) from window_exclusions where window_start::DATE = ? "
+        "group by reason order by reason", [day]).fetchall()
+    lines = [f"# Daily SLA summary {day} (UTC)", "",
+             f"Policy version `{policy.version}` ({policy.version_label}).", "",
+             "| phase | judged | passed | attainment | breaches | rollbacks | incidents | MTTR min "
+             "| excluded¹ | shadow fails |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for ph, j, p, att, b, rb, inc, mttr, ex, _drill, sh in rows:
+        lines.append(
+            f"| {ph} | {j} | {p} | {'-' if att is None else f'{att:.1%}'} | {b} | {rb} | {inc} | "
+            f"{'-' if mttr is None else f'{mttr:.0f}'} | {ex} | {sh} |")
+    lines += ["", "¹ Stored and counted, never judged (seed §4): "
+              + (", ".join(f"{r}={n}" for r, n in excl) if excl else "none") + "."]
+    drills = sum(r[9] for r in rows)
+    if drills:
+        lines.append(f"² Drill traffic (`dry_run=true`): {drills} events, excluded from judgement.")
+    g = ga_gate(con, policy, day)
+    lines += ["", f"GA gate on {day}: {'OPEN' if g.ok else 'closed'}"
+              + ("" if g.ok else " (" + "; ".join(g.reasons) + ")")]
+    path = home.inside(home.root / "reports" / "daily" / f"{day:%Y%m%d}.md")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return home.relative(path)

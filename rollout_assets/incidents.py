@@ -1,0 +1,290 @@
+"""Incident lifecycle (seed §8): open on a phase's first breach, attach later breaches, close after
+N consecutive green cycles; the checklist timestamps; RCA drafts due one business day later.
+
+The lifecycle is a pure fold over the window verdicts in time order (`fold_incidents`), so it is
+recomputed from `window_verdicts` on every run: re-scoring a late window corrects the incidents
+instead of leaving a stale state behind. First-recorded facts (RCA created, closed at) are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import jinja2
+
+from rollout_assets.collect import atomic_write, now_utc
+from rollout_assets.home import RolloutHome
+from rollout_assets.partitions import window_stamp
+from rollout_assets.policy import Policy
+from rollout_assets.scoring import max_level
+from rollout_assets.warehouse import transaction
+
+AUTO_START, AUTO_END = "<!-- auto:start -->", "<!-- auto:end -->"
+
+
+@dataclass(frozen=True)
+class WindowOutcome:
+    """What the verdicts of one window say, across phases."""
+
+    window_start: datetime
+    judged: bool  # at least one phase judged (pass or breach)
+    breaches: dict[str, tuple[str, tuple[str, ...], bool]] = field(default_factory=dict)
+    # phase -> (level, failed_slos, rollback_required)
+
+
+@dataclass
+class Incident:
+    incident_id: str
+    phase: str
+    level: str
+    opened_window: datetime
+    last_breach_window: datetime
+    breach_windows: int = 1
+    failed_slos: list[str] = field(default_factory=list)
+    rollback_required: bool = False
+    green_cycles: int = 0
+    closed_window: datetime | None = None
+    timeline: list[tuple[datetime, str, str]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return "closed" if self.closed_window else "open"
+
+
+def incident_id(phase: str, window_start: datetime) -> str:
+    """Stable and readable: the phase and the first breached window."""
+    return f"INC-{window_stamp(window_start)}-{phase}"
+
+
+def fold_incidents(outcomes: Iterable[WindowOutcome], close_after: int) -> list[Incident]:
+    """Replay windows in order. A green cycle is a window with at least one judged verdict and
+    no breach in any phase; `close_after` consecutive green cycles close every open incident."""
+    incidents: list[Incident] = []
+    open_by_phase: dict[str, Incident] = {}
+    for w in sorted(outcomes, key=lambda o: o.window_start):
+        if w.breaches:
+            for phase, (level, failed, rb) in sorted(w.breaches.items()):
+                inc = open_by_phase.get(phase)
+                if inc is None:
+                    inc = Incident(incident_id(phase, w.window_start), phase, level,
+                                   w.window_start, w.window_start)
+                    incidents.append(inc)
+                    open_by_phase[phase] = inc
+                    inc.timeline.append((w.window_start, "opened",
+                                         f"{level}: {', '.join(failed)}"))
+                else:
+                    inc.breach_windows += 1
+                    inc.last_breach_window = w.window_start
+                    inc.level = max_level([inc.level, level])
+                    inc.timeline.append((w.window_start, "breach attached",
+                                         f"{level}: {', '.join(failed)}"))
+                inc.failed_slos = sorted(set(inc.failed_slos) | set(failed))
+                inc.rollback_required = inc.rollback_required or rb
+            for inc in open_by_phase.values():
+                inc.green_cycles = 0
+        elif w.judged:
+            for phase, inc in list(open_by_phase.items()):
+                inc.green_cycles += 1
+                inc.timeline.append((w.window_start, "green cycle", f"{inc.green_cycles}"))
+                if inc.green_cycles >= close_after:
+                    inc.closed_window = w.window_start
+                    inc.timeline.append((w.window_start, "closed",
+                                         f"after {close_after} green cycles"))
+                    del open_by_phase[phase]
+    return incidents
+
+
+def add_business_days(start: date, days: int) -> date:
+    d = start
+    added = 0
+    while added < days:
+        d += timedelta(days=1)
+        if d.weekday() < 5:
+            added += 1
+    if days == 0:
+        while d.weekday() >= 5:
+            d += timedelta(days=1)
+    return d
+
+
+def rca_owner(policy: Policy, phase: str) -> str:
+    service = policy.phase(phase).pagerduty_service
+    people = policy.incidents.oncall.get(service) or ("unassigned",)
+    return people[0]
+
+
+# ---- storage -----------------------------------------------------------------------------------
+
+def load_outcomes(con, policy: Policy) -> list[WindowOutcome]:
+    rows = con.execute(
+        "select window_start, phase, status, breach, level, failed_slos, rollback_required "
+        "from window_verdicts order by window_start, phase"
+    ).fetchall()
+    by_window: dict[datetime, WindowOutcome] = {}
+    for ws, phase, status, breach, level, failed, rb in rows:
+        if phase not in policy.phase_names:
+            continue
+        o = by_window.setdefault(ws, WindowOutcome(ws, False, {}))
+        if status in ("pass", "breach"):
+            o = WindowOutcome(ws, True, o.breaches)
+            by_window[ws] = o
+        if breach:
+            o.breaches[phase] = (level, tuple(failed), bool(rb))
+    return list(by_window.values())
+
+
+def _checklist(con, policy: Policy, inc: Incident) -> dict:
+    """Seed §8 steps 1–3 from the ledger: alert received, escalation decided, rollback run."""
+    alert = con.execute(
+        "select min(created_at) from notifications where kind = 'alert' and phase = ? "
+        "and window_start = ?", [inc.phase, inc.opened_window]).fetchone()[0]
+    if alert is None:
+        alert = con.execute(
+            "select judged_at from window_verdicts where phase = ? and window_start = ?",
+            [inc.phase, inc.opened_window]).fetchone()
+        alert = alert[0] if alert else None
+    rb = con.execute(
+        "select started_at, exit_code, status from rollbacks where phase = ? and window_start >= ? "
+        "and window_start <= ? and status <> 'skipped' order by started_at limit 1",
+        [inc.phase, inc.opened_window, inc.last_breach_window]).fetchone()
+    decided = rb[0] if rb else (alert if not inc.rollback_required else None)
+    late = None
+    if alert is not None and decided is not None:
+        late = (decided - alert) > timedelta(minutes=policy.incidents.escalation_deadline_minutes)
+    return dict(alert_received_at=alert, escalation_decided_at=decided, escalation_late=late,
+                rollback_executed_at=rb[0] if rb else None,
+                rollback_exit_code=rb[1] if rb else None)
+
+
+INCIDENT_COLUMNS = (
+    "incident_id", "phase", "level", "status", "opened_window", "last_breach_window",
+    "breach_windows", "failed_slos", "rollback_required", "alert_received_at",
+    "escalation_decided_at", "escalation_late", "rollback_executed_at", "rollback_exit_code",
+    "rca_path", "rca_created_at", "rca_due", "owner", "green_cycles", "closed_window", "closed_at",
+    "policy_version", "updated_at",
+)
+
+
+def refresh_incidents(con, home: RolloutHome, policy: Policy,
+                      now: datetime | None = None) -> list[dict]:
+    """Recompute `incidents` and `incident_timeline` from the verdicts, keep first-recorded
+    facts, and write or update each RCA draft. Returns the incident rows."""
+    now = now or now_utc()
+    incidents = fold_incidents(load_outcomes(con, policy),
+                               policy.incidents.close_after_green_cycles)
+    previous = {
+        r[0]: dict(zip(("rca_created_at", "closed_at", "policy_version"), r[1:], strict=True))
+        for r in con.execute(
+            "select incident_id, rca_created_at, closed_at, policy_version from incidents"
+        ).fetchall()
+    }
+    rows = []
+    for inc in incidents:
+        prev = previous.get(inc.incident_id, {})
+        check = _checklist(con, policy, inc)
+        level = inc.level
+        if check["rollback_exit_code"] not in (None, 0):
+            level = "P1"  # a failed rollback escalates (seed §8 step 3)
+        rca_rel = home.relative(home.rca_dir / f"{inc.incident_id}.md")
+        row = dict(
+            incident_id=inc.incident_id, phase=inc.phase, level=level, status=inc.status,
+            opened_window=inc.opened_window, last_breach_window=inc.last_breach_window,
+            breach_windows=inc.breach_windows, failed_slos=inc.failed_slos,
+            rollback_required=inc.rollback_required, **check, rca_path=rca_rel,
+            rca_created_at=prev.get("rca_created_at") or now,
+            rca_due=add_business_days(inc.opened_window.date(),
+                                      policy.incidents.rca_business_days),
+            owner=rca_owner(policy, inc.phase), green_cycles=inc.green_cycles,
+            closed_window=inc.closed_window,
+            closed_at=(prev.get("closed_at") or now) if inc.closed_window else None,
+            policy_version=prev.get("policy_version") or policy.version, updated_at=now,
+        )
+        rows.append(row)
+    with transaction(con):
+        con.execute("delete from incidents")
+        con.execute("delete from incident_timeline")
+        if rows:
+            con.executemany(
+                f"insert into incidents ({', '.join(INCIDENT_COLUMNS)}) values "
+                f"({', '.join('?' for _ in INCIDENT_COLUMNS)})",
+                [[r[c] for c in INCIDENT_COLUMNS] for r in rows],
+            )
+            con.executemany(
+                "insert into incident_timeline values (?, ?, ?, ?)",
+                [[inc.incident_id, ws, step, detail]
+                 for inc in incidents for ws, step, detail in inc.timeline],
+            )
+    for inc, row in zip(incidents, rows, strict=True):
+        write_rca(con, home, policy, inc, row)
+    return rows
+
+
+def incident_for(con, phase: str, window_start: datetime) -> str | None:
+    """The incident a breached (window, phase) belongs to."""
+    row = con.execute(
+        "select incident_id from incidents where phase = ? and opened_window <= ? "
+        "and last_breach_window >= ? limit 1", [phase, window_start, window_start]).fetchone()
+    return row[0] if row else None
+
+
+# ---- RCA drafts -------------------------------------------------------------------------------
+
+def _rca_env(home: RolloutHome) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(home.templates_dir)),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              keep_trailing_newline=True)
+
+
+def _rca_auto_section(con, home: RolloutHome, inc: Incident, row: dict) -> str:
+    scores = con.execute(
+        "select window_start, slo, value, comparator, threshold, sample_size from slo_scores "
+        "where phase = ? and window_start >= ? and window_start <= ? and passed = false "
+        "order by window_start, slo", [inc.phase, inc.opened_window, inc.last_breach_window]
+    ).fetchall()
+    rollbacks = con.execute(
+        "select window_start, rollback_to, status, exit_code, command, log_tail from rollbacks "
+        "where phase = ? and window_start >= ? and window_start <= ? and status <> 'skipped' "
+        "order by started_at",
+        [inc.phase, inc.opened_window, inc.last_breach_window]).fetchall()
+    return _rca_env(home).get_template("rca/auto.md").render(
+        inc=inc, row=row, scores=scores, rollbacks=rollbacks, fmt=_fmt_ts)
+
+
+def _fmt_ts(v) -> str:
+    return "-" if v is None else f"{v:%Y-%m-%d %H:%M} UTC" if isinstance(v, datetime) else str(v)
+
+
+def write_rca(con, home: RolloutHome, policy: Policy, inc: Incident, row: dict) -> Path:
+    """Create the draft from templates/rca/draft.md; later runs only refresh the generated part
+    between the auto markers, so what people wrote in the draft is kept."""
+    path = home.inside(home.rca_dir / f"{inc.incident_id}.md")
+    auto = f"{AUTO_START}\n{_rca_auto_section(con, home, inc, row)}{AUTO_END}"
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        if AUTO_START in text and AUTO_END in text:
+            head, rest = text.split(AUTO_START, 1)
+            _, tail = rest.split(AUTO_END, 1)
+            new = head + auto + tail
+            if new != text:
+                atomic_write(path, new)
+            return path
+    text = _rca_env(home).get_template("rca/draft.md").render(inc=inc, row=row, auto=auto,
+                                                              fmt=_fmt_ts)
+    atomic_write(path, text)
+    return path
+
+
+
+
+def fmt_incident_line(row: dict) -> str:
+    return (f"{row['incident_id']} {row['level']} {row['status']} windows={row['breach_windows']}"
+            f" rca_due={row['rca_due']}")
+
+
+def open_incidents(con, phases: Sequence[str] | None = None) -> list[tuple]:
+    q = "select incident_id, phase, level from incidents where status = 'open'"
+    rows = con.execute(q).fetchall()
+    return [r for r in rows if phases is None or r[1] in phases]
