@@ -121,7 +121,7 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
 
 
 def cmd_run(args, home: RolloutHome) -> int:
-    from rollout_assets.runner import RunError, run_range
+    from rollout_assets.runner import BadRange, RunError, run_range
 
     _policy(home)
     start, end = _time(args.from_, "--from"), _time(args.to, "--to")
@@ -129,6 +129,8 @@ def cmd_run(args, home: RolloutHome) -> int:
         raise CliError("--to must be after --from")
     try:
         summary = run_range(home, start, end, log=lambda m: print(m, flush=True))
+    except BadRange as exc:
+        raise CliError(str(exc)) from None
     except RunError as exc:
         raise CliError(str(exc), EXIT_FAILED) from None
     print(f"run {summary.run_id}: {len(summary.windows)} window(s) materialized")

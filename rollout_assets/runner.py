@@ -47,6 +47,10 @@ class RunError(RuntimeError):
     pass
 
 
+class BadRange(RunError):
+    """The requested range is bad input (no window in it, or not yet closed): exit code 2."""
+
+
 @dataclass
 class RollbackRun:
     run_key: str
@@ -92,11 +96,11 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
               log: Callable[[str], None] = print) -> RunSummary:
     windows = windows_between(start, end)
     if not windows:
-        raise RunError(f"no 15-minute window starts in [{start:%Y-%m-%dT%H:%MZ}, "
+        raise BadRange(f"no 15-minute window starts in [{start:%Y-%m-%dT%H:%MZ}, "
                        f"{end:%Y-%m-%dT%H:%MZ})")
     keys = valid_window_keys(windows)
     if len(keys) != len(windows):
-        raise RunError(
+        raise BadRange(
             f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
             f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
             "has not closed yet cannot be judged")
