@@ -8,6 +8,7 @@ import dagster as dg
 from rollout_assets.assets.analyzer import slo_scores, window_verdicts
 from rollout_assets.assets.collector import canary_events, window_metrics
 from rollout_assets.assets.common import WAREHOUSE_POOL
+from rollout_assets.assets.dashboard import dashboard, refresh_dashboard
 from rollout_assets.assets.governance import incidents, sla_daily
 from rollout_assets.assets.reporter import alert_reports, publish_window
 from rollout_assets.collect import atomic_write, now_utc
@@ -20,8 +21,9 @@ from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import Message, Notifier
 from rollout_assets.resources.rollback_runner import RollbackRunner
 
+# `dashboard` is not partitioned: it renders once at the end of each window run or range.
 WINDOW_ASSETS = [canary_events, window_metrics, slo_scores, window_verdicts, incidents,
-                 alert_reports]
+                 alert_reports, dashboard]
 DAILY_ASSETS = [sla_daily]
 
 window_job = dg.define_asset_job(
@@ -80,6 +82,7 @@ def execute_rollback(
                  before.describe(), context.run_id, policy.version, now_utc(), now_utc()])
             refresh_incidents(con, home.home, policy)
             publish_window(con, home, notifier, ws)
+            refresh_dashboard(context, con, home.home, policy)
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
@@ -101,6 +104,7 @@ def execute_rollback(
         )
         refresh_incidents(con, home.home, policy)
         publish_window(con, home, notifier, ws)
+        refresh_dashboard(context, con, home.home, policy)
         text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
                 f"ExitCode={outcome.exit_code} ({status}); flags now {after.describe()}")
         for ch in slack_channels(policy, config.phase, config.level):
