@@ -83,7 +83,10 @@ DDL: dict[str, str] = {
             level VARCHAR NOT NULL, transport VARCHAR NOT NULL, status VARCHAR NOT NULL,
             attempts INTEGER NOT NULL, response_code INTEGER, thread_ts VARCHAR,
             incident_id VARCHAR, path VARCHAR, created_at TIMESTAMP NOT NULL,
-            updated_at TIMESTAMP NOT NULL
+            updated_at TIMESTAMP NOT NULL,
+            -- delivery: Slack ts/channel id of this message (thread_ts = its thread's root),
+            -- PagerDuty dedup key, last error, and the payload sent (never a token or key)
+            message_ts VARCHAR, channel_id VARCHAR, dedup_key VARCHAR, error VARCHAR, body JSON
         )""",
     "rollbacks": """
         create table if not exists rollbacks (

@@ -1,23 +1,55 @@
-"""Notifications: Slack and PagerDuty messages, each recorded once in the `notifications` ledger.
+"""Notifications: Slack and PagerDuty messages, each delivered at most once per idempotency key and
+recorded in the `notifications` ledger.
 
-With no credentials configured (the embedded default) every message goes to the outbox: a row
-in `notifications` plus a JSON file under `reports/outbox/`. The idempotency key
-(window, phase, channel, kind) makes re-materializing a window or re-running a range send nothing
-twice.
+Transport per message:
+- a Slack channel goes to Slack when `SLACK_BOT_TOKEN` is set, else to the outbox;
+- `pagerduty:<service>` goes to the Events API v2 when the environment variable the policy names
+  for that service (`pagerduty_services.*.routing_key_env`) is set, else to the outbox.
+The outbox (a ledger row plus `reports/outbox/<key>.json`) is the embedded default: no secrets.
+
+The ledger key is (window, phase, channel, kind). A key already `sent` (or `queued` in the outbox)
+is never sent again, so re-materializing a window or re-running a range sends nothing twice; a
+`failed` key is tried again by the next run. Ledger rows are written through their own DuckDB
+connection and committed at once, so they survive the caller's transaction rolling back.
+
+Failures are retried (429 honouring `Retry-After`, 5xx, connection errors; exponential backoff
+with jitter), recorded, escalated (Slack down: PagerDuty is still paged, and a warning that does
+not page is paged as `warning`; PagerDuty down: `#incident` is told), and collected so the step
+can fail with one clear message after every other message went out: `raise_for_failures()`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import dagster as dg
+from pydantic import PrivateAttr
 
+from rollout_assets import messages
 from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import window_stamp
+from rollout_assets.policy import Policy, load_policy
+from rollout_assets.resources.pagerduty import DEFAULT_PAGERDUTY_URL, PagerDutyEvents
+from rollout_assets.resources.slack import (
+    DEFAULT_SLACK_BASE_URL,
+    HttpOutcome,
+    RolloutSlackResource,
+)
+
+SLACK_TOKEN_ENV = "SLACK_BOT_TOKEN"
+SLACK_BASE_URL_ENV = "ROLLOUT_SLACK_BASE_URL"
+PAGERDUTY_URL_ENV = "ROLLOUT_PAGERDUTY_URL"
+PAGERDUTY_PREFIX = "pagerduty:"
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True)
@@ -25,7 +57,7 @@ class Message:
     window_start: datetime
     phase: str
     channel: str  # a Slack channel ("#merge-ops") or "pagerduty:<service name>"
-    kind: str  # alert | rollback | resolve
+    kind: str  # alert | rollback | resolve | acknowledge | escalation
     level: str
     text: str
     payload: dict = field(default_factory=dict)
@@ -40,19 +72,421 @@ class Message:
         channel = re.sub(r"[^A-Za-z0-9_-]+", "-", self.channel).strip("-")
         return f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}"
 
+    @property
+    def is_pagerduty(self) -> bool:
+        return self.channel.startswith(PAGERDUTY_PREFIX)
+
+    @property
+    def dedup_key(self) -> str | None:
+        """PagerDuty's dedup key: the incident, so a storm of breaches is one page."""
+        return self.incident_id or (self.payload or {}).get("dedup_key")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    ok: bool
+    attempts: int
+    status: int | None = None
+    error: str | None = None
+    thread_ts: str | None = None
+    message_ts: str | None = None
+    channel_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    idempotency_key: str
+    transport: str
+    error: str
+    status: int | None
+    attempts: int
+
+    def describe(self) -> str:
+        code = f"HTTP {self.status}" if self.status is not None else "no response"
+        return (f"{self.transport} {self.idempotency_key}: {self.error} ({code}, "
+                f"{self.attempts} attempt{'s' if self.attempts != 1 else ''})")
+
+
+class DeliveryError(RuntimeError):
+    """Raised after a step has sent everything it could: some message could not be delivered."""
+
+    def __init__(self, failures: list[DeliveryFailure]):
+        self.failures = failures
+        super().__init__(
+            f"notification delivery failed for {len(failures)} message(s) (recorded in the "
+            "notifications ledger, escalated; a re-run retries them): "
+            + "; ".join(f.describe() for f in failures))
+
+
+_LEDGER_COLUMNS = (
+    "idempotency_key", "window_start", "phase", "channel", "kind", "level", "transport", "status",
+    "attempts", "response_code", "thread_ts", "incident_id", "path", "created_at", "updated_at",
+    "message_ts", "channel_id", "dedup_key", "error", "body",
+)
+
 
 class Notifier(dg.ConfigurableResource):
-    """Delivers messages; today every message goes to the outbox transport."""
+    """Delivers messages to Slack / PagerDuty (or the outbox) once, with retries and escalation.
+
+    Build it with `notifier_from_env(home)`: the Slack token is an `EnvVar`, so only the variable's
+    name is part of the run config; routing keys are read from the environment at send time.
+    """
 
     home: str
+    slack: RolloutSlackResource | None = None
+    pagerduty: PagerDutyEvents | None = None
+    dagster_url: str = DEFAULT_DAGSTER_URL
+    max_attempts: int = 4
+    backoff_seconds: float = 0.5
+    max_backoff_seconds: float = 30.0
 
+    _run_id: str | None = PrivateAttr(default=None)
+    _failures: list = PrivateAttr(default_factory=list)
+    _policy: Policy | None = PrivateAttr(default=None)
+    _redelivered: set = PrivateAttr(default_factory=set)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._run_id = context.run_id
+
+    # ---- public API ----------------------------------------------------------------------
     def send(self, con, msg: Message) -> str:
-        """Record and deliver `msg` once. Returns 'queued' or 'duplicate'."""
-        exists = con.execute(
-            "select status from notifications where idempotency_key = ?", [msg.idempotency_key]
-        ).fetchone()
-        if exists:
+        """Deliver `msg` once. Returns 'queued' (outbox), 'sent', 'failed' or 'duplicate'.
+
+        Never raises for a delivery failure: it is recorded, escalated and kept for
+        `raise_for_failures()`, so the caller still sends the rest (and pages PagerDuty when
+        Slack is down)."""
+        ledger = con.cursor()  # own connection: ledger rows commit now, whatever the caller does
+        try:
+            result = self._send(ledger, msg, escalate=True)
+            if msg.window_start not in self._redelivered:
+                # after `msg`, so a held-back rollback reply finds the alert's thread
+                self._redelivered.add(msg.window_start)
+                self._redeliver_failed(ledger, msg.window_start, msg.idempotency_key)
+            return result
+        finally:
+            ledger.close()
+
+    def failures(self) -> list[DeliveryFailure]:
+        return list(self._failures)
+
+    def raise_for_failures(self) -> None:
+        """Fail the step with one clear message if any delivery failed since the last call."""
+        if self._failures:
+            failures, self._failures = list(self._failures), []
+            raise DeliveryError(failures)
+
+    @property
+    def run_url(self) -> str | None:
+        return f"{self.dagster_url.rstrip('/')}/runs/{self._run_id}" if self._run_id else None
+
+    # ---- routing -------------------------------------------------------------------------
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = load_policy(RolloutHome.resolve(self.home).policy_path)
+        return self._policy
+
+    def _service_key(self, msg: Message) -> str:
+        """The policy's service for a `pagerduty:<name>` channel (else the phase's service)."""
+        policy = self.policy()
+        name = msg.channel[len(PAGERDUTY_PREFIX):]
+        for key, svc in policy.pagerduty_services.items():
+            if svc.name == name or key == name:
+                return key
+        return policy.phase(msg.phase).pagerduty_service
+
+    def _routing_key(self, msg: Message) -> str | None:
+        env = self.policy().pagerduty_services[self._service_key(msg)].routing_key_env
+        return os.environ.get(env) or None
+
+    def _slack_token(self) -> str | None:
+        if self.slack is None:
+            return None
+        token = self.slack.token
+        if isinstance(token, dg.EnvVar):  # used outside a run: resolve it ourselves
+            token = token.get_value()
+        return token or None
+
+    def transport(self, msg: Message) -> str:
+        if msg.is_pagerduty:
+            return "pagerduty" if self._routing_key(msg) else "outbox"
+        return "slack" if self._slack_token() else "outbox"
+
+    def _secrets(self) -> list[str]:
+        out = [self._slack_token()]
+        services = self.policy().pagerduty_services.values()
+        out += [os.environ.get(s.routing_key_env) for s in services]
+        return sorted({s for s in out if s}, key=len, reverse=True)
+
+    def _scrub(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        for secret in self._secrets():
+            text = text.replace(secret, REDACTED)
+        return text
+
+    # ---- delivery ------------------------------------------------------------------------
+    def _send(self, ledger, msg: Message, escalate: bool, prepared: dict | None = None) -> str:
+        key = msg.idempotency_key
+        row = ledger.execute(
+            "select status, transport, attempts from notifications where idempotency_key = ?",
+            [key]).fetchone()
+        if row and (row[0] == "sent" or (row[0] == "queued" and row[1] == "outbox")):
             return "duplicate"
+        transport = self.transport(msg)
+        attempts_before = row[2] if row else 0
+        now = now_utc()
+        base = dict(window_start=msg.window_start, phase=msg.phase, channel=msg.channel,
+                    kind=msg.kind, level=msg.level, transport=transport,
+                    incident_id=msg.incident_id, dedup_key=msg.dedup_key, updated_at=now)
+        if transport == "outbox":
+            path = self._write_outbox(msg)
+            self._upsert(ledger, key, row is not None, dict(
+                base, status="queued", attempts=attempts_before, path=path, error=None),
+                created_at=now)
+            self._release_resolves(ledger, msg)
+            return "queued"
+        thread = self._thread(ledger, msg) if transport == "slack" else None
+        body = prepared or self._render(msg, transport, thread)
+        waits_for = self._resolve_waits_for(ledger, msg)
+        if waits_for is not None:
+            # A range run judges the closing window before the Reporter has sent the last
+            # breach's alert: hold the resolve until it has, so PagerDuty never sees
+            # resolve → trigger (a re-opened incident) and Slack's thread starts with the alert.
+            self._upsert(ledger, key, row is not None, dict(
+                base, status="queued", attempts=attempts_before,
+                body=json.dumps(body, default=str),
+                error=f"held until the alert of {window_stamp(waits_for)} is out"),
+                created_at=now)
+            return "queued"
+        # recorded as 'queued' with its body before the first byte goes out: a crash mid-send
+        # leaves a row the next run delivers (at-least-once if interrupted, else exactly once)
+        self._upsert(ledger, key, row is not None, dict(
+            base, status="queued", attempts=attempts_before, body=json.dumps(body, default=str)),
+            created_at=now)
+        if transport == "slack":
+            d = self._deliver_slack(ledger, msg, body, thread)
+        else:
+            d = self._deliver_pagerduty(msg, body)
+        error = self._scrub(d.error)
+        self._upsert(ledger, key, True, dict(
+            status="sent" if d.ok else "failed", attempts=attempts_before + d.attempts,
+            response_code=d.status, thread_ts=d.thread_ts, message_ts=d.message_ts,
+            channel_id=d.channel_id, error=error, updated_at=now_utc()))
+        log = dg.get_dagster_logger("rollout_assets.notifier")
+        if d.ok:
+            log.info(f"{transport} {key}: sent ({d.attempts} attempt(s), HTTP {d.status})")
+        else:
+            failure = DeliveryFailure(key, transport, error or "failed", d.status, d.attempts)
+            self._failures.append(failure)
+            log.error(f"delivery failed: {failure.describe()}")
+            if escalate:
+                self._escalate(ledger, msg, transport, error or "failed")
+        self._release_resolves(ledger, msg)
+        return "sent" if d.ok else "failed"
+
+    # ---- resolve ordering ----------------------------------------------------------------
+    def _routes(self, phase: str, level: str) -> set[str]:
+        """Where the policy sends an alert of `level` in `phase` (as `reporting` routes it)."""
+        policy = self.policy()
+        ph = policy.phase(phase)
+        out = {ph.slack_channel}
+        if level in policy.notifications.incident_channel_levels:
+            out.add(policy.notifications.incident_channel)
+        if level in policy.notifications.page_levels:
+            out.add(PAGERDUTY_PREFIX + policy.pagerduty_services[ph.pagerduty_service].name)
+        return out
+
+    def _resolve_waits_for(self, ledger, msg: Message) -> datetime | None:
+        """For a resolve: the phase's last breached window before it, if that window's alert
+        on this channel has not been handled yet (no ledger row)."""
+        if msg.kind != "resolve" or not msg.incident_id or msg.phase not in (
+                self.policy().phase_names):
+            return None
+        last = ledger.execute(
+            "select window_start, level from window_verdicts where phase = ? and breach and "
+            "window_start < ? order by window_start desc limit 1",
+            [msg.phase, msg.window_start]).fetchone()
+        if last is None or msg.channel not in self._routes(msg.phase, last[1]):
+            return None
+        done = ledger.execute(
+            "select 1 from notifications where window_start = ? and phase = ? and channel = ? "
+            "and kind = 'alert'", [last[0], msg.phase, msg.channel]).fetchone()
+        return None if done else last[0]
+
+    def _release_resolves(self, ledger, msg: Message) -> None:
+        """After an incident's alert went out on a channel, send the resolves it held back."""
+        if msg.kind != "alert" or not msg.incident_id:
+            return
+        held = ledger.execute(
+            "select window_start, phase, channel, kind, level, incident_id, body from "
+            "notifications where kind = 'resolve' and status = 'queued' and transport <> "
+            "'outbox' and channel = ? and incident_id = ? and body is not null",
+            [msg.channel, msg.incident_id]).fetchall()
+        for row in held:
+            self._send(ledger, self._message_from_row(row), escalate=True,
+                       prepared=json.loads(row[-1]))
+
+    @staticmethod
+    def _message_from_row(row) -> Message:
+        w, phase, channel, kind, level, incident, body = row
+        prepared = json.loads(body)
+        text = prepared.get("text") or (prepared.get("payload") or {}).get("summary") or ""
+        return Message(w, phase, channel, kind, level, text,
+                       {"dedup_key": prepared.get("dedup_key")}, incident)
+
+    def _render(self, msg: Message, transport: str, thread) -> dict:
+        """What the ledger keeps and the transport sends (a PagerDuty event without its key)."""
+        if transport == "slack":
+            status = "open: updates follow in this thread" if (
+                thread is None and msg.kind == "alert") else None
+            return messages.slack_message(msg, run_url=self.run_url, status=status)
+        if not msg.dedup_key:
+            raise ValueError(f"{msg.idempotency_key}: a PagerDuty message needs an incident_id "
+                             "or payload['dedup_key']")
+        return messages.redact(messages.pagerduty_event(
+            msg, routing_key="", dedup_key=msg.dedup_key, run_url=self.run_url))
+
+    def _redeliver_failed(self, ledger, ws: datetime, current_key: str) -> None:
+        """Deliver the window's messages an earlier run could not (failed, or interrupted
+        mid-send) from the body recorded then: a rollback or escalation message is not
+        regenerated by a re-run, so this is how it still arrives, once."""
+        rows = ledger.execute(
+            "select window_start, phase, channel, kind, level, incident_id, body "
+            "from notifications where window_start = ? and transport <> 'outbox' and "
+            "status in ('failed', 'queued') and body is not null and idempotency_key <> ? "
+            "order by created_at", [ws, current_key]).fetchall()
+        for row in rows:
+            self._send(ledger, self._message_from_row(row), escalate=True,
+                       prepared=json.loads(row[-1]))
+
+    def _escalate(self, ledger, msg: Message, transport: str, error: str) -> None:
+        """Slack down → PagerDuty still pages (a non-paging warning is paged as `warning`);
+        PagerDuty down → `#incident` is told to page by hand."""
+        policy = self.policy()
+        if transport == "slack":
+            if msg.kind != "alert" or msg.level in policy.notifications.page_levels:
+                return  # a paging level's PagerDuty message is in the same batch
+            service = policy.pagerduty_services[policy.phase(msg.phase).pagerduty_service]
+            esc = Message(
+                msg.window_start, msg.phase, f"{PAGERDUTY_PREFIX}{service.name}", "escalation",
+                msg.level, f"Slack delivery to {msg.channel} failed ({error}): {msg.text}",
+                {**msg.payload, "severity": "warning", "service": service.name},
+                msg.incident_id)
+        else:
+            service = msg.channel[len(PAGERDUTY_PREFIX):]
+            esc = Message(
+                msg.window_start, msg.phase, policy.notifications.incident_channel, "escalation",
+                msg.level, f"PagerDuty could not be reached for {service} ({error}); page the "
+                f"on-call by hand. {msg.kind}: {msg.text}",
+                {k: v for k, v in msg.payload.items() if k != "severity"}, msg.incident_id)
+        self._send(ledger, esc, escalate=False)
+
+    def _retry(self, call: Callable[[], HttpOutcome]) -> tuple[HttpOutcome, int]:
+        """Call until success, a final error, or `max_attempts`. 429 waits `Retry-After` (plus
+        jitter); 5xx and connection errors back off exponentially with jitter."""
+        attempt = 0
+        while True:
+            attempt += 1
+            out = call()
+            if out.ok or not out.retryable or attempt >= self.max_attempts:
+                return out, attempt
+            if out.retry_after is not None:
+                if out.retry_after > self.max_backoff_seconds:
+                    return HttpOutcome(False, out.status, f"{out.error}; Retry-After "
+                                       f"{out.retry_after:g}s exceeds the wait limit"), attempt
+                delay = out.retry_after + random.uniform(0, self.backoff_seconds)
+            else:
+                ceiling = min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (attempt - 1))
+                delay = random.uniform(ceiling / 2, ceiling)
+            time.sleep(delay)
+
+    def _deliver_pagerduty(self, msg: Message, event: dict) -> Delivery:
+        event = {"routing_key": self._routing_key(msg), **event}
+        out, attempts = self._retry(lambda: (self.pagerduty or PagerDutyEvents()).enqueue(event))
+        return Delivery(out.ok, attempts, out.status, out.error)
+
+    # ---- Slack threads -------------------------------------------------------------------
+    def _thread(self, ledger, msg: Message) -> tuple[str, str] | None:
+        """(thread_ts, channel_id) to reply in: the incident's first message in this channel,
+        else, for a rollback/resolve, the window's alert."""
+        q = ("select thread_ts, channel_id from notifications where transport = 'slack' and "
+             "status = 'sent' and thread_ts is not null and channel = ? and idempotency_key <> ? ")
+        if msg.incident_id:
+            row = ledger.execute(q + "and incident_id = ? order by created_at limit 1",
+                                 [msg.channel, msg.idempotency_key, msg.incident_id]).fetchone()
+            if row:
+                return row[0], row[1]
+        if msg.kind != "alert":
+            row = ledger.execute(
+                q + "and window_start = ? and phase = ? and kind = 'alert' limit 1",
+                [msg.channel, msg.idempotency_key, msg.window_start, msg.phase]).fetchone()
+            if row:
+                return row[0], row[1]
+        return None
+
+    def _deliver_slack(self, ledger, msg: Message, body: dict, thread) -> Delivery:
+        assert self.slack is not None
+        args: dict = {"channel": msg.channel, **body, "unfurl_links": False,
+                      "unfurl_media": False}
+        if thread:
+            args["thread_ts"] = thread[0]
+        out, attempts = self._retry(lambda: self.slack.call("chat.postMessage", **args))
+        if not out.ok:
+            return Delivery(False, attempts, out.status, out.error)
+        ts = out.data.get("ts")
+        channel_id = out.data.get("channel") or (thread[1] if thread else None)
+        if thread:
+            self._update_thread_root(ledger, msg, thread[0], thread[1] or channel_id)
+        return Delivery(True, attempts, out.status, None, thread[0] if thread else ts, ts,
+                        channel_id)
+
+    def _thread_status(self, ledger, msg: Message, thread_ts: str, channel_id: str) -> str:
+        """The thread's state from the ledger (plus `msg`, about to be marked sent), so the root
+        says the same whatever order a range run delivered things in."""
+        rows = ledger.execute(
+            "select kind, window_start, level, phase from notifications where transport = "
+            "'slack' and status = 'sent' and thread_ts = ? and channel_id = ?",
+            [thread_ts, channel_id]).fetchall()
+        rows.append((msg.kind, msg.window_start, msg.level, msg.phase))
+        alerts = sorted({(w, lvl, ph) for k, w, lvl, ph in rows if k == "alert"})
+        resolved = sorted(w for k, w, _, _ in rows if k == "resolve")
+        parts = [f"resolved in window {window_stamp(resolved[-1])}" if resolved else "open"]
+        if alerts:
+            w, lvl, _ = alerts[-1]
+            parts.append(f"{len(alerts)} breached window{'s' if len(alerts) != 1 else ''}, "
+                         f"latest {window_stamp(w)} ({lvl})")
+            rb = ledger.execute(
+                "select phase, rollback_to, status, exit_code from rollbacks where status <> "
+                "'skipped' and phase = ? and list_contains(?::TIMESTAMP[], window_start) "
+                "order by started_at desc limit 1",
+                [alerts[-1][2], [a[0] for a in alerts]]).fetchone()
+            if rb:
+                parts.append(f"rollback {rb[0]} → {rb[1]}: ExitCode={rb[3]} ({rb[2]})")
+        return " · ".join(parts)
+
+    def _update_thread_root(self, ledger, msg: Message, thread_ts: str, channel_id: str) -> None:
+        """`chat.update` the thread's first message so its status says where the incident is.
+        A failed update loses no message (the reply went out): it is logged, not escalated."""
+        root = ledger.execute(
+            "select idempotency_key, body from notifications where transport = 'slack' and "
+            "status = 'sent' and message_ts = ? and channel_id = ? limit 1",
+            [thread_ts, channel_id]).fetchone()
+        if not root or not root[1]:
+            return
+        status = self._thread_status(ledger, msg, thread_ts, channel_id)
+        body = messages.with_status(json.loads(root[1]), status)
+        out, attempts = self._retry(lambda: self.slack.call(
+            "chat.update", channel=channel_id, ts=thread_ts, **body))
+        if out.ok:
+            ledger.execute("update notifications set body = ?, updated_at = ? where "
+                           "idempotency_key = ?", [json.dumps(body), now_utc(), root[0]])
+        else:
+            dg.get_dagster_logger("rollout_assets.notifier").warning(
+                f"chat.update of {root[0]} failed after {attempts} attempt(s): "
+                f"{self._scrub(out.error)}")
+
+    # ---- ledger & outbox -----------------------------------------------------------------
+    def _write_outbox(self, msg: Message) -> str:
         home = RolloutHome.resolve(self.home)
         path = home.inside(home.outbox_dir / f"{msg.file_stem}.json")
         body = {
@@ -61,10 +495,30 @@ class Notifier(dg.ConfigurableResource):
             "incident_id": msg.incident_id,
         }
         atomic_write(path, json.dumps(body, indent=2, default=str) + "\n")
-        now = now_utc()
-        con.execute(
-            "insert into notifications values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [msg.idempotency_key, msg.window_start, msg.phase, msg.channel, msg.kind, msg.level,
-             "outbox", "queued", 0, None, None, msg.incident_id, home.relative(path), now, now],
-        )
-        return "queued"
+        return home.relative(path)
+
+    @staticmethod
+    def _upsert(ledger, key: str, exists: bool, values: dict, created_at=None) -> None:
+        if exists:
+            cols = ", ".join(f"{c} = ?" for c in values)
+            ledger.execute(f"update notifications set {cols} where idempotency_key = ?",
+                           [*values.values(), key])
+            return
+        row = {c: None for c in _LEDGER_COLUMNS}
+        row.update(values, idempotency_key=key, created_at=created_at)
+        ledger.execute(
+            f"insert into notifications ({', '.join(row)}) values "
+            f"({', '.join('?' for _ in row)})", list(row.values()))
+
+
+def notifier_from_env(home: str, environ: Mapping[str, str] | None = None) -> Notifier:
+    """The notifier `definitions.py` wires: Slack when `SLACK_BOT_TOKEN` is set (as an `EnvVar`,
+    resolved inside the run), base URLs from `ROLLOUT_SLACK_BASE_URL` / `ROLLOUT_PAGERDUTY_URL`."""
+    env = os.environ if environ is None else environ
+    slack = None
+    if env.get(SLACK_TOKEN_ENV):
+        slack = RolloutSlackResource(token=dg.EnvVar(SLACK_TOKEN_ENV),
+                                     base_url=env.get(SLACK_BASE_URL_ENV) or DEFAULT_SLACK_BASE_URL)
+    return Notifier(home=home, slack=slack,
+                    pagerduty=PagerDutyEvents(url=env.get(PAGERDUTY_URL_ENV)
+                                              or DEFAULT_PAGERDUTY_URL))
