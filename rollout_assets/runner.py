@@ -115,8 +115,18 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
     )
     summary = RunSummary(windows, result.run_id, result.success)
     if not result.success:
-        failure = next((e for e in result.all_events if e.is_failure), None)
+        failure = next((e for e in result.all_events if e.is_step_failure), None) or next(
+            (e for e in result.all_events if e.is_failure), None)
         msg = failure.message if failure is not None else "see the run in the Dagster UI"
+        error = failure.step_failure_data.error if failure is not None and (
+            failure.is_step_failure) else None
+        while error is not None and error.cause is not None:  # Dagster wraps the user error
+            error = error.cause
+        if error is not None:  # the exception's own words, e.g. which notification failed
+            msg = f"{msg} {error.message.strip()}"
+        # Verdicts that did materialize still get their rollbacks, as the daemon's sensor would
+        # launch them: a Slack outage in the Reporter must not hold back a rollback.
+        tick_breach_sensor(instance, defs, log)
         raise RunError(f"window run {result.run_id} failed: {msg}")
     summary.rollbacks = tick_breach_sensor(instance, defs, log)
     days = sorted({w.date() for w in windows})

@@ -77,7 +77,8 @@ class FakeEndpoints:
         self._ts = 0
         self._messages: dict[tuple[str, str], dict] = {}  # (channel id, ts) -> message
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> FakeEndpoints:
