@@ -1,0 +1,223 @@
+"""`rollout` end to end, as a user runs it: subprocesses in a temporary home, exit codes, tables,
+files, the contract checker, an idempotent second run, the flag commands, and bad input refused
+with exit code 2 and a one-line reason before anything is written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rollout_assets import cli
+from rollout_assets.home import RolloutHome
+from rollout_assets_tests.pipeline_helpers import SECRET_ENV, files_under, query, table_counts
+
+ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
+CONTRACT_CHECK = Path("/work/shared/tools/contract_check.py")
+FROM, TO = "2025-01-18T08:00Z", "2025-01-18T10:00Z"
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ROLLOUT_HOME", "DAGSTER_HOME", *SECRET_ENV)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def rollout(home: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([ROLLOUT, "--home", str(home), *args], capture_output=True, text=True,
+                          env=clean_env(), cwd=str(home), timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Session:
+    home: RolloutHome
+    simulate: str
+    promote: str
+    dry_run: str
+    first: str
+    second: str
+    counts_first: dict
+    counts_second: dict
+    files_first: set
+    files_second: set
+    show: str
+
+
+def in_process(home: Path, *args: str) -> str:
+    """The console script's entry point (`rollout = rollout_assets.cli:main`) in this process,
+    for the quick flag commands; the environment names no home, like the subprocesses'."""
+    out, err = io.StringIO(), io.StringIO()
+    mp = pytest.MonkeyPatch()
+    for var in ("ROLLOUT_HOME", "DAGSTER_HOME", *SECRET_ENV):
+        mp.delenv(var, raising=False)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["--home", str(home), *args])
+    finally:
+        mp.undo()
+    assert code == 0, f"exit {code}\n{out.getvalue()}\n{err.getvalue()}"
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Session:
+    root = tmp_path_factory.mktemp("cli") / "home"
+    root.mkdir()
+    home = RolloutHome(root.resolve())
+    sim = ok(rollout(root, "simulate", "--start", FROM, "--hours", "2", "--phase", "A-1",
+                     "--rate", "20", "--seed", "5", "--simulate-breach", "restore_success_rate"))
+    promote = in_process(root, "flags", "promote", "--phase", "A-1", "--reason", "canary")
+    dry = in_process(root, "flags", "rollback", "--phase", "A-0", "--dry-run")
+    first = ok(rollout(root, "run", "--from", FROM, "--to", TO))
+    counts_first = table_counts(home)
+    files_first = set(files_under(home, "reports", "docs"))
+    second = ok(rollout(root, "run", "--from", FROM, "--to", TO))
+    show = in_process(root, "flags", "show")
+    return Session(home, sim, promote, dry, first, second, counts_first, table_counts(home),
+                   files_first, set(files_under(home, "reports", "docs")), show)
+
+
+def test_simulate_writes_canary_jsonl(session):
+    assert "reports/canary/phase-A-1.jsonl" in session.simulate
+    assert "injected breach: restore_success_rate in A-1" in session.simulate
+    lines = (session.home.canary_dir / "phase-A-1.jsonl").read_text().splitlines()
+    assert len(lines) > 1000
+    assert json.loads(lines[0])["phase"] == "A-1"
+
+
+def test_run_fills_the_tables(session):
+    home = session.home
+    c = session.counts_first
+    assert c["window_metrics"] == 8 and c["window_verdicts"] == 8
+    assert c["slo_scores"] == 16  # two A-1 SLOs x eight windows
+    assert c["quarantine"] > 0 and c["canary_events"] > 1000
+    breaches = query(home, "select window_start, rollback_to, level from window_verdicts "
+                           "where breach order by 1")
+    assert breaches and all(to == "A-0" and lvl == "P2" for _, to, lvl in breaches)
+    assert "breaches: " in session.first and "ExitCode=0" in session.first
+    # every breached window either ran the rollback or joined the one that did
+    rb = query(home, "select status, exit_code from rollbacks order by window_start")
+    assert len(rb) == len(breaches) and rb[0] == ("succeeded", 0)
+    assert query(home, "select phase from flag_state") == [("A-0",)]
+    assert query(home, "select action, from_phase, to_phase from flag_history "
+                       "where action = 'rollback'") == [("rollback", "A-1", "A-0")]
+    # lines read = loaded + duplicates + quarantined, for the file the CLI ingested
+    ((read, loaded, dups, quarantined),) = query(
+        home, "select lines_read, loaded, duplicates, quarantined from ingest_files")
+    assert read == loaded + dups + quarantined > 0
+    wc = (home.canary_dir / "phase-A-1.jsonl").read_bytes().count(b"\n")
+    assert read == wc
+
+
+def test_run_writes_the_contract_files(session):
+    files = session.files_first
+    monitoring = {f for f in files if f.startswith("reports/monitoring/")}
+    alerts = {f for f in files if f.startswith("reports/alerts/")}
+    assert len(monitoring) == 8 and all(f.endswith(".jsonl") for f in monitoring)
+    breached = query(session.home, "select strftime(window_start, '%Y%m%dT%H%MZ') "
+                                   "from window_verdicts where breach")
+    assert alerts == {f"reports/alerts/{w}.md" for (w,) in breached}
+    first_alert = (session.home.root / sorted(alerts)[0]).read_text()
+    assert "ExitCode=" in first_alert
+    assert any(f.startswith("docs/rehearsal/") for f in files)
+
+
+def test_contract_checker_passes(session):
+    proc = subprocess.run([sys.executable, str(CONTRACT_CHECK), str(session.home.root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    held = proc.stdout.strip().splitlines()[-1]
+    n, m = held.removeprefix("contract: ").removesuffix(" hold").split("/")
+    assert n == m
+
+
+def test_second_run_changes_no_row_count_and_no_file(session):
+    assert session.counts_second == session.counts_first
+    assert session.files_second == session.files_first
+    assert "already handled" in session.second or "rollback run" not in session.second
+
+
+def test_flags_commands(session):
+    assert "promoted A-0" in session.promote and "A-1" in session.promote
+    assert "dry run: flags unchanged at A-1" in session.dry_run
+    drills = [f for f in session.files_first if f.startswith("docs/rehearsal/")]
+    assert len(drills) == 1
+    drill = (session.home.root / drills[0]).read_text()
+    assert "`A-1`" in drill and "`A-0`" in drill
+    # the drill changed nothing: the only rollback in the history is the breach's
+    assert "phase: A-0" in session.show
+    assert "autosave.enabled: false" in session.show
+    assert "rollback: A-1 -> A-0" in session.show
+
+
+# ---- bad input: exit 2, one line, nothing written ----------------------------------------------
+
+BAD_INPUT = [
+    (["flags", "rollback", "--phase", "A-1; rm -rf /"], "invalid phase"),
+    (["flags", "rollback", "--phase", "../../x"], "invalid phase"),
+    (["flags", "rollback", "--phase", "Z-9", "--dry-run"], "unknown phase"),
+    (["flags", "promote", "--phase", "$(reboot)"], "invalid phase"),
+    (["run", "--from", "2025-01-18T10:00Z", "--to", "2025-01-18T09:00Z"], "--to must be after"),
+    (["run", "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T09:00Z"], "--to must be after"),
+    (["run", "--from", "yesterday", "--to", "2025-01-18T09:00Z"], "--from: not an ISO-8601"),
+    (["run", "--from", "2999-01-01T00:00Z", "--to", "2999-01-01T01:00Z"], "has not closed yet"),
+    (["run", "--from", "2025-01-18T09:01Z", "--to", "2025-01-18T09:14Z"], "no 15-minute window"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "1", "--phase", "../../x"],
+     "unknown phase"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "0"], "must be positive"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "1", "--simulate-breach", "p99"],
+     "unknown metric"),
+]
+
+
+def _assert_refused(code: int, out: str, err: str, expected: str, root: Path) -> None:
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rollout: ") and expected in lines[0], err
+    assert list(root.iterdir()) == [], "bad input wrote to the home"
+
+
+@pytest.mark.parametrize("args,expected", [BAD_INPUT[0], BAD_INPUT[7]])
+def test_bad_input_as_a_subprocess(tmp_path, args, expected):
+    proc = rollout(tmp_path, *args, timeout=60)
+    _assert_refused(proc.returncode, proc.stdout, proc.stderr, expected, tmp_path)
+
+
+@pytest.mark.parametrize("args,expected", BAD_INPUT)
+def test_bad_input_in_process(tmp_path, capsys, monkeypatch, args, expected):
+    # the console script's own entry point, without a process start per case
+    for var in ("ROLLOUT_HOME", "DAGSTER_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    code = cli.main(["--home", str(tmp_path), *args])
+    out, err = capsys.readouterr()
+    _assert_refused(code, out, err, expected, tmp_path)
+
+
+def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROLLOUT_MODE", "production")
+    code = cli.main(["--home", str(tmp_path), "simulate", "--start", "2025-01-18T00:00Z",
+                     "--hours", "1", "--simulate-breach", "restore_success_rate"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "production" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_broken_home_policy_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
+    (tmp_path / "governance").mkdir()
+    (tmp_path / "governance" / "policy.yaml").write_text("phases: [\n  - name: A-0\n")
+    code = cli.main(["--home", str(tmp_path), "flags", "show"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
