@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
+from rollout_assets.collector_faults import apply_faults, load_faults
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
 from rollout_assets.scoring import SloScore, Verdict, decide, score_window
@@ -105,11 +106,14 @@ def judge_range(con, policy: Policy, first: datetime, last: datetime,
         "and window_start < ?", [first, end]
     ).fetchall():
         by_window.setdefault((ws, phase), [])
-    verdicts = [
+    faults = load_faults(con, first, end)  # canary files the Collector could not read
+    for key in faults:
+        by_window.setdefault(key, [])
+    verdicts = apply_faults(policy, [
         decide(policy, policy.phase(phase), ws, scores)
         for (ws, phase), scores in sorted(by_window.items())
         if phase in policy.phase_names
-    ]
+    ], faults)
     with transaction(con):
         con.execute("delete from window_verdicts where window_start >= ? and window_start < ?",
                     [first, end])

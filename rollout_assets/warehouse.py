@@ -6,6 +6,8 @@ lock (the webserver, a concurrent run); readers open read-only.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +52,14 @@ DDL: dict[str, str] = {
         create table if not exists window_exclusions (
             window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL, reason VARCHAR NOT NULL,
             events BIGINT NOT NULL, PRIMARY KEY (window_start, phase, reason)
+        )""",
+    # canary files the Collector could not read for a window (seed §7.4); the Analyzer turns
+    # them into verdicts: retryable=false -> P1 + rollback_required, retryable=true -> P2
+    "collector_faults": """
+        create table if not exists collector_faults (
+            window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL, source_file VARCHAR NOT NULL,
+            retryable BOOLEAN NOT NULL, reason VARCHAR NOT NULL, attempts INTEGER NOT NULL,
+            detected_at TIMESTAMP NOT NULL, PRIMARY KEY (window_start, phase, source_file)
         )""",
     # ---- Analyzer --------------------------------------------------------------------------
     "slo_scores": """
@@ -177,12 +187,34 @@ def ensure_schema(con) -> None:
         con.execute(ddl)
 
 
+# Crash-test hook, used only by rollout_assets_tests/test_reliability_atomic.py (documented in
+# docs/guarantees.md): ROLLOUT_TEST_PAUSE_IN_TRANSACTION="N:PATH" makes the N-th transaction of
+# this process create PATH and sleep before it commits, so a test can SIGKILL it mid-write.
+# Read once at import and removed from the environment, so child processes never inherit it.
+PAUSE_ENV = "ROLLOUT_TEST_PAUSE_IN_TRANSACTION"
+_pause_at: tuple[int, str] | None = None
+if os.environ.get(PAUSE_ENV):
+    _n, _, _marker = os.environ.pop(PAUSE_ENV).partition(":")
+    _pause_at = (int(_n), _marker)
+_transactions = 0
+
+
+def _maybe_pause() -> None:
+    global _transactions
+    _transactions += 1
+    if _pause_at is not None and _transactions == _pause_at[0]:
+        caller = sys._getframe(3).f_code.co_name  # the function that opened the transaction
+        Path(_pause_at[1]).write_text(f"{_transactions} {caller} {os.getpid()}\n")
+        time.sleep(600)
+
+
 @contextmanager
 def transaction(con) -> Iterator:
     """One transaction: a window's rows are replaced all at once or not at all."""
     con.execute("begin transaction")
     try:
         yield con
+        _maybe_pause()
     except BaseException:
         con.execute("rollback")
         raise

@@ -11,6 +11,12 @@ from rollout_assets.collect import (
     ingest_canary,
     now_utc,
 )
+from rollout_assets.collector_faults import (
+    check_canary_files,
+    describe,
+    ingest_isolated,
+    record_faults,
+)
 from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
@@ -26,21 +32,41 @@ def canary_events(
     was appended since the last one. Each line is either stored in `canary_events` or quarantined
     in `quarantine` with its file, line number and reason; lines read = loaded + duplicates +
     quarantined, per file. Duplicate `event_id`s count once (the first occurrence wins).
+
+    A canary file that cannot be read (seed §7.4) does not stop the others: a retryable error is
+    retried with back-off, and what still fails is recorded in `collector_faults` for this run's
+    windows, where the Analyzer escalates it (missing/unreadable: P1 + rollback_required;
+    retryable: P2).
     """
     policy = home.policy()
     windows = run_windows(context)
+    end = windows[-1] + WINDOW
+    now = now_utc()
     with warehouse.connect() as con:
-        stats = ingest_canary(con, home.home, policy)
+        faults, skip = check_canary_files(
+            con, home.home,
+            on_retry=lambda rel, n, exc: context.log.warning(
+                f"canary file {rel}: attempt {n} failed ({describe(exc)}); retrying"))
+        stats, late_faults = ingest_isolated(con, home.home, policy, skip, ingest_canary)
+        faults += late_faults
+        record_faults(con, policy, windows, end, faults, now)
         counts = dict(con.execute(
             "select window_start, count(*) from canary_events where window_start >= ? "
-            "and window_start < ? group by 1", [windows[0], windows[-1] + WINDOW]
+            "and window_start < ? group by 1", [windows[0], end]
         ).fetchall())
         totals = con.execute(
             "select count(*), (select count(*) from quarantine) from canary_events"
         ).fetchone()
         schema = column_schema(con, "canary_events")
+    for f in faults:
+        escalation = ("retryable: escalated as P2" if f.retryable
+                      else "not retryable: escalated as P1 with rollback_required")
+        context.log.error(
+            f"collector fault: {f.source_file}: {f.reason} after {f.attempts} attempt(s); "
+            f"{escalation} for {len(windows)} window(s)")
     for w in windows:
-        context.add_asset_metadata({"events": counts.get(w, 0)}, partition_key=partition_key(w))
+        context.add_asset_metadata({"events": counts.get(w, 0), "collector_faults": len(faults)},
+                                   partition_key=partition_key(w))
     read = sum(s.lines_read for s in stats)
     loaded = sum(s.loaded for s in stats)
     dups = sum(s.duplicates for s in stats)
@@ -52,6 +78,7 @@ def canary_events(
     return dg.MaterializeResult(metadata={
         "lines_read": read, "loaded": loaded, "duplicates": dups, "quarantined": quarantined,
         "files": dg.MetadataValue.json([s.as_dict() for s in stats]),
+        "collector_faults": dg.MetadataValue.json([f.__dict__ for f in faults]),
         "stored_events_total": totals[0], "quarantine_total": totals[1],
         "dagster/column_schema": schema,
     })
