@@ -13,6 +13,7 @@ import yaml
 
 from rollout_assets.analyze import baseline_crash_rate
 from rollout_assets.home import PROJECT_ROOT
+from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.policy import Policy, parse_policy
 from rollout_assets.scoring import (
     FAIL,
@@ -36,9 +37,9 @@ def rule(policy: Policy, phase: str, slo: str):
 
 def metrics(**kw) -> dict:
     """A window_metrics row with healthy, judged defaults."""
-    base = dict(events=200, autosave_count=50, autosave_p95_ms=900.0, autosave_error_count=0,
-                restore_count=50, restore_success_rate=1.0, merge_count=50,
-                merge_auto_success_rate=0.95, merge_conflict_rate=0.02, session_count=50,
+    base = dict(events=4000, autosave_count=1000, autosave_p95_ms=900.0, autosave_error_count=0,
+                restore_count=1000, restore_success_rate=1.0, merge_count=1000,
+                merge_auto_success_rate=0.95, merge_conflict_rate=0.02, session_count=1000,
                 crash_count=0, crash_rate=0.0, excluded_events=0)
     base.update(kw)
     return base
@@ -145,19 +146,23 @@ def test_null_value_with_enough_sample_is_no_data(policy, value):
 
 def test_sample_below_min_sample_is_insufficient_data(policy):
     r = rule(policy, "A-1", "autosave_p95")
-    assert r.min_sample == 10
-    small = score_rule(r, WS, "A-1", metrics(autosave_count=9, autosave_p95_ms=99999.0))
-    enough = score_rule(r, WS, "A-1", metrics(autosave_count=10, autosave_p95_ms=99999.0))
-    assert (small.passed, small.status, small.sample_size) == (None, INSUFFICIENT, 9)
+    n = r.min_sample
+    small = score_rule(r, WS, "A-1", metrics(autosave_count=n - 1, autosave_p95_ms=99999.0))
+    enough = score_rule(r, WS, "A-1", metrics(autosave_count=n, autosave_p95_ms=99999.0))
+    assert (small.passed, small.status, small.sample_size) == (None, INSUFFICIENT, n - 1)
     assert (enough.passed, enough.status) == (False, FAIL)
     assert not decide(policy, policy.phase("A-1"), WS, [small]).breach
 
 
 def test_crash_rate_delta_sample_is_sessions(policy):
     r = rule(policy, "A-2", "crash_rate_delta")
-    s = score_rule(r, WS, "A-2", metrics(session_count=9, crash_count=9, crash_rate=1.0), 0.02)
-    assert (s.sample_size, s.status) == (9, INSUFFICIENT)
-    s = score_rule(r, WS, "A-2", metrics(session_count=10, crash_count=9, crash_rate=0.9), None)
+    n = r.min_sample
+    s = score_rule(r, WS, "A-2", metrics(session_count=n - 1, crash_count=n - 1, crash_rate=1.0),
+                   0.02)
+    assert (s.sample_size, s.status) == (n - 1, INSUFFICIENT)
+    s = score_rule(r, WS, "A-2", metrics(session_count=n, crash_count=n, crash_rate=1.0), 0.02)
+    assert (s.sample_size, s.status) == (n, FAIL)
+    s = score_rule(r, WS, "A-2", metrics(session_count=n, crash_count=1, crash_rate=1 / n), None)
     assert s.status == NO_DATA  # no baseline: no value
 
 
@@ -174,10 +179,10 @@ def test_mixed_pass_and_insufficient_is_a_pass(policy):
 
 def _failing(r) -> dict:
     value = r.threshold * 2 + 1 if r.comparator in ("<=", "<") else r.threshold / 2
+    n = max(100, r.min_sample)
     if r.metric == "crash_rate_delta":
-        return metrics(session_count=100, crash_count=90, crash_rate=0.9)
-    from rollout_assets.metrics_catalog import METRICS
-    return metrics(**{r.metric: value, METRICS[r.metric].sample_column: 100})
+        return metrics(session_count=n, crash_count=n, crash_rate=1.0)
+    return metrics(**{r.metric: value, METRICS[r.metric].sample_column: n})
 
 
 def test_rollback_to_is_the_previous_phase_in_policy_order(policy):
@@ -258,6 +263,9 @@ def test_a_failure_that_does_not_require_rollback_breaches_without_rollback():
 
 def _crash(policy, crashes: int, sessions: int, baseline: float):
     r = rule(policy, "A-2", "crash_rate_delta")
+    # scale up to the rule's minimum sample: same rational, so the same correctly rounded double
+    k = -(-r.min_sample // sessions)
+    crashes, sessions = crashes * k, sessions * k
     rate = duck_rate(crashes, sessions)
     return score_rule(r, WS, "A-2", metrics(session_count=sessions, crash_count=crashes,
                                             crash_rate=rate), baseline)
