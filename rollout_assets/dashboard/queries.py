@@ -56,7 +56,8 @@ PANELS: tuple[Panel, ...] = (
               ("merge_auto_success_rate", "merge_conflict_rate"), "rate"),
     ), "Matches the Phase B decision memo."),
     Panel("sla", "SLA / SLO", "SLA/SLO 集計", (
-        Chart("slo_attainment", "SLO attainment per phase (hourly)", ("attainment",), "pct"),
+        Chart("slo_attainment", "Windows meeting every SLO, per phase (hourly)", ("attainment",),
+              "pct"),
     ), "Approved in the governance review (minutes linked)."),
 )
 
@@ -157,14 +158,15 @@ group by v.phase
 order by list_position(?, v.phase)
 """
 
+# Window attainment per hour and phase (same definition as PHASE_SLA_SQL), for the SLA chart.
 HOURLY_ATTAINMENT_SQL = f"""
 select strftime(date_trunc('hour', window_start), '{ISO}') as t, phase,
-       count(*) filter (where passed is not null) as judged,
-       count(*) filter (where passed) as passed,
-       round(count(*) filter (where passed) / nullif(count(*) filter (where passed is not null), 0),
-             4) as attainment
-from slo_scores
-where window_start >= ? and window_start < ? and not shadow
+       count(*) filter (where status in ('pass', 'breach')) as judged,
+       count(*) filter (where status = 'pass') as passed,
+       round(count(*) filter (where status = 'pass')
+             / nullif(count(*) filter (where status in ('pass', 'breach')), 0), 4) as attainment
+from window_verdicts
+where window_start >= ? and window_start < ?
 group by all
 order by t, phase
 """
