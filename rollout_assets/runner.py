@@ -23,6 +23,7 @@ from dagster._core.storage.tags import (
 
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import partition_key, window_partitions, windows_between
+from rollout_assets.run_health import REAPED_TAG, instance_lock, reap_dead_runs
 
 SENSOR_NAME = "breach_sensor"
 CURSOR_KEY = "rollout/cli/breach_sensor_cursor"
@@ -36,6 +37,9 @@ concurrency:
   pools:
     # one writer at a time on data/rollout.duckdb (DuckDB allows one writing process)
     default_limit: 1
+    # enforced per run by the daemon's run queue (queued runs wait without a process); at op
+    # granularity Dagster 1.13 busy-waits for a slot. CLI runs wait on the DuckDB lock itself.
+    granularity: run
 """
 
 
@@ -72,11 +76,12 @@ def prepare_instance(home: RolloutHome) -> dg.DagsterInstance:
     dagster_home = home.dagster_home
     dagster_home.mkdir(parents=True, exist_ok=True)
     cfg = dagster_home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(INSTANCE_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     os.environ["ROLLOUT_HOME"] = str(home.root)
-    return dg.DagsterInstance.get()
+    with instance_lock(dagster_home):  # a concurrent `rollout run` may be creating it too
+        if not cfg.exists():
+            cfg.write_text(INSTANCE_YAML)
+        return dg.DagsterInstance.get()
 
 
 def _defs(home: RolloutHome) -> dg.Definitions:
@@ -105,6 +110,7 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
             f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
             "has not closed yet cannot be judged")
     instance = prepare_instance(home)
+    reap_dead_runs(instance, log)  # a killed run must not hold the pool or a run key forever
     defs = _defs(home)
     job = defs.resolve_job_def("rollout_window_job")
     log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
@@ -153,8 +159,8 @@ def tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
         for rr in data.run_requests or []:
             existing = [
                 r for r in instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: rr.run_key}))
-                if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME
-            ]
+                if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME and REAPED_TAG not in r.tags
+            ]  # a rollback whose process was killed (reaped) is launched again
             if existing:
                 out.append(RollbackRun(rr.run_key, existing[0].run_id, True, skipped=True))
                 continue

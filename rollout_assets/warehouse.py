@@ -7,6 +7,7 @@ lock (the webserver, a concurrent run); readers open read-only.
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ DDL: dict[str, str] = {
         )""",
     "ingest_files": """
         create table if not exists ingest_files (
-            source_file VARCHAR PRIMARY KEY, byte_offset BIGINT NOT NULL, lines_read BIGINT NOT NULL,
+            source_file VARCHAR PRIMARY KEY, byte_offset BIGINT NOT NULL,
+            lines_read BIGINT NOT NULL,
             loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL,
             size_bytes BIGINT NOT NULL, mtime DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL
         )""",
@@ -100,7 +102,8 @@ DDL: dict[str, str] = {
         )""",
     "rollbacks": """
         create table if not exists rollbacks (
-            rollback_id VARCHAR PRIMARY KEY, window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+            rollback_id VARCHAR PRIMARY KEY, window_start TIMESTAMP NOT NULL,
+            phase VARCHAR NOT NULL,
             rollback_to VARCHAR NOT NULL, status VARCHAR NOT NULL, command VARCHAR NOT NULL,
             exit_code INTEGER, log_tail VARCHAR, log_path VARCHAR, flags_before VARCHAR,
             flags_after VARCHAR, dagster_run_id VARCHAR, policy_version VARCHAR NOT NULL,
@@ -163,7 +166,11 @@ def _is_lock_error(exc: Exception) -> bool:
 
 
 def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
-    """Open the warehouse, waiting while another process holds the single-writer lock."""
+    """Open the warehouse, waiting while another process holds the single-writer lock.
+
+    DuckDB allows one process to open the file for writing, and a read-only open fails while it
+    does (and a writer's open fails while a reader has it): both sides retry with back-off until
+    `wait_seconds` have passed. Any other error is raised at once."""
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
@@ -175,7 +182,8 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
         except duckdb.IOException as exc:
             if not _is_lock_error(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(delay)
+            # jitter: two waiting processes must not retry in lockstep
+            time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 1.0)
     if not read_only:
         ensure_schema(con)
