@@ -302,3 +302,24 @@ def test_a_lone_surrogate_is_quarantined_not_fatal(home, policy, con):
     except Exception as exc:  # the database is gone: that is the bug
         pytest.fail(f"ingest crashed: {type(exc).__name__}: {str(exc)[:120]}")
     assert (stats[0].loaded, stats[0].quarantined) == (1, 2)
+
+
+def test_alert_evidence_sql_reproduces_every_metric(loaded, policy, con):
+    """The query printed in an alert report recomputes the judged numbers from canary_events."""
+    from rollout_assets.metrics_catalog import METRICS
+    from rollout_assets.reporting import evidence_sql
+
+    names = sorted(METRICS)
+    baseline = 1 / 30  # a measured baseline has many digits: the evidence must keep them all
+    for (ws, phase) in EXPECTED:
+        sql = evidence_sql(policy, ws, phase, names, baseline)
+        got = dict(zip(names, con.execute(sql).fetchone(), strict=True))
+        row = rows(con, "select * from window_metrics where window_start = ? and phase = ?",
+                   [ws, phase])[0]
+        for m in names:
+            want = row[m] if m in row else (
+                None if row["crash_rate"] is None else row["crash_rate"] - baseline)
+            if want is None:
+                assert got[m] is None, (ws, phase, m, got[m])
+            else:
+                assert got[m] == pytest.approx(want, rel=1e-12, abs=1e-15), (ws, phase, m)
