@@ -77,11 +77,12 @@ where window_start >= ? and window_start < ?
 order by window_start, phase
 """
 
-# Phase bands: the phase with most judged events per window, then runs of equal phases
+# Phase bands: per window, the furthest phase (in policy order) with traffic — the stage the
+# rollout had reached; the baseline phase's traffic runs beside it. Then runs of equal phases
 # (gaps and islands); a band spans its first window's start to its last window's end.
 PHASE_BANDS_SQL = f"""
 with dominant as (
-    select window_start, arg_max(phase, events) as phase
+    select window_start, arg_max(phase, list_position(?::VARCHAR[], phase)) as phase
     from window_metrics where window_start >= ? and window_start < ?
     group by window_start
 ), marked as (
@@ -184,6 +185,14 @@ from slo_scores
 where window_start >= ? and window_start < ?
 group by phase, slo, metric, comparator, threshold
 order by list_position(?, phase), slo, threshold
+"""
+
+# Collector I/O faults (seed §7.4 retryable=true/false), where this warehouse records them.
+FAULTS_SQL = f"""
+select strftime(window_start, '{ISO}') as t, phase, retryable, reason, attempts, source_file
+from collector_faults
+where window_start >= ? and window_start < ?
+order by window_start, phase, source_file
 """
 
 QUARANTINE_SQL = """
@@ -413,13 +422,13 @@ def dashboard_data(con, home: RolloutHome, policy: Policy, days: float = 7.0,
         return {**base, "range": None, "panels": panel_specs(policy, []), "rows": {},
                 "bands": [], "failed_scores": [], "breaches": [], "rollback_required": [],
                 "rollbacks": [], "phase_sla": [], "hourly": {}, "checks": [],
-                "quarantine": {"by_reason": [], "ingest": None},
+                "quarantine": {"by_reason": [], "ingest": None}, "faults": None,
                 "incidents": incidents_table(con, datetime.min, datetime.max),
                 "signoff": [], "latest": None}
     start, end = rng
     span = [start, end]
     phase_order = list(policy.phase_names)
-    bands = _records(con, PHASE_BANDS_SQL, span)
+    bands = _records(con, PHASE_BANDS_SQL, [phase_order, *span])
     rows = {k: [_jsonable(x) for x in v]
             for k, v in _columns(con, METRIC_ROWS_SQL, span).items()}
     breaches = [{k: _jsonable(v) for k, v in r.items()}
@@ -430,6 +439,8 @@ def dashboard_data(con, home: RolloutHome, policy: Policy, days: float = 7.0,
     checks = [{k: _jsonable(v) for k, v in r.items()}
               for r in _records(con, CHECK_RESULTS_SQL, [*span, phase_order])]
     phase_sla = _records(con, PHASE_SLA_SQL, [*span, *span, phase_order])
+    faults = (_records(con, FAULTS_SQL, span) if table_columns(con, "collector_faults")
+              else None)
     incidents = incidents_table(con, start, end)
     latest = None
     if rows.get("t"):
@@ -452,6 +463,7 @@ def dashboard_data(con, home: RolloutHome, policy: Policy, days: float = 7.0,
         "checks": checks,
         "quarantine": {"by_reason": _records(con, QUARANTINE_SQL),
                        "ingest": _records(con, INGEST_SQL)[0]},
+        "faults": faults,
         "incidents": incidents,
         "signoff": signoff(home, policy, checks, breaches, rollbacks, required, phase_sla,
                            incidents),

@@ -133,6 +133,12 @@
       el("title", {}, tri, "rollback " + r.rollback_id + " → " + r.rollback_to + " (" + r.status + ", ExitCode=" + r.exit_code + ")");
     });
     if (chart.id === "restore_success") {
+      (data.faults || []).forEach(function (f) {
+        var fx = X(ts(f.t) + WINDOW_MS / 2), fy = M.top + ih - 14;
+        var m = el("path", { d: "M" + fx + " " + (fy - 4) + " L" + (fx + 4) + " " + fy + " L" + fx + " " + (fy + 4) + " L" + (fx - 4) + " " + fy + " Z",
+                             fill: f.retryable ? "#98a2b3" : COLORS.bad, "class": "collector-fault" }, gm);
+        el("title", {}, m, (f.retryable ? "retryable" : "not retryable") + " collector fault " + f.t + " " + f.phase + ": " + f.reason + " (" + f.attempts + " attempts)");
+      });
       (data.rollback_required || []).forEach(function (q) {
         var qx = X(ts(q.t) + WINDOW_MS / 2);
         var m = el("rect", { x: qx - 2, y: M.top + ih - 8, width: 4, height: 8, fill: COLORS.req, "class": "rollback-required" }, gm);
