@@ -105,12 +105,16 @@ def window_metrics(
     for w in windows:
         rows = df[df["window_start"] == w]
         md: dict = {"phases": ", ".join(rows["phase"]) or "none"}
-        for rec in rows.to_dict("records"):
-            for col in ("events", "autosave_p95_ms", "restore_success_rate",
-                        "merge_auto_success_rate", "crash_rate", "excluded_events"):
+        # policy order: the furthest phase (the rollout's stage) writes the unprefixed keys last,
+        # so the UI's plots of e.g. `autosave_p95_ms` run across phase changes
+        for rec in sorted(rows.to_dict("records"), key=lambda r: policy.phase_names.index(
+                r["phase"]) if r["phase"] in policy.phase_names else -1):
+            for col in ("events", "autosave_p95_ms", "autosave_error_count",
+                        "restore_success_rate", "merge_auto_success_rate", "merge_conflict_rate",
+                        "crash_rate", "excluded_events"):
                 v = rec[col]
                 if v is not None and v == v:
-                    md[f"{rec['phase']}/{col}"] = float(v)
+                    md[f"{rec['phase']}/{col}"] = md[col] = float(v)
         context.add_asset_metadata(md, partition_key=partition_key(w))
     return dg.MaterializeResult(metadata={
         "rows": len(df), "windows": len(windows), "monitoring_files": len(files),

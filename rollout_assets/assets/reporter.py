@@ -4,8 +4,8 @@
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
+from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
 from rollout_assets.assets.governance import incidents
-from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, run_windows
 from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.reporting import alert_context, alert_messages, render_alert
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
@@ -70,9 +70,11 @@ def alert_reports(
                     {"report": rel, "level": info["level"], "messages_queued": info["queued"]},
                     partition_key=partition_key(ws),
                 )
+        schema = column_schema(con, "alert_reports")
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     return dg.MaterializeResult(metadata={
         "reports": len(reports), "messages_queued": totals["queued"],
         "messages_already_sent": totals["duplicate"],
         "latest_reports": dg.MetadataValue.json(reports[-10:]),
+        "dagster/column_schema": schema,
     })
