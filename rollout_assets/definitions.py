@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from rollout_assets.assets.governance import ga_gate_check
 from rollout_assets.checks.slo_checks import build_slo_checks
 from rollout_assets.home import RolloutHome
-from rollout_assets.assets.governance import ga_gate_check
 from rollout_assets.jobs import DAILY_ASSETS, WINDOW_ASSETS, daily_job, rollback_job, window_job
 from rollout_assets.policy import load_policy
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
@@ -15,6 +15,7 @@ from rollout_assets.resources.notifier import notifier_from_env
 from rollout_assets.resources.rollback_runner import RollbackRunner
 from rollout_assets.schedules import daily_schedule, window_schedule
 from rollout_assets.sensors.breach_sensor import breach_sensor
+from rollout_assets.sensors.canary_sensor import canary_late_data_sensor
 
 
 def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
@@ -26,7 +27,7 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
         asset_checks=[*build_slo_checks(policy), ga_gate_check],
         jobs=[window_job, daily_job, rollback_job],
         schedules=[window_schedule, daily_schedule],
-        sensors=[breach_sensor],
+        sensors=[breach_sensor, canary_late_data_sensor],
         resources={
             "home": HomeResource(root=root),
             "warehouse": DuckDBWarehouse(path=str(home.db_path)),

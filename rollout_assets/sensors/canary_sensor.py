@@ -1,0 +1,245 @@
+"""Late-data sensor: events appended after their window was scored get that window re-scored.
+
+It watches `reports/canary/phase-*.jsonl` with its own cursor (per file: size, mtime, and the
+byte offset of the last complete line it scanned), never the DuckDB file a run may be writing.
+When a file grew, it scans only the appended complete lines for their `ts` (a cheap regex, no
+validation: the Collector validates), maps them to windows, keeps the windows Dagster has
+already scored (a `window_verdicts` materialization exists; the schedule handles the others),
+and launches `rollout_window_job` once per contiguous range of them. The re-run ingests the new
+lines, replaces the windows' rows and verdicts; the breach sensor then sees the corrected
+verdicts, and its run key `<window>:<phase>` and the notification ledger make sure a breach
+already handled is not rolled back or paged twice.
+
+Run keys are derived from the scanned byte ranges, so the same appended bytes never launch two
+runs, whether the daemon or `tick_canary_sensor` (CLI, tests) evaluated the sensor. A truncated
+or replaced file is scanned again from the start. The first evaluation only records the files.
+
+Each tick also reaps runs whose process died (`run_health.reap_dead_runs`): under the daemon a
+killed run would otherwise hold the `rollout_warehouse` pool forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    RUN_KEY_TAG,
+    SENSOR_NAME_TAG,
+)
+
+from rollout_assets.home import RolloutHome
+from rollout_assets.jobs import window_job
+from rollout_assets.partitions import WINDOW, floor_window, partition_key, window_partitions
+from rollout_assets.resources.home import HomeResource
+from rollout_assets.run_health import reap_dead_runs
+
+SENSOR_NAME = "canary_late_data_sensor"
+CLI_CURSOR_KEY = "rollout/cli/canary_late_data_sensor_cursor"
+VERDICTS_KEY = dg.AssetKey("window_verdicts")
+SCAN_CHUNK = 8 * 1024 * 1024
+_TS = re.compile(rb'"ts"\s*:\s*"([^"\\]{1,64})"')
+
+
+@dataclass(frozen=True)
+class FileMark:
+    size: int
+    mtime: float
+    offset: int  # bytes scanned: everything before it ends on a newline
+
+    def as_list(self) -> list:
+        return [self.size, self.mtime, self.offset]
+
+
+def load_cursor(text: str | None) -> dict[str, FileMark] | None:
+    if not text:
+        return None
+    raw = json.loads(text)
+    return {rel: FileMark(*v) for rel, v in raw.get("files", {}).items()}
+
+
+def dump_cursor(marks: dict[str, FileMark]) -> str:
+    return json.dumps({"v": 1, "files": {k: v.as_list() for k, v in sorted(marks.items())}},
+                      separators=(",", ":"))
+
+
+def _window_of(raw: bytes) -> datetime | None:
+    text = raw.decode("utf-8", "replace").strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return None  # the Collector quarantines it: it belongs to no window
+    return floor_window(dt.astimezone(UTC).replace(tzinfo=None))
+
+
+def scan_appended(path: Path, start: int, end: int) -> tuple[set[datetime], int]:
+    """Windows of the complete lines in bytes [start, end) and the offset after the last one."""
+    windows: set[datetime] = set()
+    offset = start
+    carry = b""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            block = f.read(min(SCAN_CHUNK, end - pos))
+            if not block:
+                break
+            pos += len(block)
+            data = carry + block
+            cut = data.rfind(b"\n")
+            if cut == -1:
+                carry = data
+                continue
+            complete, carry = data[: cut + 1], data[cut + 1:]
+            offset = pos - len(carry)
+            for m in _TS.finditer(complete):
+                w = _window_of(m.group(1))
+                if w is not None:
+                    windows.add(w)
+    return windows, offset
+
+
+def _end_of_complete_lines(path: Path, size: int) -> int:
+    """The offset after the last newline (what the first evaluation counts as seen)."""
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        back = min(size, 1024 * 1024)
+        f.seek(size - back)
+        tail = f.read(back)
+    cut = tail.rfind(b"\n")
+    return size - back + cut + 1 if cut != -1 else (0 if back == size else size)
+
+
+def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
+                     ) -> tuple[set[datetime], dict[str, FileMark], list[tuple]]:
+    """(windows touched by appended lines, the new marks, the scanned byte ranges)."""
+    new: dict[str, FileMark] = {}
+    windows: set[datetime] = set()
+    scanned: list[tuple] = []
+    for path in home.canary_files():
+        rel = str(path.relative_to(home.root))
+        try:
+            st = path.stat()
+            if not path.is_file():
+                continue
+            old = (marks or {}).get(rel)
+            if marks is None:  # first evaluation: remember, launch nothing
+                new[rel] = FileMark(st.st_size, st.st_mtime, _end_of_complete_lines(path,
+                                                                                    st.st_size))
+                continue
+            if old is not None and (st.st_size, st.st_mtime) == (old.size, old.mtime):
+                new[rel] = old
+                continue
+            start = old.offset if old is not None and st.st_size >= old.offset else 0
+            found, offset = scan_appended(path, start, st.st_size)
+        except OSError:
+            # unreadable now: the Collector records the fault; look again next tick
+            if rel in (marks or {}):
+                new[rel] = marks[rel]
+            continue
+        new[rel] = FileMark(st.st_size, st.st_mtime, offset)
+        if offset > start:
+            scanned.append((rel, start, offset))
+            windows |= found
+    return windows, new, scanned
+
+
+def scored(instance: dg.DagsterInstance, windows: set[datetime]) -> list[datetime]:
+    """The windows Dagster has already judged (others wait for the schedule), in order."""
+    if not windows:
+        return []
+    done = instance.get_materialized_partitions(VERDICTS_KEY)
+    first = window_partitions.get_first_partition_key()
+    last = window_partitions.get_last_partition_key()
+    keys = {w: partition_key(w) for w in windows}
+    return sorted(w for w, k in keys.items()
+                  if k in done and first is not None and last is not None and first <= k <= last)
+
+
+def ranges(windows: list[datetime]) -> list[tuple[datetime, datetime]]:
+    """Contiguous runs of windows as (first, last)."""
+    out: list[tuple[datetime, datetime]] = []
+    for w in windows:
+        if out and w == out[-1][1] + WINDOW:
+            out[-1] = (out[-1][0], w)
+        else:
+            out.append((w, w))
+    return out
+
+
+def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: str | None
+                       ) -> tuple[list[dg.RunRequest], str]:
+    """Run requests re-scoring the already-scored windows that got new lines, and the cursor."""
+    marks = load_cursor(cursor)
+    windows, new_marks, scanned = appended_windows(home, marks)
+    todo = scored(instance, windows)
+    digest = hashlib.sha256(json.dumps(sorted(scanned)).encode()).hexdigest()[:16]
+    requests = []
+    for first, last in ranges(todo):
+        start_key, end_key = partition_key(first), partition_key(last)
+        requests.append(dg.RunRequest(
+            run_key=f"late:{start_key}..{end_key}:{digest}",
+            tags={ASSET_PARTITION_RANGE_START_TAG: start_key,
+                  ASSET_PARTITION_RANGE_END_TAG: end_key,
+                  "rollout/launched_by": SENSOR_NAME, "rollout/late_data": "true"},
+        ))
+    return requests, dump_cursor(new_marks)
+
+
+@dg.sensor(
+    name=SENSOR_NAME,
+    job=window_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Re-scores windows that were already judged when events for them are appended to "
+                "reports/canary/phase-*.jsonl (cursor: size, mtime and scanned offset per file).",
+)
+def canary_late_data_sensor(context: dg.SensorEvaluationContext, home: HomeResource):
+    reap_dead_runs(context.instance, context.log.warning)
+    requests, cursor = late_data_requests(context.instance, home.home, context.cursor)
+    if not requests:
+        return dg.SensorResult(skip_reason="no late events for an already-scored window",
+                               cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+
+def tick_canary_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
+                       log: Callable[[str], None] = print) -> list[str]:
+    """One evaluation outside the daemon (CLI, tests): its runs executed in-process with the tags
+    the daemon adds, the cursor kept in the instance; then the breach sensor is ticked so a
+    corrected verdict gets its rollback. Returns the run ids of the re-score runs."""
+    from rollout_assets.runner import QUIET, tick_breach_sensor
+
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    cursor = instance.run_storage.get_cursor_values({CLI_CURSOR_KEY}).get(CLI_CURSOR_KEY)
+    data = sensor.evaluate_tick(
+        dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                resources={"home": defs.resources["home"]}))
+    job = defs.resolve_job_def(window_job.name)
+    run_ids = []
+    for rr in data.run_requests or []:
+        if instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: rr.run_key})):
+            continue
+        log(f"late data: re-scoring {rr.tags[ASSET_PARTITION_RANGE_START_TAG]} .. "
+            f"{rr.tags[ASSET_PARTITION_RANGE_END_TAG]}")
+        res = job.execute_in_process(
+            instance=instance, raise_on_error=False, run_config=QUIET,
+            tags={**rr.tags, RUN_KEY_TAG: rr.run_key, SENSOR_NAME_TAG: SENSOR_NAME})
+        run_ids.append(res.run_id)
+    if data.cursor is not None:
+        instance.run_storage.set_cursor_values({CLI_CURSOR_KEY: data.cursor})
+    tick_breach_sensor(instance, defs, log)
+    return run_ids

@@ -1,0 +1,121 @@
+"""Helpers for the reliability tests (test_reliability_*.py): the `rollout` CLI as a subprocess in
+a clean environment, small hand-made canary data, and table snapshots that ignore timestamps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from rollout_assets.home import RolloutHome
+from rollout_assets.warehouse import connect
+from rollout_assets_tests.conftest import DAY, event, write_canary
+
+ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
+SECRET_ENV = ("SLACK_BOT_TOKEN", "PAGERDUTY_ROUTING_KEY_AUTOSAVE", "PAGERDUTY_ROUTING_KEY_MERGE")
+T0 = DAY.replace(hour=9)
+
+# every contract table, plus the extensions a re-run must reproduce; timestamps that say when a
+# row was written, run ids and log paths naming a run are not part of the comparison
+COMPARED_TABLES = {
+    "window_metrics": "select * exclude (computed_at) from window_metrics",
+    "window_exclusions": "select * from window_exclusions",
+    "slo_scores": "select * exclude (scored_at) from slo_scores",
+    "window_verdicts": "select * exclude (judged_at) from window_verdicts",
+    "quarantine": "select * exclude (ingested_at) from quarantine",
+    "rollbacks": "select * exclude (started_at, finished_at, dagster_run_id) from rollbacks",
+    "notifications": "select * exclude (created_at, updated_at) from notifications",
+    "canary_events": "select count(*), count(distinct event_id), sum(hash(event_id, ts, phase, "
+                     "kind, latency_ms, ok, source_file, line_no)) from canary_events",
+    "ingest_files": "select source_file, byte_offset, lines_read, loaded, duplicates, "
+                    "quarantined from ingest_files",
+    "collector_faults": "select * exclude (detected_at) from collector_faults",
+    "flag_state": "select phase, flags from flag_state",
+}
+
+
+def clean_env(**extra: str) -> dict:
+    """The environment a user's shell would give `rollout`: no home, instance or secrets
+    inherited from the test run, unbuffered output, no bytecode written into the checkout."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ROLLOUT_HOME", "DAGSTER_HOME", *SECRET_ENV)}
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
+def rollout_cmd(home: Path | RolloutHome, *args: str) -> list[str]:
+    root = home.root if isinstance(home, RolloutHome) else home
+    return [ROLLOUT, "--home", str(root), *args]
+
+
+def rollout(home, *args: str, timeout: float = 300, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    root = home.root if isinstance(home, RolloutHome) else home
+    return subprocess.run(rollout_cmd(home, *args), capture_output=True, text=True,
+                          env=env or clean_env(), cwd=str(cwd or root), timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def window_events(phase: str, ws: datetime, tag: str, autosaves: int = 12, restores: int = 12,
+                  failed_restores: int = 0) -> list[dict]:
+    """A window of judged traffic: `autosaves` fast autosaves, `restores` restores of which the
+    first `failed_restores` failed. Event ids are `<phase>-<tag>-...`, unique per tag."""
+    out = []
+    for i in range(autosaves):
+        out.append(event(event_id=f"{phase}-{tag}-as{i}", phase=phase, kind="autosave",
+                         ts=iso(ws + timedelta(seconds=50 * i + 1)), latency_ms=400.0 + 10 * i,
+                         ok=True))
+    for i in range(restores):
+        out.append(event(event_id=f"{phase}-{tag}-rs{i}", phase=phase, kind="restore",
+                         ts=iso(ws + timedelta(seconds=50 * i + 20)), ok=i >= failed_restores,
+                         drop=["latency_ms"]))
+    return out
+
+
+def write_events(home: RolloutHome, phase: str, lines: list, file_phase: str | None = None):
+    return write_canary(home, file_phase or phase, lines)
+
+
+def snapshot(home: RolloutHome) -> dict[str, list]:
+    """Every compared table, sorted, as Python values."""
+    con = connect(home.db_path, read_only=True)
+    try:
+        return {name: sorted(con.execute(sql).fetchall(), key=repr)
+                for name, sql in COMPARED_TABLES.items()}
+    finally:
+        con.close()
+
+
+def query(home: RolloutHome, sql: str, params=()) -> list[tuple]:
+    con = connect(home.db_path, read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def promote_to(home: RolloutHome, phase: str) -> None:
+    """Move the flags forward to `phase` through the CLI's own code path (in-process)."""
+    from rollout_assets import flags
+    from rollout_assets.policy import load_policy
+
+    policy = load_policy(home.policy_path)
+    con = connect(home.db_path)
+    try:
+        state = flags.current_state(con, policy)
+        while state.phase != phase:
+            flags.promote(con, policy, policy.next_phase(state.phase), actor="pytest")
+            state = flags.current_state(con, policy)
+    finally:
+        con.close()

@@ -1,0 +1,163 @@
+"""Late and duplicate data: events appended after their window was scored get that window
+re-scored by the canary late-data sensor (own cursor per file: size, mtime, scanned offset), the
+verdict is corrected, a breach already handled is not rolled back or paged twice, and an
+`event_id` delivered in two files counts once."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+
+from rollout_assets.definitions import build_definitions
+from rollout_assets.runner import prepare_instance, run_range
+from rollout_assets.sensors.canary_sensor import (
+    SENSOR_NAME,
+    appended_windows,
+    load_cursor,
+    tick_canary_sensor,
+)
+from rollout_assets_tests.conftest import event, write_canary
+from rollout_assets_tests.reliability_helpers import (
+    T0,
+    iso,
+    promote_to,
+    query,
+    window_events,
+)
+
+W0, W1, W2 = T0, T0 + timedelta(minutes=15), T0 + timedelta(minutes=30)
+
+
+def verdict(home, ws):
+    return query(home, "select breach, rollback_required, rollback_to, level, failed_slos "
+                       "from window_verdicts where window_start = ? and phase = 'A-1'", [ws])
+
+
+def late_runs(instance):
+    return [r for r in instance.get_runs()
+            if r.tags.get("dagster/sensor_name") == SENSOR_NAME]
+
+
+def test_late_events_rescore_the_window_once_and_never_roll_back_twice(home):
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", W0, "w0") + window_events("A-1", W1, "w1"))
+    run_range(home, W0, W2, log=lambda m: None)
+    assert verdict(home, W0)[0][0] is False and verdict(home, W1)[0][0] is False
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []  # first tick: remember
+
+    # six failed restores for 09:00 arrive after it was judged: 12/18 < 0.995 is a breach
+    write_canary(home, "A-1", window_events("A-1", W0, "late", autosaves=0, restores=6,
+                                            failed_restores=6))
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 1
+    runs = late_runs(instance)
+    assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
+    # only the window that got late events was re-scored
+    assert runs[0].tags["dagster/asset_partition_range_start"] == "2025-01-18-09:00"
+    assert runs[0].tags["dagster/asset_partition_range_end"] == "2025-01-18-09:00"
+    assert verdict(home, W0) == [(True, True, "A-0", "P2", ["restore_success"])]
+    assert verdict(home, W1)[0][0] is False
+    rows = query(home, "select restore_count, restore_success_rate from window_metrics "
+                       "where window_start = ? and phase = 'A-1'", [W0])
+    assert rows == [(18, 12 / 18)]
+    assert query(home, "select rollback_id, status from rollbacks") == [
+        ("20250118T0900Z:A-1", "succeeded")]
+    pages = query(home, "select count(*) from notifications where channel like 'pagerduty:%'")
+    messages = query(home, "select count(*) from notifications")
+
+    # more late failures for the breached window, and a retried delivery of already-stored
+    # events in another file: re-scored again, still one rollback, no second page or message
+    dup_lines = window_events("A-1", W0, "late", autosaves=0, restores=6, failed_restores=6)
+    write_canary(home, "A-1", window_events("A-1", W0, "later", autosaves=0, restores=3,
+                                            failed_restores=3))
+    write_canary(home, "A-2", dup_lines)
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 1
+    assert [r.status for r in late_runs(instance)] == [dg.DagsterRunStatus.SUCCESS] * 2
+    assert query(home, "select restore_count from window_metrics where window_start = ? "
+                       "and phase = 'A-1'", [W0]) == [(21,)]
+    assert verdict(home, W0)[0][:2] == (True, True)
+    assert query(home, "select count(*) from rollbacks") == [(1,)]
+    rollback_runs = [r for r in instance.get_runs(dg.RunsFilter(job_name="rollback_job"))]
+    assert len(rollback_runs) == 1
+    assert query(home, "select count(*) from notifications where channel like 'pagerduty:%'"
+                 ) == pages
+    assert query(home, "select count(*) from notifications") == messages
+    # the six duplicates in phase-A-2.jsonl were counted as duplicates, stored once
+    assert query(home, "select lines_read, loaded, duplicates, quarantined from ingest_files "
+                       "where source_file = 'reports/canary/phase-A-2.jsonl'") == [(6, 0, 6, 0)]
+    assert query(home, "select count(*), count(distinct event_id) from canary_events") == [
+        (24 + 24 + 6 + 3,) * 2]
+
+    # nothing new: no run; events for a window never scored wait for the schedule
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    write_canary(home, "A-1", window_events("A-1", W2, "w2"))
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    assert len(late_runs(instance)) == 2
+    instance.dispose()
+
+
+def test_duplicate_event_ids_across_files_count_once_in_a_run(home):
+    first = window_events("A-1", W0, "w0")
+    write_canary(home, "A-1", first)
+    write_canary(home, "A-2", first[:5])  # the same five events delivered into another file
+    write_canary(home, "A-1", first[5:8])  # and three again into the same file
+    run_range(home, W0, W1, log=lambda m: None)
+    assert query(home, "select events, autosave_count, restore_count from window_metrics "
+                       "where phase = 'A-1'") == [(24, 12, 12)]
+    assert query(home, "select count(*) from window_metrics where phase = 'A-2'") == [(0,)]
+    files = dict((r[0], r[1:]) for r in query(
+        home, "select source_file, lines_read, loaded, duplicates from ingest_files"))
+    assert files["reports/canary/phase-A-1.jsonl"] == (27, 24, 3)
+    assert files["reports/canary/phase-A-2.jsonl"] == (5, 0, 5)
+
+
+def test_the_cursor_scans_only_complete_appended_lines(home):
+    path = write_canary(home, "A-1", [event(event_id="a", ts=iso(W0))])
+    windows, marks, _ = appended_windows(home, None)
+    assert windows == set() and marks["reports/canary/phase-A-1.jsonl"].offset == path.stat(
+    ).st_size
+    # an unterminated line is not consumed until its newline arrives
+    line = event(event_id="b", ts="2025-01-18T18:16:00+09:00")  # 09:16 UTC
+    import json
+
+    raw = json.dumps(line).encode()
+    with open(path, "ab") as f:
+        f.write(raw[:20])
+    windows, marks2, _ = appended_windows(home, marks)
+    assert windows == set()
+    assert marks2["reports/canary/phase-A-1.jsonl"].offset == marks[
+        "reports/canary/phase-A-1.jsonl"].offset
+    with open(path, "ab") as f:
+        f.write(raw[20:] + b"\n")
+    windows, marks3, scanned = appended_windows(home, marks2)
+    assert windows == {W1}  # +09:00 converted: the event belongs to the 09:15 UTC window
+    assert marks3["reports/canary/phase-A-1.jsonl"].offset == path.stat().st_size
+    # a file replaced by a shorter one is scanned again from the start
+    write_canary(home, "A-1", [event(event_id="c", ts=iso(W2))], mode="w")
+    windows, _, _ = appended_windows(home, marks3)
+    assert windows == {W2}
+    # a new file appearing later is scanned whole
+    write_canary(home, "B-0", [event(event_id="d", phase="B-0", kind="session", ts=iso(W0),
+                                     drop=["latency_ms", "ok"])])
+    windows, marks4, _ = appended_windows(home, marks3)
+    assert W0 in windows and "reports/canary/phase-B-0.jsonl" in marks4
+    assert load_cursor(None) is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_keeps_its_mark_until_it_can_be_read(home):
+    path = write_canary(home, "A-1", [event(event_id="a", ts=iso(W0))])
+    _, marks, _ = appended_windows(home, None)
+    write_canary(home, "A-1", [event(event_id="b", ts=iso(W1))])
+    path.chmod(0)
+    try:
+        windows, marks2, _ = appended_windows(home, marks)
+        assert windows == set() and marks2 == marks
+    finally:
+        path.chmod(0o644)
+    windows, _, _ = appended_windows(home, marks2)
+    assert windows == {W1}
