@@ -48,7 +48,7 @@ GRAPH = {
         "slo_scores:b1_restore_success",
     ],
     "jobs": ["__ASSET_JOB", "rollback_job", "rollout_daily_job", "rollout_window_job"],
-    "sensors": ["breach_sensor"],
+    "sensors": ["breach_sensor", "canary_late_data_sensor"],
     "schedules": ["daily_sla", "every_15_minutes"],
 }
 
