@@ -8,15 +8,17 @@ from datetime import timedelta
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
 import rollout_assets.sensors.breach_sensor as breach_module
 from rollout_assets.definitions import build_definitions
+from rollout_assets.home import PROJECT_ROOT
 from rollout_assets.partitions import partition_key
 from rollout_assets.runner import CURSOR_KEY, prepare_instance, tick_breach_sensor
 from rollout_assets.sensors.breach_sensor import breach_sensor
 from rollout_assets_tests.conftest import DAY
-from rollout_assets_tests.pipeline_helpers import persistent_home
+from rollout_assets_tests.pipeline_helpers import persistent_home, query
 
 W0900, W0915, W0930 = (DAY.replace(hour=9, minute=m) for m in (0, 15, 30))
 
@@ -36,6 +38,12 @@ def verdicts_materialized(instance, ws, rollbacks: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def module_home(tmp_path_factory):
     with persistent_home(tmp_path_factory, "sensor") as home:
+        # dedup is the sensor's business, not the flag CLI's: a rollback command that starts fast
+        raw = yaml.safe_load((PROJECT_ROOT / "governance" / "policy.yaml").read_text())
+        raw["rollback"]["command"] = ["{python}", "-c", "import sys; print('rollback to', "
+                                      "sys.argv[1])", "{phase}"]
+        (home.root / "governance").mkdir()
+        (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw))
         yield home
 
 
@@ -122,8 +130,8 @@ def test_the_cursor_pages_through_a_backlog(instance, defs, start, monkeypatch):
     assert keys == [f"{ws:%Y%m%dT%H%MZ}:A-1" for ws in windows]
 
 
-def test_tick_never_launches_a_second_rollback_for_the_same_key(instance, defs, start,
-                                                                monkeypatch):
+def test_tick_never_launches_a_second_rollback_for_the_same_key(module_home, instance, defs,
+                                                                start, monkeypatch):
     monkeypatch.setattr(breach_module, "BATCH", 1)  # and it pages until it has seen everything
     # the CLI's stored cursor, as a previous tick would have left it (skips the other tests)
     if start is not None:
@@ -145,3 +153,5 @@ def test_tick_never_launches_a_second_rollback_for_the_same_key(instance, defs, 
     assert [(r.run_key, r.skipped) for r in again] == [("20250118T0915Z:A-1", True)]
     assert again[0].run_id == runs[0].run_id
     assert len(instance.get_runs(dg.RunsFilter(job_name="rollback_job"))) == 1
+    assert query(module_home, "select rollback_id, exit_code, log_tail from rollbacks") == [
+        ("20250118T0915Z:A-1", 0, "rollback to A-0")]
