@@ -20,7 +20,7 @@ from rollout_assets.partitions import WINDOW, floor_window
 from rollout_assets.policy import Policy
 
 KIND_P = {"autosave": 0.40, "restore": 0.15, "merge": 0.15, "session": 0.2944, "crash": 0.0056}
-HEALTHY = {"autosave_ok": 0.999, "restore_ok": 0.99998, "merge_ok": 0.92, "conflict": 0.05}
+HEALTHY = {"autosave_ok": 0.999, "restore_ok": 0.99999, "merge_ok": 0.95, "conflict": 0.05}
 LATENCY_MEDIAN_MS, LATENCY_SIGMA = 600.0, 0.5
 DEGRADED = {
     "autosave_p95_ms": {"latency_factor": 3.0},

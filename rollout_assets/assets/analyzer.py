@@ -6,6 +6,7 @@ import dagster as dg
 from rollout_assets.analyze import judge_range, score_range
 from rollout_assets.assets.collector import window_metrics
 from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.checks.slo_checks import slo_check_evaluations
 from rollout_assets.collect import now_utc
 from rollout_assets.governance import record_policy_version
 from rollout_assets.partitions import partition_key
@@ -20,8 +21,8 @@ def slo_scores(
     """One row per (window, phase, SLO): value vs the policy's threshold, sample size, and
     `passed` (NULL when the sample is below the rule's minimum or the value is NULL).
 
-    The asset checks on this asset (one per SLO in governance/policy.yaml) record every window's
-    result in Dagster: their history is the governance audit trail.
+    Emits one asset-check evaluation per scored (window, phase, SLO) for the checks of
+    governance/policy.yaml: their history is the governance audit trail.
     """
     policy = home.policy()
     windows = run_windows(context)
@@ -30,6 +31,8 @@ def slo_scores(
             context.log.info(f"policy version {policy.version} ({policy.version_label}) recorded")
         scores = score_range(con, policy, windows[0], windows[-1], now_utc())
         schema = column_schema(con, "slo_scores")
+    for evaluation in slo_check_evaluations(scores, policy.version):
+        context.log_event(evaluation)
     failed = [s for s in scores if s.passed is False]
     by_window: dict = {}
     for s in scores:

@@ -2,22 +2,30 @@
 
 Each evaluation carries the window, value, threshold, sample size and policy version, so the
 check history in the Dagster UI reads as the governance audit trail. A window in which the phase
-had no traffic gets no evaluation (Dagster shows it as skipped); a sample below the rule's
-minimum is a WARN-level "insufficient data" result, never a pass.
+had no traffic gets no evaluation; a sample below the rule's minimum is a WARN-level
+"insufficient data" result, never a pass.
+
+The `slo_scores` asset emits these evaluations itself, one per scored (window, phase, SLO):
+selecting the checks in the window job would make Dagster plan one evaluation per check per
+window (8 checks x 96 windows of events per day), most for phases with no traffic. The check
+definition stays in the code location so the UI lists every SLO with its rule, and running it by
+hand re-evaluates the stored scores of the selected windows.
 """
 
+from collections.abc import Iterable, Iterator
 
 import dagster as dg
 
 from rollout_assets.analyze import load_scores
-from rollout_assets.assets.analyzer import slo_scores
 from rollout_assets.assets.common import WAREHOUSE_POOL, run_windows
 from rollout_assets.partitions import partition_key, window_partitions
 from rollout_assets.policy import Phase, Policy, SloRule
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
+from rollout_assets.scoring import SloScore
 
 SEED_SECTION = "seed §3"
+SLO_SCORES_KEY = dg.AssetKey("slo_scores")
 
 
 def check_name(phase: str, slo: str) -> str:
@@ -33,49 +41,54 @@ def describe(phase: Phase, rule: SloRule) -> str:
     )
 
 
+def slo_check_evaluations(scores: Iterable[SloScore], policy_version: str,
+                          selected: set[str] | None = None) -> Iterator[dg.AssetCheckEvaluation]:
+    for s in scores:
+        name = check_name(s.phase, s.slo)
+        if selected is not None and name not in selected:
+            continue
+        judged = s.passed is not None
+        severity = (dg.AssetCheckSeverity.ERROR if judged and not s.shadow
+                    else dg.AssetCheckSeverity.WARN)
+        yield dg.AssetCheckEvaluation(
+            asset_key=SLO_SCORES_KEY, check_name=name,
+            passed=bool(s.passed) if judged else False, severity=severity,
+            partition=partition_key(s.window_start),
+            description=(f"{s.status}: {s.metric}={s.value} {s.comparator} {s.threshold:g} "
+                         f"(sample {s.sample_size}, min {s.min_sample})"),
+            metadata={
+                "window_start": f"{s.window_start:%Y-%m-%d %H:%M} UTC", "phase": s.phase,
+                "status": s.status, "value": s.value, "threshold": s.threshold,
+                "comparator": s.comparator, "sample_size": s.sample_size,
+                "min_sample": s.min_sample, "policy_version": policy_version,
+            },
+        )
+
+
 def build_slo_checks(policy: Policy) -> list[dg.AssetChecksDefinition]:
-    specs = {
-        (phase.name, rule.name): dg.AssetCheckSpec(
-            name=check_name(phase.name, rule.name), asset=slo_scores,
+    specs = [
+        dg.AssetCheckSpec(
+            name=check_name(phase.name, rule.name), asset=SLO_SCORES_KEY,
             description=describe(phase, rule), partitions_def=window_partitions,
             metadata={"phase": phase.name, "metric": rule.metric, "threshold": rule.threshold,
                       "comparator": rule.comparator, "severity": rule.severity},
         )
         for phase, rule in policy.all_slos()
-    }
+    ]
     if not specs:
         return []
 
     @dg.multi_asset_check(
-        specs=list(specs.values()), can_subset=True, name="slo_threshold_checks",
-        description="Evaluates every SLO of governance/policy.yaml for each window.",
+        specs=specs, can_subset=True, name="slo_threshold_checks",
+        description="Re-evaluates every SLO of governance/policy.yaml from the stored scores of "
+                    "the selected windows (slo_scores emits the same evaluations as it scores).",
         pool=WAREHOUSE_POOL,
     )
     def slo_threshold_checks(context, home: HomeResource, warehouse: DuckDBWarehouse):
         windows = run_windows(context)
-        version = home.policy().version
         with warehouse.connect() as con:
             scores = load_scores(con, windows[0], windows[-1])
-        selected = {k.name for k in context.selected_asset_check_keys}
-        for s in scores:
-            spec = specs.get((s.phase, s.slo))
-            if spec is None or spec.name not in selected:
-                continue
-            judged = s.passed is not None
-            severity = (dg.AssetCheckSeverity.ERROR if judged and not s.shadow
-                        else dg.AssetCheckSeverity.WARN)
-            yield dg.AssetCheckEvaluation(
-                asset_key=spec.asset_key, check_name=spec.name,
-                passed=bool(s.passed) if judged else False, severity=severity,
-                partition=partition_key(s.window_start),
-                description=(f"{s.status}: {s.metric}={s.value} {s.comparator} {s.threshold:g} "
-                             f"(sample {s.sample_size}, min {s.min_sample})"),
-                metadata={
-                    "window_start": f"{s.window_start:%Y-%m-%d %H:%M} UTC", "phase": s.phase,
-                    "status": s.status, "value": s.value, "threshold": s.threshold,
-                    "comparator": s.comparator, "sample_size": s.sample_size,
-                    "min_sample": s.min_sample, "policy_version": version,
-                },
-            )
+        yield from slo_check_evaluations(
+            scores, home.policy().version, {k.name for k in context.selected_asset_check_keys})
 
     return [slo_threshold_checks]

@@ -1,0 +1,116 @@
+"""Incident lifecycle as a pure fold, business-day due dates, RCA drafts that keep human edits."""
+
+from datetime import date, datetime, timedelta
+
+from rollout_assets.incidents import (
+    AUTO_END,
+    AUTO_START,
+    WindowOutcome,
+    add_business_days,
+    fold_incidents,
+    refresh_incidents,
+)
+
+T0 = datetime(2025, 1, 17, 9, 0)  # a Friday
+W = timedelta(minutes=15)
+
+
+def breach(i, phase="A-2", level="P2", slos=("restore_success",), rb=True):
+    return WindowOutcome(T0 + i * W, True, {phase: (level, tuple(slos), rb)})
+
+
+def green(i):
+    return WindowOutcome(T0 + i * W, True, {})
+
+
+def quiet(i):
+    return WindowOutcome(T0 + i * W, False, {})
+
+
+def test_first_breach_opens_later_breaches_attach_two_green_cycles_close():
+    incs = fold_incidents([breach(0), breach(1, level="P1", slos=("crash_rate_delta",)), green(2),
+                           green(3), green(4)], close_after=2)
+    assert len(incs) == 1
+    inc = incs[0]
+    assert inc.incident_id == "INC-20250117T0900Z-A-2"
+    assert inc.breach_windows == 2
+    assert inc.level == "P1"  # the worst level seen
+    assert inc.failed_slos == ["crash_rate_delta", "restore_success"]
+    assert inc.closed_window == T0 + 3 * W
+    assert [s for _, s, _ in inc.timeline] == [
+        "opened", "breach attached", "green cycle", "green cycle", "closed"]
+
+
+def test_a_breach_resets_the_green_count_and_unjudged_windows_do_not_count():
+    incs = fold_incidents([breach(0), green(1), breach(2), green(3), quiet(4), green(5)],
+                          close_after=2)
+    assert len(incs) == 1
+    assert incs[0].breach_windows == 2
+    assert incs[0].closed_window == T0 + 5 * W  # windows 3 and 5; the unjudged 4 is no cycle
+
+
+def test_a_new_breach_after_closure_opens_a_new_incident_and_phases_are_separate():
+    incs = fold_incidents([breach(0), green(1), green(2), breach(3), breach(3 + 0, phase="B-0")],
+                          close_after=2)
+    ids = [i.incident_id for i in incs]
+    assert ids == ["INC-20250117T0900Z-A-2", "INC-20250117T0945Z-A-2", "INC-20250117T0945Z-B-0"]
+    assert incs[0].status == "closed" and incs[1].status == "open"
+
+
+def test_order_of_input_does_not_matter():
+    seq = [breach(0), breach(1), green(2), green(3)]
+    a = fold_incidents(seq, 2)
+    b = fold_incidents(list(reversed(seq)), 2)
+    assert [(i.incident_id, i.closed_window) for i in a] == [
+        (i.incident_id, i.closed_window) for i in b]
+
+
+def test_business_days_skip_weekends():
+    assert add_business_days(date(2025, 1, 16), 1) == date(2025, 1, 17)  # Thu -> Fri
+    assert add_business_days(date(2025, 1, 17), 1) == date(2025, 1, 20)  # Fri -> Mon
+    assert add_business_days(date(2025, 1, 18), 1) == date(2025, 1, 20)  # Sat -> Mon
+    assert add_business_days(date(2025, 1, 19), 1) == date(2025, 1, 20)  # Sun -> Mon
+    assert add_business_days(date(2025, 1, 17), 2) == date(2025, 1, 21)
+
+
+def _verdict(con, ws, phase, status, level="ok", failed=(), rb=False, rollback_to=None):
+    con.execute(
+        "insert into window_verdicts values (?, ?, ?, ?, ?, ?, ?, ?, ?, 'test', ?)",
+        [ws, ws + W, phase, status, status == "breach", rb, rollback_to, level, list(failed), ws])
+
+
+def test_refresh_writes_rows_timeline_and_an_rca_that_keeps_human_edits(con, home, policy):
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    _verdict(con, T0 + W, "A-2", "pass")
+    rows = refresh_incidents(con, home, policy)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["status"] == "open" and r["green_cycles"] == 1
+    assert r["rca_due"] == date(2025, 1, 20)  # opened Friday -> due Monday
+    assert r["owner"] == policy.incidents.oncall["autosave"][0]
+    assert r["rollback_executed_at"] is None and r["escalation_decided_at"] is None
+    rca = home.rca_dir / "INC-20250117T0900Z-A-2.md"
+    text = rca.read_text()
+    assert "Due: 2025-01-20" in text and AUTO_START in text and "restore_success" not in text.split(
+        AUTO_END)[1]
+    # a person fills in the root cause; the next run refreshes only the generated block
+    rca.write_text(text.replace("## Root cause\n\n_Fill in._", "## Root cause\n\nA bad index."))
+    _verdict(con, T0 + 2 * W, "A-2", "pass")
+    rows = refresh_incidents(con, home, policy)
+    assert rows[0]["status"] == "closed"
+    text = rca.read_text()
+    assert "A bad index." in text
+    assert "after 2 green cycles" in text
+    timeline = con.execute(
+        "select step from incident_timeline order by window_start, step").fetchall()
+    assert [t[0] for t in timeline] == ["opened", "green cycle", "closed", "green cycle"]
+
+
+def test_failed_rollback_escalates_to_p1(con, home, policy):
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    con.execute(
+        "insert into rollbacks values ('k', ?, 'A-2', 'A-1', 'failed', 'cmd', 3, 'boom', NULL, "
+        "'A-2', 'A-2', 'run', 'test', ?, ?)", [T0, T0 + W, T0 + W])
+    rows = refresh_incidents(con, home, policy)
+    assert rows[0]["level"] == "P1"
+    assert rows[0]["rollback_exit_code"] == 3
