@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-import dagster as dg
+if TYPE_CHECKING:
+    import dagster as dg
 
 WINDOW = timedelta(minutes=15)
 PARTITION_FMT = "%Y-%m-%d-%H:%M"
@@ -17,16 +19,35 @@ STAMP_FMT = "%Y%m%dT%H%MZ"
 # The first window Dagster knows about. Older data can be replayed by setting this earlier.
 PARTITIONS_START = os.environ.get("ROLLOUT_PARTITIONS_START", "2024-01-01-00:00")
 
-window_partitions = dg.TimeWindowPartitionsDefinition(
-    cron_schedule="*/15 * * * *",
-    start=PARTITIONS_START,
-    fmt=PARTITION_FMT,
-    timezone="UTC",
-)
 
-daily_partitions = dg.DailyPartitionsDefinition(
-    start_date=PARTITIONS_START[:10], timezone="UTC", end_offset=0
-)
+def _build_partitions() -> dict:
+    import dagster as dg
+
+    return {
+        "window_partitions": dg.TimeWindowPartitionsDefinition(
+            cron_schedule="*/15 * * * *",
+            start=PARTITIONS_START,
+            fmt=PARTITION_FMT,
+            timezone="UTC",
+        ),
+        "daily_partitions": dg.DailyPartitionsDefinition(
+            start_date=PARTITIONS_START[:10], timezone="UTC", end_offset=0
+        ),
+    }
+
+
+window_partitions: dg.TimeWindowPartitionsDefinition
+daily_partitions: dg.DailyPartitionsDefinition
+
+
+def __getattr__(name: str):
+    """`window_partitions` / `daily_partitions` are built on first use (PEP 562), so the window
+    arithmetic below, and everything that only needs it (event validation, the flag store,
+    `rollout flags rollback`: the rollback command itself), starts without importing Dagster."""
+    if name in ("window_partitions", "daily_partitions"):
+        globals().update(_build_partitions())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def to_utc_naive(dt: datetime) -> datetime:
