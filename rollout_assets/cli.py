@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from rollout_assets.home import RolloutHome
 
@@ -187,6 +188,40 @@ def cmd_flags(args, home: RolloutHome) -> int:
         con.close()
 
 
+# ---- replay -----------------------------------------------------------------------------------
+def cmd_replay(args, home: RolloutHome) -> int:
+    from rollout_assets.policy import PolicyError, load_policy
+    from rollout_assets.replay import describe, replay
+    from rollout_assets.warehouse import connect
+
+    try:
+        candidate = load_policy(Path(args.policy))
+    except PolicyError as exc:
+        raise CliError(str(exc)) from None
+    start, end = _time(args.from_, "--from"), _time(args.to, "--to")
+    if end <= start:
+        raise CliError("--to must be after --from")
+    if not home.db_path.exists():
+        raise CliError(f"no warehouse at {home.db_path}: run `rollout run` first")
+    con = connect(home.db_path)
+    try:
+        replay_id, diffs, compared = replay(con, candidate, start, end)
+    finally:
+        con.close()
+    print(f"{replay_id}: candidate policy {candidate.version} ({candidate.version_label}) over "
+          f"{compared} (window, phase) verdicts; {len(diffs)} would change")
+    for d in diffs:
+        print("  " + describe(d))
+    new = sum(1 for d in diffs if d.kind == "new breach")
+    gone = sum(1 for d in diffs if d.kind == "no longer a breach")
+    rollbacks = sum(1 for d in diffs if d.candidate.rollback_required
+                    and not (d.production and d.production[2]))
+    print(f"new breaches: {new}; breaches that would disappear: {gone}; extra rollbacks: "
+          f"{rollbacks}. Stored in replay_diffs (replay_id = '{replay_id}'); production tables "
+          "unchanged, nothing sent.")
+    return 0
+
+
 # ---- demo -------------------------------------------------------------------------------------
 DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "reports/canary",
                 "reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks",
@@ -335,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="promote although the gate does not hold (needs --reason; "
                                  "recorded as promote_forced)")
     f.set_defaults(func=cmd_flags)
+
+    rp = sub.add_parser("replay", help="what-if: re-score stored windows under another policy")
+    rp.add_argument("--policy", required=True, help="candidate policy YAML")
+    rp.add_argument("--from", dest="from_", required=True)
+    rp.add_argument("--to", required=True)
+    rp.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", help="simulate a day with a breach, run it, say where to look")
     d.add_argument("--seed", type=int, default=7)

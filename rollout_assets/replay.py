@@ -1,0 +1,125 @@
+"""Policy replay (what-if): re-score stored windows under a candidate policy.
+
+Window metrics are recomputed from the stored `canary_events` with the candidate's exclusion
+rules, then scored with the candidate's SLOs by the same pure functions production uses. Nothing
+in the production tables changes and nothing is sent; every (window, phase) whose verdict would
+differ is printed and stored in `replay_diffs` with both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+
+from rollout_assets.collect import WINDOW_METRICS_SQL, exclusion_case_sql, now_utc
+from rollout_assets.policy import Policy
+from rollout_assets.scoring import Verdict, decide, score_window
+from rollout_assets.warehouse import transaction
+
+REPLAY_DDL = """
+create table if not exists replay_diffs (
+    replay_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+    production_breach BOOLEAN, candidate_breach BOOLEAN NOT NULL,
+    production_level VARCHAR, candidate_level VARCHAR NOT NULL,
+    production_rollback_to VARCHAR, candidate_rollback_to VARCHAR,
+    production_failed_slos VARCHAR[], candidate_failed_slos VARCHAR[] NOT NULL,
+    production_policy_version VARCHAR, candidate_policy_version VARCHAR NOT NULL,
+    replayed_at TIMESTAMP NOT NULL
+)"""
+
+
+@dataclass(frozen=True)
+class Diff:
+    window_start: datetime
+    phase: str
+    production: tuple | None  # (breach, level, rollback_to, failed_slos, policy_version)
+    candidate: Verdict
+
+    @property
+    def kind(self) -> str:
+        was = bool(self.production and self.production[0])
+        now = self.candidate.breach
+        if now and not was:
+            return "new breach"
+        if was and not now:
+            return "no longer a breach"
+        return "changed"
+
+
+def candidate_baseline(metrics: pd.DataFrame, policy: Policy, ws: datetime) -> float:
+    """The candidate's crash-rate baseline from the recomputed metrics (same rule as production)."""
+    b = policy.baseline
+    lo = ws - timedelta(hours=b.lookback_hours)
+    rows = metrics[(metrics["phase"] == b.phase) & (metrics["window_start"] >= lo)
+                   & (metrics["window_start"] < ws)]
+    sessions = int(rows["session_count"].sum())
+    if sessions >= b.min_sessions:
+        return float(rows["crash_count"].sum()) / sessions
+    return b.pinned_crash_rate
+
+
+def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str, list[Diff], int]:
+    """Returns (replay_id, diffs, windows compared). Writes only `replay_diffs`."""
+    lookback = start - timedelta(hours=candidate.baseline.lookback_hours)
+    metrics = con.execute(
+        WINDOW_METRICS_SQL.format(exclusion=exclusion_case_sql(candidate)),
+        [lookback, end, now_utc(), candidate.version],
+    ).df()
+    production = {
+        (ws, ph): (b, lv, rb, list(f), pv)
+        for ws, ph, b, lv, rb, f, pv in con.execute(
+            "select window_start, phase, breach, level, rollback_to, failed_slos, policy_version "
+            "from window_verdicts where window_start >= ? and window_start < ?", [start, end]
+        ).fetchall()
+    }
+    diffs: list[Diff] = []
+    compared = 0
+    for rec in metrics.to_dict("records"):
+        ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
+        if ws < start or rec["phase"] not in candidate.phase_names:
+            continue
+        compared += 1
+        phase = candidate.phase(rec["phase"])
+        needs_baseline = any(r.metric == "crash_rate_delta" for r in phase.slos)
+        baseline = candidate_baseline(metrics, candidate, ws) if needs_baseline else None
+        verdict = decide(candidate, phase, ws, score_window(phase, ws, rec, baseline))
+        prod = production.get((ws, phase.name))
+        same = prod is not None and (
+            bool(prod[0]) == verdict.breach and prod[1] == verdict.level
+            and prod[2] == verdict.rollback_to and sorted(prod[3]) == sorted(verdict.failed_slos))
+        if (prod is None and verdict.breach) or (prod is not None and not same):
+            diffs.append(Diff(ws, phase.name, prod, verdict))
+    replay_id = "replay-" + hashlib.sha256(
+        f"{candidate.version}:{start}:{end}:{now_utc()}".encode()).hexdigest()[:10]
+    now = now_utc()
+    con.execute(REPLAY_DDL)
+    if not diffs:
+        return replay_id, diffs, compared
+    with transaction(con):
+        con.executemany(
+            "insert into replay_diffs values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [[replay_id, d.window_start, d.phase,
+              d.production[0] if d.production else None, d.candidate.breach,
+              d.production[1] if d.production else None, d.candidate.level,
+              d.production[2] if d.production else None, d.candidate.rollback_to,
+              d.production[3] if d.production else None, d.candidate.failed_slos,
+              d.production[4] if d.production else None, candidate.version, now]
+             for d in diffs],
+        )
+    return replay_id, diffs, compared
+
+
+def describe(d: Diff) -> str:
+    p = d.production
+    before = ("no verdict" if p is None else
+              f"breach={str(bool(p[0])).lower()} level={p[1]} failed={','.join(p[3]) or '-'}")
+    c = d.candidate
+    after = (f"breach={str(c.breach).lower()} level={c.level} "
+             f"failed={','.join(c.failed_slos) or '-'}"
+             + (f" rollback_to={c.rollback_to}" if c.rollback_to else ""))
+    return f"{d.window_start:%Y-%m-%d %H:%M} {d.phase}: {d.kind}: production {before} -> " \
+           f"candidate {after}"
+
