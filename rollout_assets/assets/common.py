@@ -6,6 +6,7 @@ from datetime import datetime
 
 import dagster as dg
 
+from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import window_from_key, window_partitions
 
 WAREHOUSE_POOL = "rollout_warehouse"
@@ -29,4 +30,8 @@ def column_schema(con, table: str) -> dg.TableSchema:
         "select column_name, data_type from information_schema.columns where table_name = ? "
         "order by ordinal_position", [table]
     ).fetchall()
-    return dg.TableSchema(columns=[dg.TableColumn(name, dtype) for name, dtype in cols])
+    # metric columns carry the catalog's wording, so the UI's column table explains them
+    return dg.TableSchema(columns=[
+        dg.TableColumn(name, dtype, description=METRICS[name].description if name in METRICS
+                       else None)
+        for name, dtype in cols])
