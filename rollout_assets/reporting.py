@@ -66,7 +66,8 @@ def evidence_sql(policy: Policy, ws: datetime, phase: str, metrics: list[str],
         exprs.append(f"  {sql} as {m}")
     return (
         "select\n" + ",\n".join(exprs) + "\nfrom canary_events\n"
-        f"where window_start = TIMESTAMP '{ws:%Y-%m-%d %H:%M:%S}' and phase = {sql_literal(phase)}\n"
+        f"where window_start = TIMESTAMP '{ws:%Y-%m-%d %H:%M:%S}' "
+        f"and phase = {sql_literal(phase)}\n"
         f"  and {exclusion_case_sql(policy)} is null;"
     )
 
