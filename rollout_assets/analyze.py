@@ -8,9 +8,10 @@ from datetime import datetime, timedelta
 import pandas as pd
 
 from rollout_assets.collector_faults import apply_faults, load_faults
+from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
-from rollout_assets.scoring import SloScore, Verdict, decide, score_window
+from rollout_assets.scoring import SloScore, Verdict, decide, score_burn, score_window
 from rollout_assets.warehouse import transaction
 
 SCORE_COLUMNS = (
@@ -35,6 +36,20 @@ def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[fl
     return b.pinned_crash_rate, "pinned"
 
 
+def burn_scores(con, phase, ws: datetime) -> list[SloScore]:
+    """Multi-window burn-rate rules of a phase at window `ws`, from its stored window metrics."""
+    out = []
+    for rule in phase.burn_rate_alerts:
+        count_col = METRICS[rule.metric].sample_column
+        rows = con.execute(
+            f"select window_start, {count_col}, {rule.metric} from window_metrics "
+            "where phase = ? and window_start > ? and window_start <= ?",
+            [phase.name, ws - timedelta(minutes=rule.long_minutes), ws]).fetchall()
+        history = {w: (int(n), r) for w, n, r in rows}
+        out.append(score_burn(rule, ws, phase.name, history))
+    return out
+
+
 def _needs_baseline(phase) -> bool:
     return any(r.metric == "crash_rate_delta" for r in phase.slos)
 
@@ -55,6 +70,8 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
         ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
         baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
         scores.extend(score_window(phase, ws, rec, baseline))
+        if phase.burn_rate_alerts:
+            scores.extend(burn_scores(con, phase, ws))
     with transaction(con):
         con.execute("delete from slo_scores where window_start >= ? and window_start < ?",
                     [first, end])

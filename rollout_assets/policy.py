@@ -67,6 +67,47 @@ class SloRule(_Model):
         return f"{self.metric} {self.comparator} {self.threshold:g}"
 
 
+BURN_RATE_METRICS = ("restore_success_rate", "merge_auto_success_rate")
+
+
+class BurnRateRule(_Model):
+    """Multi-window error-budget burn (Google SRE workbook): fires when the burn rate over both
+    the long and the short window reaches `factor`. Burn = error rate / (1 - objective)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    metric: Literal["restore_success_rate", "merge_auto_success_rate"]
+    objective: float = Field(gt=0, lt=1)
+    long_minutes: int = Field(ge=15, le=24 * 60)
+    short_minutes: int = Field(ge=15, le=24 * 60)
+    factor: float = Field(gt=0)
+    min_sample: int = Field(ge=1)
+    severity: Severity
+    rollback: bool = False
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _windows(self) -> BurnRateRule:
+        if self.long_minutes % 15 or self.short_minutes % 15:
+            raise ValueError("long_minutes and short_minutes must be multiples of 15")
+        if self.short_minutes > self.long_minutes:
+            raise ValueError("short_minutes must not exceed long_minutes")
+        return self
+
+    # the same shape as an SloRule where scores, checks and verdicts need it
+    comparator: Literal["<"] = "<"
+
+    @property
+    def threshold(self) -> float:
+        return self.factor
+
+    @property
+    def metric_label(self) -> str:
+        return f"{self.metric}:burn_{self.long_minutes}m_{self.short_minutes}m"
+
+    def passes(self, value: float) -> bool:
+        return value < self.factor
+
+
 class GaGate(_Model):
     consecutive_days: int = Field(ge=1)
     max_major_incidents: int = Field(ge=0)
@@ -81,10 +122,11 @@ class Phase(_Model):
     rollback_allowed: bool
     gate: GaGate | None = None
     slos: tuple[SloRule, ...] = ()
+    burn_rate_alerts: tuple[BurnRateRule, ...] = ()
 
     @model_validator(mode="after")
     def _unique_slos(self) -> Phase:
-        names = [s.name for s in self.slos]
+        names = [s.name for s in self.slos] + [b.name for b in self.burn_rate_alerts]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"duplicate SLO names {sorted(dupes)}")
@@ -247,6 +289,9 @@ class Policy(_Model):
 
     def all_slos(self) -> list[tuple[Phase, SloRule]]:
         return [(p, s) for p in self.phases for s in p.slos]
+
+    def all_burn_rules(self) -> list[tuple[Phase, BurnRateRule]]:
+        return [(p, b) for p in self.phases for b in p.burn_rate_alerts]
 
 
 def _format_errors(err: ValidationError) -> str:

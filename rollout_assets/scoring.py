@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from rollout_assets.metrics_catalog import METRICS
-from rollout_assets.policy import LEVEL_ORDER, Phase, Policy, SloRule
+from rollout_assets.policy import LEVEL_ORDER, BurnRateRule, Phase, Policy, SloRule
 
 # slo_scores.status values
 PASS, FAIL, INSUFFICIENT, NO_DATA = "pass", "fail", "insufficient_data", "no_data"
@@ -62,7 +62,8 @@ def _num(v) -> float | None:
     return None if f != f else f  # NaN from pandas means NULL
 
 
-def metric_value(rule: SloRule, metrics: Mapping, baseline_crash_rate: float | None) -> float | None:
+def metric_value(rule: SloRule, metrics: Mapping,
+                 baseline_crash_rate: float | None) -> float | None:
     if rule.metric == "crash_rate_delta":
         rate = _num(metrics.get("crash_rate"))
         if rate is None or baseline_crash_rate is None:
@@ -94,7 +95,45 @@ def score_rule(rule: SloRule, window_start: datetime, phase: str, metrics: Mappi
 
 def score_window(phase: Phase, window_start: datetime, metrics: Mapping,
                  baseline_crash_rate: float | None = None) -> list[SloScore]:
-    return [score_rule(r, window_start, phase.name, metrics, baseline_crash_rate) for r in phase.slos]
+    return [score_rule(r, window_start, phase.name, metrics, baseline_crash_rate)
+            for r in phase.slos]
+
+
+def burn_rate(windows: Sequence[tuple[int, float | None]], objective: float) -> float | None:
+    """Error-budget burn over (count, success_rate) windows; None without samples."""
+    total = sum(n for n, _ in windows)
+    if total == 0:
+        return None
+    errors = sum(n * (1.0 - r) for n, r in windows if r is not None)
+    return (errors / total) / (1.0 - objective)
+
+
+def score_burn(rule: BurnRateRule, window_start: datetime, phase: str,
+               history: Mapping[datetime, tuple[int, float | None]]) -> SloScore:
+    """Score a multi-window burn-rate rule at `window_start` from per-window (count, rate) of the
+    phase. The value is min(long burn, short burn): the alert fires only when both reach the
+    factor, so a short spike alone and a long-gone burn alone stay quiet."""
+    def span(minutes: int) -> list[tuple[int, float | None]]:
+        n = minutes // 15
+        return [history[w] for i in range(n)
+                if (w := window_start - i * timedelta(minutes=15)) in history]
+    long_w, short_w = span(rule.long_minutes), span(rule.short_minutes)
+    sample = sum(n for n, _ in long_w)
+    b_long, b_short = burn_rate(long_w, rule.objective), burn_rate(short_w, rule.objective)
+    value = None if b_long is None or b_short is None else min(b_long, b_short)
+    if sample < rule.min_sample:
+        passed, status = None, INSUFFICIENT
+    elif value is None:
+        passed, status = None, NO_DATA
+    else:
+        passed = rule.passes(value)
+        status = PASS if passed else FAIL
+    return SloScore(
+        window_start=window_start, phase=phase, slo=rule.name, metric=rule.metric_label,
+        value=value, comparator=rule.comparator, threshold=rule.factor, sample_size=sample,
+        min_sample=rule.min_sample, passed=passed, status=status, severity=rule.severity,
+        rollback=rule.rollback, shadow=rule.shadow,
+    )
 
 
 def max_level(levels: Sequence[str]) -> str:

@@ -41,6 +41,7 @@ GRAPH = {
         "slo_scores:a1_autosave_p95",
         "slo_scores:a1_restore_success",
         "slo_scores:a2_crash_rate_delta",
+        "slo_scores:a2_restore_slow_burn",
         "slo_scores:a2_restore_success",
         "slo_scores:b0_merge_auto_success",
         "slo_scores:b1_autosave_p95",
@@ -103,7 +104,8 @@ def test_window_assets_share_one_partitioning_and_run_a_range_in_one_run(home):
 def test_one_check_per_slo_of_the_policy(home, policy):
     got = {c.name for c in build_definitions(home).resolve_asset_graph().asset_check_keys
            if c.asset_key == dg.AssetKey("slo_scores")}
-    assert got == {check_name(p.name, r.name) for p, r in policy.all_slos()}
+    rules = policy.all_slos() + policy.all_burn_rules()
+    assert got == {check_name(p.name, r.name) for p, r in rules}
 
 
 def _home_policy(home: RolloutHome, change) -> None:

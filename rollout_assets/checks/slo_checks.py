@@ -19,7 +19,7 @@ import dagster as dg
 from rollout_assets.analyze import load_scores
 from rollout_assets.assets.common import WAREHOUSE_POOL, run_windows
 from rollout_assets.partitions import partition_key, window_partitions
-from rollout_assets.policy import Phase, Policy, SloRule
+from rollout_assets.policy import BurnRateRule, Phase, Policy, SloRule
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.scoring import SloScore
@@ -38,6 +38,16 @@ def describe(phase: Phase, rule: SloRule) -> str:
         f"{rule.threshold:g} per 15-minute window, minimum sample {rule.min_sample}; "
         f"severity {rule.severity}; a failure {'requires' if rule.rollback else 'does not require'}"
         f" rollback{' (shadow: never breaches)' if rule.shadow else ''}."
+    )
+
+
+def describe_burn(phase: Phase, rule: BurnRateRule) -> str:
+    return (
+        f"Multi-window burn rate, phase {phase.name} ({phase.title}): {rule.metric} against a "
+        f"{rule.objective:g} objective; fires when the budget burns {rule.factor:g}x over both "
+        f"{rule.long_minutes} and {rule.short_minutes} minutes (minimum sample "
+        f"{rule.min_sample}); severity {rule.severity}; "
+        f"{'requires' if rule.rollback else 'does not require'} rollback."
     )
 
 
@@ -74,6 +84,14 @@ def build_slo_checks(policy: Policy) -> list[dg.AssetChecksDefinition]:
                       "comparator": rule.comparator, "severity": rule.severity},
         )
         for phase, rule in policy.all_slos()
+    ] + [
+        dg.AssetCheckSpec(
+            name=check_name(phase.name, rule.name), asset=SLO_SCORES_KEY,
+            description=describe_burn(phase, rule), partitions_def=window_partitions,
+            metadata={"phase": phase.name, "metric": rule.metric_label, "threshold": rule.factor,
+                      "comparator": rule.comparator, "severity": rule.severity},
+        )
+        for phase, rule in policy.all_burn_rules()
     ]
     if not specs:
         return []
