@@ -63,7 +63,9 @@ def dashboard(
     One self-contained file (script, style and data inlined): it opens from disk, offline.
     """
     policy = home.policy()
-    with warehouse.connect(read_only=True) as con:
+    # the same (read-write) open as the other steps of this process: DuckDB refuses a read-only
+    # connection beside a read-write one to the same file in one process; the pool serializes
+    with warehouse.connect() as con:
         path, data = render_dashboard(con, home.home, policy, days=config.days)
     context.log.info(f"dashboard written to {home.home.relative(path)}")
     return dg.MaterializeResult(metadata=dashboard_metadata(home.home, path, data))
