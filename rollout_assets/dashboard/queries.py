@@ -311,7 +311,8 @@ def signoff(home: RolloutHome, policy: Policy, checks: list[dict], breaches: lis
     def rule_items(metrics: set[str]) -> list[dict]:
         items = []
         for c in checks:
-            if c["metric"] not in metrics:
+            # burn-rate rules score as "<metric>:burn_<long>m_<short>m": same panel as the metric
+            if c["metric"].split(":")[0] not in metrics:
                 continue
             judged = c["passed"] + c["failed"]
             items.append({
