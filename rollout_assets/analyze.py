@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import pandas as pd
 
 from rollout_assets.collector_faults import apply_faults, load_faults
+from rollout_assets.compare import compare_window, needs_comparison
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
@@ -69,6 +70,8 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
         phase = policy.phase(rec["phase"])
         ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
         baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
+        if needs_comparison(phase):
+            rec = {**rec, **compare_window(con, policy, ws, phase.name)}
         scores.extend(score_window(phase, ws, rec, baseline))
         if phase.burn_rate_alerts:
             scores.extend(burn_scores(con, phase, ws))

@@ -43,6 +43,18 @@ METRICS: dict[str, MetricSpec] = {
         " / nullif(count(*) filter (where kind = 'merge'), 0)",
     ),
     "crash_rate": MetricSpec("session_count", "crashes / sessions", _CRASH_RATE),
+    # canary vs baseline (Kayenta-style): the judged canary against the policy's baseline cohort
+    # (baseline.cohort_exclusion) in the same window and phase; see rollout_assets/compare.py
+    "restore_success_vs_baseline": MetricSpec(
+        "baseline_restore_count",
+        "upper 95 % bound of (canary - baseline) restore success rate (two-proportion Wald)",
+        "-- computed by rollout_assets.compare from canary_events",
+    ),
+    "autosave_latency_vs_baseline": MetricSpec(
+        "baseline_autosave_count",
+        "Mann-Whitney z of canary vs baseline AutoSave latency (positive = canary slower)",
+        "-- computed by rollout_assets.compare from canary_events",
+    ),
     "crash_rate_delta": MetricSpec(
         "session_count",
         "crash_rate minus the baseline crash rate (absolute: 0.05 = five percentage points)",

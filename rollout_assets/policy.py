@@ -168,6 +168,9 @@ class Baseline(_Model):
     lookback_hours: int = Field(ge=1)
     min_sessions: int = Field(ge=1)
     pinned_crash_rate: float = Field(gt=0, lt=1)
+    # canary-vs-baseline statistics compare the judged canary with the events this exclusion
+    # keeps out of judgement in the same window and phase (the non-canary tenants)
+    cohort_exclusion: str | None = None
 
 
 class RollbackCommand(_Model):
@@ -250,6 +253,10 @@ class Policy(_Model):
         missing_oncall = set(self.pagerduty_services) - set(self.incidents.oncall)
         if missing_oncall:
             raise ValueError(f"incidents.oncall: no on-call list for {sorted(missing_oncall)}")
+        if self.baseline.cohort_exclusion and self.baseline.cohort_exclusion not in {
+                ex.name for ex in self.exclusions}:
+            raise ValueError(f"baseline.cohort_exclusion: no exclusion named "
+                             f"{self.baseline.cohort_exclusion!r}")
         if self.baseline.phase not in names:
             raise ValueError(f"baseline.phase: unknown phase {self.baseline.phase!r}")
         return self

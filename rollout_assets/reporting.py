@@ -61,6 +61,8 @@ def evidence_sql(policy: Policy, ws: datetime, phase: str, metrics: list[str],
     exprs = []
     for m in metrics:
         sql = METRICS[m].sql
+        if sql.startswith("--"):  # a statistic computed in Python (rollout_assets.compare)
+            continue
         if "{baseline}" in sql:
             sql = sql.replace("{baseline}", "NULL" if baseline is None else repr(float(baseline)))
         exprs.append(f"  {sql} as {m}")

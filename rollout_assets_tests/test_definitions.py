@@ -39,7 +39,9 @@ GRAPH = {
     "checks": [
         "sla_daily:ga_gate",
         "slo_scores:a1_autosave_p95",
+        "slo_scores:a1_latency_vs_baseline",
         "slo_scores:a1_restore_success",
+        "slo_scores:a1_restore_vs_baseline",
         "slo_scores:a2_crash_rate_delta",
         "slo_scores:a2_restore_slow_burn",
         "slo_scores:a2_restore_success",
