@@ -2,6 +2,7 @@
 
 
 import json
+from datetime import timedelta
 
 import dagster as dg
 
@@ -73,9 +74,20 @@ def execute_rollback(
             "window_start < ? and window_start >= (select opened_window from incidents "
             "where incident_id = ?) order by window_start limit 1",
             [config.phase, ws, incident]).fetchone() if incident else None
+        why = f"incident {incident} was already rolled back by {done[0]}" if done else None
+        cooldown = policy.rollback.cooldown_minutes
+        recent = con.execute(
+            "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
+            "window_start < ? and window_start >= ? order by window_start desc limit 1",
+            [config.phase, ws, ws - timedelta(minutes=cooldown)]).fetchone() if cooldown else None
+        if done is None and recent:
+            done = recent
+            why = (f"{recent[0]} rolled {config.phase} back less than {cooldown} minutes "
+                   "earlier (policy rollback.cooldown_minutes)")
         if done:
-            # One incident, one rollback: later breaches of the same incident attach to it.
-            msg = f"incident {incident} was already rolled back by {done[0]}; nothing to do"
+            # One incident, one rollback: later breaches of the same incident attach to it, and
+            # the cooldown stops a flapping phase from being rolled back again and again.
+            msg = f"{why}; nothing to do"
             con.execute(
                 "insert or replace into rollbacks values "
                 "(?, ?, ?, ?, 'skipped', '', NULL, ?, NULL, ?, ?, ?, ?, ?, ?)",

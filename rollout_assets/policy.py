@@ -176,6 +176,8 @@ class Baseline(_Model):
 class RollbackCommand(_Model):
     command: tuple[str, ...] = Field(min_length=1)
     timeout_seconds: float = Field(gt=0, le=3600)
+    # no second rollback of the same phase within this many minutes (of window time) of the last
+    cooldown_minutes: int = Field(default=0, ge=0)
 
     @field_validator("command")
     @classmethod

@@ -1,0 +1,60 @@
+"""No flapping: a second incident of the same phase inside the cooldown does not roll back again."""
+
+from datetime import datetime, timedelta
+
+import dagster as dg
+
+from rollout_assets.definitions import build_definitions
+from rollout_assets.flags import promote
+from rollout_assets.incidents import refresh_incidents
+from rollout_assets.partitions import window_stamp
+from rollout_assets.warehouse import connect
+
+W0 = datetime(2025, 1, 18, 9, 0)
+W = timedelta(minutes=15)
+
+
+def _verdicts(con, rows):
+    for i, status in rows:
+        ws = W0 + i * W
+        breach = status == "breach"
+        con.execute("insert into window_verdicts values (?, ?, 'A-2', ?, ?, ?, ?, ?, ?, 't', ?)",
+                    [ws, ws + W, status, breach, breach, "A-1" if breach else None,
+                     "P2" if breach else "ok", ["restore_success"] if breach else [], ws])
+
+
+def _rollback(home, i):
+    defs = build_definitions(home)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("rollback_job").execute_in_process(
+            instance=instance, run_config={"ops": {"execute_rollback": {"config": {
+                "window": window_stamp(W0 + i * W), "phase": "A-2", "rollback_to": "A-1",
+                "level": "P2", "failed_slos": ["restore_success"]}}}})
+    assert result.success
+    con = connect(home.db_path)
+    try:
+        return con.execute("select status, log_tail from rollbacks where window_start = ?",
+                           [W0 + i * W]).fetchone()
+    finally:
+        con.close()
+
+
+def test_second_incident_inside_the_cooldown_is_not_rolled_back_again(home, policy):
+    con = connect(home.db_path)
+    try:
+        for phase in ("A-1", "A-2"):
+            promote(con, policy, phase, reason="test", force=True)
+        _verdicts(con, [(0, "breach"), (1, "pass"), (2, "pass"), (3, "breach"), (4, "pass"),
+                        (5, "pass"), (8, "breach")])
+        refresh_incidents(con, home, policy)
+        assert con.execute("select count(*) from incidents").fetchone()[0] == 3
+    finally:
+        con.close()
+    assert _rollback(home, 0)[0] == "succeeded"  # the first incident rolls A-2 back to A-1
+    con = connect(home.db_path)
+    promote(con, policy, "A-2", reason="test: re-promoted", force=True)
+    con.close()
+    status, log = _rollback(home, 3)  # 45 minutes later: a new incident, inside the cooldown
+    assert status == "skipped"
+    assert f"less than {policy.rollback.cooldown_minutes} minutes" in log
+    assert _rollback(home, 8)[0] == "succeeded"  # two hours later: outside the cooldown
