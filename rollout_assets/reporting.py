@@ -175,3 +175,22 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
                 {**payload, "severity": p["pagerduty_severity"]}, incident,
             ))
     return out
+
+
+def resolve_messages(con, policy: Policy) -> list[Message]:
+    """One resolve per channel an incident's alerts went to (Slack threads, the PagerDuty
+    service), for every closed incident; the ledger's keys make them go out once."""
+    out = []
+    for iid, phase, level, closed in con.execute(
+        "select incident_id, phase, level, closed_window from incidents "
+        "where status = 'closed' order by closed_window"
+    ).fetchall():
+        text = (f"[resolved] {iid} closed after {policy.incidents.close_after_green_cycles} "
+                "green cycles")
+        channels = [r[0] for r in con.execute(
+            "select distinct channel from notifications where incident_id = ? and kind = 'alert' "
+            "order by channel", [iid]).fetchall()]
+        for ch in channels:
+            out.append(Message(closed, phase, ch, "resolve", level, text, {"dedup_key": iid},
+                               incident_id=iid))
+    return out

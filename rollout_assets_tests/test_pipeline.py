@@ -23,6 +23,7 @@ from rollout_assets_tests.pipeline_helpers import (
     START,
     WINDOWS,
     files_under,
+    judged_rules,
     persistent_home,
     query,
     table_counts,
@@ -103,8 +104,12 @@ def test_tables_hold_the_hand_computed_results(runs):
         if ws != BREACH_WINDOW:
             assert verdicts[(ws, "A-1")] == ("pass", False, False, None, "ok", [])
     scores = {(ws, slo): (passed, status, n) for ws, slo, passed, status, n in
-              query(home, "select window_start, slo, passed, status, sample_size from slo_scores")}
-    assert len(scores) == 8  # two A-1 SLOs x four windows; A-0 judges nothing
+              query(home, "select window_start, slo, passed, status, sample_size from slo_scores "
+                          "where not shadow")}
+    # every A-1 rule x four windows; A-0 judges nothing
+    rules = judged_rules(load_policy(home.policy_path), "A-1")
+    assert {"autosave_p95", "restore_success"} <= rules
+    assert set(scores) == {(ws, r) for ws in WINDOWS for r in rules}
     assert scores[(SMALL_WINDOW, "restore_success")] == (None, "insufficient_data", 5)
     assert scores[(BREACH_WINDOW, "restore_success")] == (False, "fail", 12)
     assert scores[(BREACH_WINDOW, "autosave_p95")] == (True, "pass", 12)

@@ -10,47 +10,30 @@ from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, WINDOW_ASSET_KW
 from rollout_assets.governance import compute_sla_daily, ga_gate, write_daily_summary
 from rollout_assets.incidents import refresh_incidents
 from rollout_assets.partitions import daily_partitions
-from rollout_assets.reporting import slack_channels
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
-from rollout_assets.resources.notifier import Message, Notifier
 
 
 @dg.asset(group_name="governance", deps=[window_verdicts], **WINDOW_ASSET_KWARGS)
 def incidents(
-    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse,
-    notifier: Notifier,
+    context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
 ) -> dg.MaterializeResult:
     """Incidents (seed §8): opened by a phase's first breach, later breaches attached, closed after
     the policy's consecutive green cycles; checklist timestamps (alert, escalation, rollback, RCA,
     close) and an RCA draft in `reports/rca/<incident>.md` owned by the on-call, due one business
-    day later. Recomputed from `window_verdicts`, so a re-scored window corrects it."""
+    day later. Recomputed from `window_verdicts`, so a re-scored window corrects it. The resolve
+    messages go out from `alert_reports`, after the alerts they resolve."""
     policy = home.policy()
     with warehouse.connect() as con:
         rows = refresh_incidents(con, home.home, policy)
-        resolved = 0
-        for r in rows:
-            if r["status"] != "closed":
-                continue
-            text = (f"[resolved] {r['incident_id']} closed after "
-                    f"{policy.incidents.close_after_green_cycles} green cycles")
-            for ch in slack_channels(policy, r["phase"], r["level"]):
-                resolved += notifier.send(con, Message(
-                    r["closed_window"], r["phase"], ch, "resolve", r["level"], text,
-                    {"dedup_key": r["incident_id"]}, incident_id=r["incident_id"])) == "queued"
-            if r["level"] in policy.notifications.page_levels:
-                svc = policy.pagerduty_services[policy.phase(r["phase"]).pagerduty_service].name
-                resolved += notifier.send(con, Message(
-                    r["closed_window"], r["phase"], f"pagerduty:{svc}", "resolve", r["level"],
-                    text, {"dedup_key": r["incident_id"]},
-                    incident_id=r["incident_id"])) == "queued"
         schema = column_schema(con, "incidents")
     open_ = [r for r in rows if r["status"] == "open"]
     return dg.MaterializeResult(metadata={
         "incidents": len(rows), "open": len(open_),
         "open_ids": ", ".join(r["incident_id"] for r in open_) or "none",
         "late_escalations": sum(1 for r in rows if r["escalation_late"]),
-        "resolve_messages_queued": resolved, "dagster/column_schema": schema,
+        "closed": sum(1 for r in rows if r["status"] == "closed"),
+        "dagster/column_schema": schema,
     })
 
 

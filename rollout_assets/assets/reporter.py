@@ -7,7 +7,12 @@ from rollout_assets.assets.analyzer import window_verdicts
 from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
 from rollout_assets.assets.governance import incidents
 from rollout_assets.partitions import WINDOW, partition_key
-from rollout_assets.reporting import alert_context, alert_messages, render_alert
+from rollout_assets.reporting import (
+    alert_context,
+    alert_messages,
+    render_alert,
+    resolve_messages,
+)
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import Notifier
@@ -44,7 +49,7 @@ def alert_reports(
     """
     windows = run_windows(context)
     reports = []
-    totals = {"queued": 0, "duplicate": 0}
+    totals = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}
     with warehouse.connect() as con:
         breached = [r[0] for r in con.execute(
             "select distinct window_start from window_verdicts where breach and window_start >= ? "
@@ -64,17 +69,23 @@ def alert_reports(
             if out:
                 rel, info = out
                 reports.append(rel)
-                totals["queued"] += info["queued"]
-                totals["duplicate"] += info["duplicate"]
+                for k in totals:
+                    totals[k] += info[k]
                 context.add_asset_metadata(
                     {"report": rel, "level": info["level"], "messages_queued": info["queued"]},
                     partition_key=partition_key(ws),
                 )
+        # resolves after the alerts: PagerDuty must see trigger before resolve
+        resolves = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}
+        for msg in resolve_messages(con, home.policy()):
+            resolves[notifier.send(con, msg)] += 1
         schema = column_schema(con, "alert_reports")
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     return dg.MaterializeResult(metadata={
         "reports": len(reports), "messages_queued": totals["queued"],
+        "messages_sent": totals["sent"], "messages_failed": totals["failed"],
         "messages_already_sent": totals["duplicate"],
+        "resolves_delivered": resolves["queued"] + resolves["sent"],
         "latest_reports": dg.MetadataValue.json(reports[-10:]),
         "dagster/column_schema": schema,
     })
