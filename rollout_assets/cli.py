@@ -129,7 +129,7 @@ def cmd_run(args, home: RolloutHome) -> int:
     if end <= start:
         raise CliError("--to must be after --from")
     try:
-        summary = run_range(home, start, end, log=lambda m: print(m, flush=True))
+        summary = run_range(home, start, end, log=lambda m: print(m, flush=True), progress=True)
     except BadRange as exc:
         raise CliError(str(exc)) from None
     except RunError as exc:

@@ -9,6 +9,7 @@ from rollout_assets.checks.slo_checks import build_slo_checks
 from rollout_assets.home import RolloutHome
 from rollout_assets.jobs import DAILY_ASSETS, WINDOW_ASSETS, daily_job, rollback_job, window_job
 from rollout_assets.policy import load_policy
+from rollout_assets.progress import LOGGERS
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import notifier_from_env
@@ -35,6 +36,7 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
             "rollback_runner": RollbackRunner(home=root),
         },
         executor=dg.in_process_executor,
+        loggers=LOGGERS,
     )
 
 

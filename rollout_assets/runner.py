@@ -23,6 +23,7 @@ from dagster._core.storage.tags import (
 
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import partition_key, window_partitions, windows_between
+from rollout_assets.progress import PROGRESS_RUN_CONFIG
 from rollout_assets.run_health import REAPED_TAG, instance_lock, reap_dead_runs
 
 SENSOR_NAME = "breach_sensor"
@@ -98,7 +99,7 @@ def valid_window_keys(windows: list[datetime]) -> list[str]:
 
 
 def run_range(home: RolloutHome, start: datetime, end: datetime,
-              log: Callable[[str], None] = print) -> RunSummary:
+              log: Callable[[str], None] = print, progress: bool = False) -> RunSummary:
     windows = windows_between(start, end)
     if not windows:
         raise BadRange(f"no 15-minute window starts in [{start:%Y-%m-%dT%H:%MZ}, "
@@ -115,7 +116,8 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
     job = defs.resolve_job_def("rollout_window_job")
     log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
     result = job.execute_in_process(
-        instance=instance, raise_on_error=False, run_config=QUIET,
+        instance=instance, raise_on_error=False,
+        run_config=PROGRESS_RUN_CONFIG if progress else QUIET,
         tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1],
               "rollout/launched_by": "cli"},
     )
