@@ -60,9 +60,12 @@ def evidence_sql(policy: Policy, ws: datetime, phase: str, metrics: list[str],
     """The exact DuckDB query that reproduces a window's judged metrics from stored events."""
     exprs = []
     for m in metrics:
-        sql = METRICS[m].sql
-        if sql.startswith("--"):  # a statistic computed in Python (rollout_assets.compare)
+        spec = METRICS.get(m)
+        if spec is None or spec.sql.startswith("--"):
+            # burn rates span several windows and the canary-vs-baseline statistics are computed
+            # in Python (rollout_assets.compare): their inputs are the per-window metrics above
             continue
+        sql = spec.sql
         if "{baseline}" in sql:
             sql = sql.replace("{baseline}", "NULL" if baseline is None else repr(float(baseline)))
         exprs.append(f"  {sql} as {m}")
