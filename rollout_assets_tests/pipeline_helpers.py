@@ -76,6 +76,13 @@ def write_breach_data(home: RolloutHome, phase: str = "A-1") -> None:
     write_canary(home, "A-0", a0)
 
 
+def judged_rules(policy, phase: str) -> set[str]:
+    """Every rule that scores a row per window of `phase` (SLOs, shadow ones included, and
+    burn-rate rules): the policy grows, the tests follow it instead of counting by hand."""
+    p = policy.phase(phase)
+    return {s.name for s in p.slos} | {b.name for b in getattr(p, "burn_rate_alerts", ())}
+
+
 def table_counts(home: RolloutHome) -> dict[str, int]:
     con = connect(home.db_path, read_only=True)
     try:

@@ -18,7 +18,14 @@ import pytest
 
 from rollout_assets import cli
 from rollout_assets.home import RolloutHome
-from rollout_assets_tests.pipeline_helpers import SECRET_ENV, files_under, query, table_counts
+from rollout_assets.policy import load_policy
+from rollout_assets_tests.pipeline_helpers import (
+    SECRET_ENV,
+    files_under,
+    judged_rules,
+    query,
+    table_counts,
+)
 
 ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
 CONTRACT_CHECK = Path("/work/shared/tools/contract_check.py")
@@ -103,7 +110,8 @@ def test_run_fills_the_tables(session):
     home = session.home
     c = session.counts_first
     assert c["window_metrics"] == 8 and c["window_verdicts"] == 8
-    assert c["slo_scores"] == 16  # two A-1 SLOs x eight windows
+    rules = judged_rules(load_policy(home.policy_path), "A-1")
+    assert c["slo_scores"] == 8 * len(rules)  # every A-1 rule x eight windows
     assert c["quarantine"] > 0 and c["canary_events"] > 1000
     breaches = query(home, "select window_start, rollback_to, level from window_verdicts "
                            "where breach order by 1")
