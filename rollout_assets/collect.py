@@ -1,188 +1,33 @@
 """Collector logic: canary JSONL → `canary_events` / `quarantine`, then `window_metrics`.
 
-Ingestion is incremental: a byte-offset cursor per file (`ingest_files`) means a new window only
-reads the bytes appended since the last run. Each file chunk is committed in one transaction with
-its cursor, so a crash leaves either the chunk and its cursor or neither.
+Ingestion lives in `rollout_assets.ingest` (re-exported here): a byte-offset cursor per file
+(`ingest_files`) means a new window only reads the bytes appended since the last run, and each
+range is committed in one transaction with its cursor, so a crash leaves both or neither.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 
-from rollout_assets.events import EVENT_COLUMNS, parse_chunk
 from rollout_assets.home import RolloutHome
+from rollout_assets.ingest import (  # noqa: F401  (the Collector's ingest API, re-exported)
+    FileIngest,
+    RetryableIOError,
+    ingest_canary,
+    ingest_file,
+)
 from rollout_assets.partitions import WINDOW, window_stamp
 from rollout_assets.policy import Policy
 from rollout_assets.warehouse import transaction
 
-CHUNK_BYTES = 32 * 1024 * 1024
-# A last line without its newline is still being written if the file changed this recently.
-SETTLE_SECONDS = 30.0
-
-
-class RetryableIOError(RuntimeError):
-    """A canary file could not be read, but trying again may succeed (seed §7.4 retryable=true)."""
-
-
-@dataclass
-class FileIngest:
-    source_file: str
-    lines_read: int = 0
-    loaded: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    bytes_read: int = 0
-    pending_bytes: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def now_utc() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _read_from(path: Path, offset: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except PermissionError as exc:
-        raise PermissionError(f"canary file not readable: {path.name}: {exc.strerror}") from None
-    except OSError as exc:
-        raise RetryableIOError(f"reading {path.name} failed: {exc.strerror or exc}") from None
-
-
-def _insert_chunk(con, parsed, rel: str, ingested_at: datetime) -> tuple[int, int]:
-    """Insert valid events not yet stored (first occurrence of an event_id wins)."""
-    valid = len(parsed.columns["event_id"])
-    if parsed.quarantine:
-        q = pd.DataFrame(parsed.quarantine, columns=["line_no", "raw", "reason"])
-        q.insert(0, "source_file", rel)
-        q["ingested_at"] = ingested_at
-        con.register("q_batch", q)
-        con.execute("insert into quarantine select * from q_batch")
-        con.unregister("q_batch")
-    if not valid:
-        return 0, 0
-    batch = pd.DataFrame(parsed.columns, columns=list(EVENT_COLUMNS))
-    batch["ts"] = pd.to_datetime(batch["ts"])
-    batch["window_start"] = pd.to_datetime(batch["window_start"])
-    batch["latency_ms"] = batch["latency_ms"].astype("float64")
-    batch["ok"] = batch["ok"].astype("boolean")
-    con.register("ev_batch", batch)
-    before = con.execute("select count(*) from canary_events").fetchone()[0]
-    con.execute(
-        f"""
-        insert into canary_events
-        select {", ".join("b." + c for c in EVENT_COLUMNS)}, ?::TIMESTAMP
-        from (select *, row_number() over (partition by event_id order by line_no) as rn
-              from ev_batch) b
-        where b.rn = 1
-          and not exists (select 1 from canary_events c where c.event_id = b.event_id)
-        """,
-        [ingested_at],
-    )
-    con.unregister("ev_batch")
-    inserted = con.execute("select count(*) from canary_events").fetchone()[0] - before
-    return inserted, valid - inserted
-
-
-def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetime) -> FileIngest:
-    rel = home.relative(path)
-    stats = FileIngest(rel)
-    phases = frozenset(policy.phase_names)
-    st = path.stat()
-    row = con.execute(
-        "select byte_offset, lines_read from ingest_files where source_file = ?", [rel]
-    ).fetchone()
-    offset, lines_before = row if row else (0, 0)
-    totals = con.execute(
-        "select loaded, duplicates, quarantined from ingest_files where source_file = ?", [rel]
-    ).fetchone() or (0, 0, 0)
-    if st.st_size < offset:
-        # The file was truncated or replaced: read it again. Already-stored events dedup by
-        # event_id; quarantine entries of the old content are replaced.
-        with transaction(con):
-            con.execute("delete from quarantine where source_file = ?", [rel])
-            con.execute("delete from ingest_files where source_file = ?", [rel])
-        offset, lines_before, totals = 0, 0, (0, 0, 0)
-    if st.st_size == offset:
-        return stats
-
-    data = _read_from(path, offset)
-    loaded_t, dup_t, quar_t = totals
-    pos = 0
-    line_no = lines_before + 1
-    while pos < len(data):
-        end = data.rfind(b"\n", pos, min(pos + CHUNK_BYTES, len(data)))
-        if end == -1:  # a line longer than a chunk, or the unterminated tail
-            end = data.find(b"\n", pos)
-        if end == -1:
-            # Only an unterminated tail is left.
-            tail = data[pos:]
-            parsed = parse_chunk(tail, line_no, rel, phases, now)
-            recently_written = time.time() - st.st_mtime < SETTLE_SECONDS
-            if parsed.quarantine and recently_written:
-                stats.pending_bytes = len(tail)
-                break
-            if parsed.quarantine:
-                parsed.quarantine = [
-                    (n, raw, f"truncated last line: {reason}") for n, raw, reason in parsed.quarantine
-                ]
-            chunk_len = len(tail)
-        else:
-            chunk = data[pos : end + 1]
-            parsed = parse_chunk(chunk, line_no, rel, phases, now)
-            chunk_len = len(chunk)
-        with transaction(con):
-            inserted, dups = _insert_chunk(con, parsed, rel, now)
-            loaded_t += inserted
-            dup_t += dups
-            quar_t += len(parsed.quarantine)
-            lines_total = lines_before + stats.lines_read + parsed.lines_read
-            con.execute(
-                """
-                insert or replace into ingest_files values (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                """,
-                [rel, offset + pos + chunk_len, lines_total, loaded_t, dup_t, quar_t,
-                 st.st_size, st.st_mtime, now],
-            )
-        stats.lines_read += parsed.lines_read
-        stats.loaded += inserted
-        stats.duplicates += dups
-        stats.quarantined += len(parsed.quarantine)
-        stats.bytes_read += chunk_len
-        line_no += parsed.lines_read
-        pos += chunk_len
-    return stats
-
-
-def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None = None,
-                  retries: int = 3, retry_delay: float = 0.5) -> list[FileIngest]:
-    """Ingest every `reports/canary/phase-*.jsonl` from its cursor. Retryable I/O faults are
-    retried; a file that vanished or cannot be read raises for the caller to escalate."""
-    now = now or now_utc()
-    results = []
-    for path in home.canary_files():
-        for attempt in range(retries + 1):
-            try:
-                results.append(ingest_file(con, home, policy, path, now))
-                break
-            except RetryableIOError:
-                if attempt == retries:
-                    raise
-                time.sleep(retry_delay * (2**attempt))
-    return results
 
 
 # ---- window metrics ----------------------------------------------------------------------

@@ -2,6 +2,16 @@
 
 Every line read ends up either as an event or as a quarantine entry with a reason; nothing is
 dropped. Validation is deliberately strict about JSON types (`"ok": "true"` is not a boolean).
+
+This module is the *reference* semantics of a line. The Collector's fast path
+(`collect._FAST_INSERT_SQL`) accepts in DuckDB only lines it can prove this validator accepts with
+the same values, and hands every other line back to `validate_line`; `rollout_assets_tests/
+test_ingest_paths.py` checks both paths give identical tables. Two choices keep that provable:
+
+* a key repeated in one object keeps its FIRST value (what DuckDB's JSON reader does; RFC 8259
+  leaves it open), and
+* a string that cannot be stored as UTF-8 (an escaped lone surrogate such as `"\\ud800"`) is
+  rejected with a reason instead of failing the insert.
 """
 
 from __future__ import annotations
@@ -35,6 +45,20 @@ def _reject_constant(name: str):
     raise Reject(f"non-finite number {name}")
 
 
+def _first_wins(pairs: list[tuple[str, object]]) -> dict:
+    """A repeated key keeps its first value, as DuckDB's JSON reader does."""
+    return dict(reversed(pairs))
+
+
+def _storable(v: str, key: str) -> str:
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Reject(f"{key} is not valid Unicode (lone surrogate)") from None
+    return v
+
+
 def _opt_str(obj: dict, key: str, max_len: int = MAX_ID_LEN) -> str | None:
     v = obj.get(key)
     if v is None:
@@ -43,7 +67,7 @@ def _opt_str(obj: dict, key: str, max_len: int = MAX_ID_LEN) -> str | None:
         raise Reject(f"{key} must be a string, got {type(v).__name__}")
     if len(v) > max_len:
         raise Reject(f"{key} longer than {max_len} characters")
-    return v
+    return _storable(v, key)
 
 
 def _opt_bool(obj: dict, key: str) -> bool | None:
@@ -67,7 +91,10 @@ def parse_ts(value: object, now: datetime) -> datetime:
         raise Reject(f"ts is not ISO-8601: {value[:40]!r}") from None
     if dt.tzinfo is None:
         raise Reject("ts has no time zone")
-    dt = dt.astimezone(UTC).replace(tzinfo=None)
+    try:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        raise Reject("ts out of range in UTC") from None
     if dt < MIN_TS:
         raise Reject("ts before 2000-01-01")
     if dt > now + FUTURE_SLACK:
@@ -80,7 +107,7 @@ def validate_event(text: str, phases: frozenset[str] | set[str], now: datetime) 
     if not text.strip():
         raise Reject("empty line")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_first_wins)
     except Reject:
         raise
     except RecursionError:
@@ -92,9 +119,11 @@ def validate_event(text: str, phases: frozenset[str] | set[str], now: datetime) 
 
     event_id = obj.get("event_id")
     if not isinstance(event_id, str) or not event_id.strip():
-        raise Reject("missing field event_id" if event_id is None else "event_id must be a non-empty string")
+        raise Reject("missing field event_id" if event_id is None
+                     else "event_id must be a non-empty string")
     if len(event_id) > MAX_ID_LEN:
         raise Reject(f"event_id longer than {MAX_ID_LEN} characters")
+    _storable(event_id, "event_id")
     if "ts" not in obj:
         raise Reject("missing field ts")
     ts = parse_ts(obj["ts"], now)
@@ -114,7 +143,10 @@ def validate_event(text: str, phases: frozenset[str] | set[str], now: datetime) 
     if latency is not None:
         if isinstance(latency, bool) or not isinstance(latency, (int, float)):
             raise Reject("latency_ms must be a number")
-        latency = float(latency)
+        try:
+            latency = float(latency)
+        except OverflowError:  # an integer too large for a double
+            raise Reject("latency_ms is not finite") from None
         if not math.isfinite(latency):
             raise Reject("latency_ms is not finite")
         if latency < 0:
@@ -163,20 +195,44 @@ class ParsedChunk:
     lines_read: int = 0
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def line_bytes(raw: bytes, line_no: int) -> bytes:
+    """The content of line `line_no` (1-based, without its newline): one trailing CR dropped, and
+    a UTF-8 byte order mark dropped from the first line of a file."""
+    if line_no == 1 and raw.startswith(BOM):
+        raw = raw[3:]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw
+
+
 def split_lines(data: bytes, first_line_no: int) -> list[tuple[int, bytes]]:
-    """Split a chunk that ends on a line boundary into numbered lines (CRLF and a BOM tolerated)."""
-    if data.startswith(b"\xef\xbb\xbf") and first_line_no == 1:
+    """Split a chunk that ends on a line boundary into numbered lines (CRLF and a BOM tolerated).
+    Every newline ends a line, so a lone "\n" is one (empty) line read."""
+    if first_line_no == 1 and data.startswith(BOM):
         data = data[3:]
-    if data.endswith(b"\n"):
-        data = data[:-1]
     if not data:
         return []
-    out = []
-    for i, line in enumerate(data.split(b"\n")):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        out.append((first_line_no + i, line))
-    return out
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    return [(first_line_no + i, line[:-1] if line.endswith(b"\r") else line)
+            for i, line in enumerate(data.split(b"\n"))]
+
+
+def validate_line(raw: bytes, phases: frozenset[str] | set[str],
+                  now: datetime) -> tuple[tuple | None, str, str]:
+    """One line's bytes (as `line_bytes` returns them) → (stored columns, "", "") or
+    (None, raw text kept in quarantine, reason)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, raw[:RAW_KEEP].decode("utf-8", "replace"), "not UTF-8"
+    try:
+        return validate_event(text, phases, now), "", ""
+    except Reject as exc:
+        return None, text[:RAW_KEEP], str(exc)
 
 
 def parse_chunk(
@@ -191,15 +247,9 @@ def parse_chunk(
     cols = [out.columns[c] for c in EVENT_COLUMNS]
     for line_no, raw in split_lines(data, first_line_no):
         out.lines_read += 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            out.quarantine.append((line_no, raw[:RAW_KEEP].decode("utf-8", "replace"), "not UTF-8"))
-            continue
-        try:
-            row = validate_event(text, phases, now)
-        except Reject as exc:
-            out.quarantine.append((line_no, text[:RAW_KEEP], str(exc)))
+        row, text, reason = validate_line(raw, phases, now)
+        if row is None:
+            out.quarantine.append((line_no, text, reason))
             continue
         for col, value in zip(cols, (*row, source_file, line_no), strict=True):
             col.append(value)

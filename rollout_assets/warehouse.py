@@ -24,7 +24,9 @@ DDL: dict[str, str] = {
             phase VARCHAR NOT NULL, kind VARCHAR NOT NULL, latency_ms DOUBLE, ok BOOLEAN,
             conflict BOOLEAN, session_id VARCHAR, tenant VARCHAR, environment VARCHAR,
             observed_only BOOLEAN NOT NULL, dry_run BOOLEAN NOT NULL,
-            source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
+            source_file VARCHAR NOT NULL, line_no BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL,
+            -- dedup key hash(event_id), and the ingest batch that stored the row (ingest.py)
+            event_key UBIGINT NOT NULL, batch_id BIGINT NOT NULL
         )""",
     "quarantine": """
         create table if not exists quarantine (

@@ -285,10 +285,6 @@ def test_the_file_on_disk_holds_the_rows(loaded, home, con):
         ro.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "events.py: a JSON escape for a lone surrogate (\\ud800) passes validation; DuckDB's insert "
-    "then raises a FATAL error that invalidates the database, so every run crashes on that line "
-    "forever. validate_event should reject strings that are not valid Unicode (owner: ingestion)"))
 def test_a_lone_surrogate_is_quarantined_not_fatal(home, policy, con):
     write_canary(home, "A-1", [
         ev("ok1", "session", "2025-01-18T09:01:00Z"),

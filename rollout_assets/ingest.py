@@ -1,0 +1,795 @@
+"""Collector ingest: canary JSONL → `canary_events`, `quarantine` and `ingest_files`.
+
+Incremental: a byte-offset cursor per file (`ingest_files`) means a run reads only the bytes
+appended since the last one, and the rows of a range are committed in one transaction with the
+cursor, so a crash leaves either both or neither.
+
+Two paths with one meaning (`events.validate_line` is the reference):
+
+* **fast** (the default): DuckDB reads the range with `read_ndjson_objects` (one row per
+  non-blank line, NULL for a line that is not JSON, in file order), extracts the fields with one
+  `json_extract` and decides in SQL whether the line is *provably* accepted by the Python
+  validator with the same values (`_FAST_INSERT_SQL`). Those rows are inserted straight from the
+  scan; every other line ("suspect": not JSON, a wrong type, an odd time stamp, a JSON
+  extension DuckDB tolerates such as `NaN` or a trailing comma...) is fetched by its line number
+  and validated in Python, so quarantine reasons and line numbers are exactly the strict path's.
+  Blank lines are the only lines DuckDB skips; the line count of the range (counted with numpy)
+  says whether there are any, and only then are they located.
+* **strict**: every line through `events.validate_line` in Python, 32 MiB per transaction.
+  `ROLLOUT_INGEST_MODE=strict` selects it; the fast path also falls back to it for a range
+  DuckDB cannot read consistently. `rollout_assets_tests/test_ingest_paths.py` feeds both paths
+  the same messy files and compares the three tables row for row.
+
+Duplicates: `event_key = hash(event_id)`, a 64-bit hash, is the dedup key (joins on a UBIGINT
+instead of strings). After a range is inserted, its rows whose key is already stored, or that
+repeat a key earlier in the range, are deleted: the first occurrence wins. Two distinct ids
+share a key with probability ~n²/2^65 for n stored ids (10^8 ids: 3·10^-4; 10^9: 3 %): such an
+event would be counted as a duplicate. DuckDB's `hash` may change between DuckDB versions, so the
+keys are checked against `event_id` on every run and recomputed if they no longer match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from rollout_assets.events import (
+    EVENT_COLUMNS,
+    FUTURE_SLACK,
+    KINDS,
+    MAX_ID_LEN,
+    MAX_LATENCY_MS,
+    MIN_TS,
+    NEEDS_OK,
+    ParsedChunk,
+    line_bytes,
+    parse_chunk,
+    validate_line,
+)
+from rollout_assets.home import RolloutHome
+from rollout_assets.policy import Policy
+from rollout_assets.warehouse import transaction
+
+MODE_ENV = "ROLLOUT_INGEST_MODE"
+MODES = ("fast", "strict")
+CHUNK_BYTES = 32 * 1024 * 1024  # strict path: bytes validated per transaction
+# A last line without its newline is still being written if the file changed this recently.
+SETTLE_SECONDS = 30.0
+BLOCK = 64 * 1024  # newline counts are kept per block: a suspect line is found by reading one
+READ_BUF = 16 * 1024 * 1024  # bytes read per call when counting lines
+MAX_OBJECT_BYTES = 64 * 1024 * 1024  # DuckDB's maximum_object_size for one line
+# Lines DuckDB skips without a row: only these bytes (JSON whitespace plus VT and FF).
+SKIPPED_WS = b" \t\r\x0b\x0c"
+# A suspect by length: more bytes than this may nest deeper than Python's json can parse.
+DEEP_LINE_BYTES = 800
+EVENT_TABLE_COLUMNS = (*EVENT_COLUMNS, "ingested_at", "event_key", "batch_id")
+
+
+class RetryableIOError(RuntimeError):
+    """A canary file could not be read, but trying again may succeed (seed §7.4 retryable=true)."""
+
+
+class _Inconsistent(Exception):
+    """DuckDB's view of a range disagrees with the bytes: the strict path takes the range."""
+
+
+@dataclass
+class FileIngest:
+    source_file: str
+    lines_read: int = 0
+    loaded: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    bytes_read: int = 0
+    pending_bytes: int = 0
+    # lines decided in SQL / validated in Python ("suspects" on the fast path, all on strict)
+    fast_lines: int = 0
+    python_lines: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def ingest_mode(mode: str | None = None) -> str:
+    m = mode or os.environ.get(MODE_ENV) or "fast"
+    if m not in MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {m!r}")
+    return m
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# ---- file access ---------------------------------------------------------------------------
+
+def _io_error(path: Path, exc: OSError) -> Exception:
+    if isinstance(exc, FileNotFoundError):
+        return exc
+    if isinstance(exc, PermissionError):
+        return PermissionError(exc.errno, f"canary file not readable: {path.name}: {exc.strerror}")
+    return RetryableIOError(f"reading {path.name} failed: {exc.strerror or exc}")
+
+
+def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
+    try:
+        return os.pread(fd, n, offset)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+
+
+def _read_from(path: Path, offset: int, end: int | None = None) -> bytes:
+    """Bytes [offset, end) of a canary file (to its end by default)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read() if end is None else f.read(end - offset)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+
+
+def _complete_end(fd: int, path: Path, start: int, size: int) -> int:
+    """End of the last complete line in [start, size): just after its newline (start if none)."""
+    pos = size
+    while pos > start:
+        n = min(BLOCK, pos - start)
+        block = _pread(fd, n, pos - n, path)
+        i = block.rfind(b"\n")
+        if i >= 0:
+            return pos - n + i + 1
+        pos -= n
+    return start
+
+
+@dataclass
+class _Range:
+    """A run of complete lines of one file, as the fast path sees it."""
+
+    path: Path  # what DuckDB reads: the canary file itself, or a snapshot of the range
+    fd: int  # an open descriptor of `path`
+    base: int  # offset of the range's first byte in `path`
+    size: int
+    counts: np.ndarray  # newlines per BLOCK of the range
+    first_line: int  # file line number of the range's first line
+
+    @property
+    def lines(self) -> int:
+        return int(self.counts.sum())
+
+
+def _scan_range(src_fd: int, path: Path, start: int, end: int,
+                copy_to: int | None) -> np.ndarray:
+    """Count newlines per BLOCK of [start, end) (numpy, ~GB/s); optionally copy the bytes."""
+    counts = np.zeros((end - start + BLOCK - 1) // BLOCK, np.int64)
+    buf = bytearray(READ_BUF)
+    view = memoryview(buf)
+    pos, j = start, 0
+    while pos < end:
+        want = min(READ_BUF, end - pos)
+        try:
+            got = os.preadv(src_fd, [view[:want]], pos)
+        except OSError as exc:
+            raise _io_error(path, exc) from None
+        if got != want:
+            raise _Inconsistent(f"{path.name} shrank while it was read")
+        if copy_to is not None:
+            os.write(copy_to, view[:got])
+        eq = np.frombuffer(buf, np.uint8, count=got) == 10
+        for i in range(0, got, BLOCK):
+            counts[j] = np.count_nonzero(eq[i:i + BLOCK])
+            j += 1
+        pos += got
+    return counts
+
+
+class _LineFinder:
+    """Fetch lines of a range by number without keeping the range in memory."""
+
+    def __init__(self, rng: _Range):
+        self.rng = rng
+        self.cum = np.concatenate(([0], np.cumsum(rng.counts)))  # newlines before block j
+        self._nl: dict[int, np.ndarray] = {}
+
+    def _newline(self, m: int) -> int:
+        """Offset (in the range) of its m-th newline, 1-based."""
+        j = int(np.searchsorted(self.cum, m, "left")) - 1
+        pos = self._nl.get(j)
+        if pos is None:
+            block = _pread(self.rng.fd, min(BLOCK, self.rng.size - j * BLOCK),
+                           self.rng.base + j * BLOCK, self.rng.path)
+            pos = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+            if len(self._nl) > 4096:
+                self._nl.clear()
+            self._nl[j] = pos
+        return j * BLOCK + int(pos[m - self.cum[j] - 1])
+
+    def line(self, k: int) -> bytes:
+        """Raw bytes of the range's k-th line (1-based), without its newline."""
+        begin = 0 if k == 1 else self._newline(k - 1) + 1
+        end = self._newline(k)
+        return _pread(self.rng.fd, end - begin, self.rng.base + begin, self.rng.path)
+
+    def skipped_lines(self) -> list[int]:
+        """Numbers (1-based, in the range) of the lines DuckDB skips: empty or only SKIPPED_WS."""
+        out: list[int] = []
+        line_no, pos = 1, 0
+        ws = np.frombuffer(SKIPPED_WS + b"\n", np.uint8)
+        while pos < self.rng.size:
+            data = _pread(self.rng.fd, min(READ_BUF, self.rng.size - pos), self.rng.base + pos,
+                          self.rng.path)
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than the buffer: it is not blank unless all space
+                end = self._newline(line_no) if line_no <= self.rng.lines else self.rng.size
+                if not _pread(self.rng.fd, end - pos, self.rng.base + pos,
+                              self.rng.path).strip(SKIPPED_WS):
+                    out.append(line_no)
+                line_no, pos = line_no + 1, end + 1
+                continue
+            a = np.frombuffer(data, np.uint8, count=cut)
+            nl = np.flatnonzero(a == 10)
+            starts = np.concatenate(([0], nl[:-1] + 1))
+            for c in np.flatnonzero(np.isin(a[starts], ws)):
+                if not data[starts[c]:nl[c]].strip(SKIPPED_WS):
+                    out.append(line_no + int(c))
+            line_no += len(nl)
+            pos += cut
+        return out
+
+
+# ---- the fast path's SQL ---------------------------------------------------------------------
+
+_FIELDS = ("event_id", "ts", "phase", "kind", "latency_ms", "ok", "conflict", "session_id",
+           "tenant", "environment", "tags")
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _json_texts(values) -> str:
+    """SQL list of the JSON texts DuckDB writes for these strings."""
+    return ", ".join(_sql_str(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
+                     for v in values)
+
+
+def _tag_forms() -> list[tuple[str, bool, bool]]:
+    """Every `tags` object text the fast path decodes itself: the two known keys, each at most
+    once, in either order, valued true/false/null (null means false, as in the validator)."""
+    vals = {"true": True, "false": False, "null": False}
+    forms = [("{}", False, False)]
+    for k in ("observed_only", "dry_run"):
+        for t, v in vals.items():
+            forms.append((f'{{"{k}":{t}}}', v if k == "observed_only" else False,
+                          v if k == "dry_run" else False))
+    for t1, v1 in vals.items():
+        for t2, v2 in vals.items():
+            forms.append((f'{{"observed_only":{t1},"dry_run":{t2}}}', v1, v2))
+            forms.append((f'{{"dry_run":{t2},"observed_only":{t1}}}', v1, v2))
+    return forms
+
+
+# `f` holds each field's JSON text as DuckDB re-writes it (minified, strings with only the
+# escapes JSON requires), NULL when the key is absent. A clean line is one the Python validator
+# accepts with the same values (`clean`); every other row is validated in Python by its line
+# number. Rows are staged in a temp table first: deleting rows a transaction has just inserted
+# makes DuckDB's commit rewrite them all, so duplicates are left out of the insert instead.
+#
+# DuckDB's JSON reader also accepts NaN/Infinity, trailing commas and any nesting depth, which
+# Python's json does not; those could hide in keys the fast path does not read. A line whose
+# length is exactly that of its known keys written minified (`known_len`) has no other content:
+# every other spelling of a string, key, object or boolean is at least as long as the minified
+# one, and the only shorter spelling of a number is an exponent form of a value written with
+# trailing zeros ("1E2" for 100.0) or leading ones ("1E-3" for 0.001), which the `lat_j` test
+# excludes. Any other line must pass a textual check for those extensions instead.
+_FAST_STAGE_SQL = """
+create or replace temp table _ingest_stage as
+with src as (
+    select ordinality as o, json::VARCHAR as raw,
+        json_extract(json, {paths})::VARCHAR[] as f
+    from read_ndjson_objects($src, ignore_errors = true,
+                             maximum_object_size = {max_object}) with ordinality
+), {shifted}v as (
+    select rel_line, raw, f[1] as e, f[2] as ts_j, f[3] as phase_j, f[4] as kind_j,
+        f[5] as lat_j, f[6] as ok_j, f[7] as conflict_j, f[8] as sid_j, f[9] as tenant_j,
+        f[10] as env_j, f[11] as tags_j, {expected_len} + 1 as known_len,
+        case when f[2] like '"%' and not contains(f[2], '\\') and strlen(f[2]) >= 22
+             then f[2][2:-2] end as ts_s
+    from {source}
+), p as (
+    select v.*, g.observed_only as g_observed, g.dry_run as g_dry,
+        case when lat_j is null or lat_j = 'null' then null
+             else try_cast(lat_j as DOUBLE) end as lat,
+        -- DuckDB's strptime takes 1-6 fraction digits like Python; the glob below pins the
+        -- date and time digits (strptime alone would take "09:03:1.5")
+        case when right(ts_s, 1) = 'Z' then try_strptime(ts_s, {ts_utc_formats})
+             when ts_s[-6] in ('+', '-') and ts_s[-3] = ':' and ts_s[-5:-4] <= '23'
+                  and ts_s[-2:] <= '59'
+             then make_timestamp(epoch_us(try_strptime(ts_s, {ts_offset_formats})))
+        end as ts_utc
+    from v left join _ingest_tag_forms g on v.tags_j = g.form
+), c as (
+    select *,
+        raw is not null
+        -- event_id: a non-empty string that starts with a printable character, <= 256 chars
+        and e like '"%' and not contains(e, '\\') and strlen(e) > 2
+        and ascii(e[2]) between 33 and 126
+        and {e_len_ok}
+        -- ts: YYYY-MM-DDTHH:MM:SS[.f{{1,6}}](Z|+HH:MM|-HH:MM), a real instant in range
+        and left(ts_s, 19) glob '{ts_glob}'
+        and ts_utc >= {min_ts} and ts_utc <= $max_ts
+        and phase_j in ({phases}) and kind_j in ({kinds})
+        and (case when lat is null then (lat_j is null or lat_j = 'null')
+                  and kind_j <> '"autosave"'
+             else isfinite(lat) and lat >= 0 and lat <= {max_latency} end)
+        and (case when ok_j is null or ok_j = 'null' then kind_j not in ({needs_ok})
+             else ok_j in ('true', 'false') end)
+        and (conflict_j is null or conflict_j in ('null', 'true', 'false'))
+        and {sid_ok} and {tenant_ok} and {env_ok}
+        and (tags_j is null or tags_j = 'null' or g_observed is not null)
+        -- no JSON extension Python rejects (NaN, trailing commas, deep nesting) anywhere
+        and (case when strlen(raw) = known_len and not (lat_j like '%0.0' or lat_j like '0.0%')
+                  then true
+                  else not regexp_matches(raw, '{lenient_re}')
+                       and (case when strlen(raw) <= {deep_bytes} then true
+                            else strlen(raw) - strlen(replace(replace(raw, '{{', ''), '[', ''))
+                                 <= {deep_bytes} // 2 end) end) as clean
+    from p
+)
+select
+    coalesce(clean, false) as clean,
+    case when clean then e[2:-2] end as event_id,
+    case when clean then ts_utc end as ts,
+    case when clean then time_bucket(INTERVAL 15 MINUTE, ts_utc) end as window_start,
+    case when clean then phase_j[2:-2] end as phase,
+    case when clean then kind_j[2:-2] end as kind,
+    case when clean then lat end as latency_ms,
+    case when clean and ok_j in ('true', 'false') then ok_j = 'true' end as ok,
+    case when clean then coalesce(conflict_j = 'true', false) end as conflict,
+    case when clean and sid_j like '"%' then sid_j[2:-2] end as session_id,
+    case when clean and tenant_j like '"%' then tenant_j[2:-2] end as tenant,
+    case when clean and env_j like '"%' then env_j[2:-2] end as environment,
+    case when clean then coalesce(g_observed, false) end as observed_only,
+    case when clean then coalesce(g_dry, false) end as dry_run,
+    $first_line - 1 + rel_line as line_no,
+    case when clean then hash(e[2:-2]) end as event_key
+from c
+"""
+
+_LENIENT_RE = r",[ \t\r]*[}\]]|[:\[,][ \t\r]*-?(?i:nan|inf)"
+
+
+_SHIFTED = """shifted as (
+    select src.*, o + coalesce(s.k, 0) as rel_line
+    from src asof left join (select c, max(k) as k from _ingest_skips group by c) s
+        on src.o > s.c
+), """
+
+
+def _short_enough(col: str) -> str:
+    """At most MAX_ID_LEN characters between the quotes (bytes first: counting UTF-8 characters
+    is slower, and CASE, unlike OR, evaluates the second test only where it is needed)."""
+    return (f"(case when strlen({col}) <= {MAX_ID_LEN + 2} then true "
+            f"else length({col}) <= {MAX_ID_LEN + 2} end)")
+
+
+def _optional_string(col: str) -> str:
+    """Absent, null, or a JSON string without escapes that is short enough."""
+    return (f"({col} is null or {col} = 'null' or ({col} like '\"%' "
+            f"and not contains({col}, '\\') and {_short_enough(col)}))")
+
+
+def _fast_sql(policy: Policy, with_skips: bool) -> str:
+    """The fast path's insert for this policy; `with_skips` maps row numbers past the blank
+    lines listed in `_ingest_skips` (only needed when the range has any)."""
+    # a minified object made only of the known keys: each present key's `"key":value,`, plus
+    # the braces, minus the last comma
+    expected_len = " + ".join(
+        f"coalesce(strlen(f[{i}]) + {len(name) + 4}, 0)" for i, name in enumerate(_FIELDS, 1))
+    return _FAST_STAGE_SQL.format(
+        source="shifted" if with_skips else "(select *, o as rel_line from src)",
+        shifted=_SHIFTED if with_skips else "",
+        paths="[" + ", ".join(f"'$.{f}'" for f in _FIELDS) + "]",
+        max_object=MAX_OBJECT_BYTES,
+        max_id=MAX_ID_LEN,
+        e_len_ok=_short_enough("e"),
+        sid_ok=_optional_string("sid_j"),
+        tenant_ok=_optional_string("tenant_j"),
+        env_ok=_optional_string("env_j"),
+        min_ts=f"TIMESTAMP '{MIN_TS:%Y-%m-%d %H:%M:%S}'",
+        phases=_json_texts(policy.phase_names),
+        kinds=_json_texts(KINDS),
+        needs_ok=_json_texts(sorted(NEEDS_OK)),
+        max_latency=repr(MAX_LATENCY_MS),
+        expected_len=expected_len,
+        lenient_re=_LENIENT_RE,
+        ts_utc_formats="['%Y-%m-%dT%H:%M:%S.%fZ', '%Y-%m-%dT%H:%M:%SZ']",
+        ts_offset_formats="['%Y-%m-%dT%H:%M:%S.%f%z', '%Y-%m-%dT%H:%M:%S%z']",
+        ts_glob="[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]",
+        deep_bytes=DEEP_LINE_BYTES,
+    )
+
+
+def _prepare_session(con) -> None:
+    con.execute("create temp table if not exists _ingest_skips (c BIGINT, k BIGINT)")
+    con.execute("create temp table if not exists _ingest_tag_forms "
+                "(form VARCHAR, observed_only BOOLEAN, dry_run BOOLEAN)")
+    if not con.execute("select count(*) from _ingest_tag_forms").fetchone()[0]:
+        con.executemany("insert into _ingest_tag_forms values (?, ?, ?)", _tag_forms())
+
+
+# ---- schema upkeep ---------------------------------------------------------------------------
+
+def ensure_event_keys(con) -> None:
+    """Add `event_key`/`batch_id` to a `canary_events` made before they existed, and recompute
+    the keys if this DuckDB's `hash` no longer gives the stored ones."""
+    cols = {r[0] for r in con.execute(
+        "select column_name from information_schema.columns where table_name = 'canary_events'"
+    ).fetchall()}
+    if "event_key" not in cols:
+        con.execute("alter table canary_events add column event_key UBIGINT")
+        con.execute("update canary_events set event_key = hash(event_id)")
+    if "batch_id" not in cols:
+        con.execute("alter table canary_events add column batch_id BIGINT default 0")
+    stale = con.execute(
+        "select count(*) from (select event_id, event_key from canary_events limit 64) "
+        "where event_key is distinct from hash(event_id)").fetchone()[0]
+    if stale:
+        con.execute("update canary_events set event_key = hash(event_id)")
+
+
+# ---- storing rows ------------------------------------------------------------------------------
+
+def _stage_python_rows(con, parsed: ParsedChunk) -> int:
+    """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed)."""
+    con.execute(f"""create temp table if not exists _ingest_stage as
+        select true as clean, {', '.join(_STAGE_COLUMNS)}, 0::UBIGINT as event_key
+        from canary_events limit 0""")
+    valid = len(parsed.columns["event_id"])
+    if not valid:
+        return 0
+    df = pd.DataFrame({c: parsed.columns[c] for c in _STAGE_COLUMNS}, columns=list(_STAGE_COLUMNS))
+    df["ts"] = pd.to_datetime(df["ts"])
+    df["window_start"] = pd.to_datetime(df["window_start"])
+    df["latency_ms"] = df["latency_ms"].astype("float64")
+    df["ok"] = df["ok"].astype("boolean")
+    con.register("_ingest_py_rows", df)
+    try:
+        con.execute(f"insert into _ingest_stage select true, {', '.join(_STAGE_COLUMNS)}, "
+                    "hash(event_id) from _ingest_py_rows")
+    finally:
+        con.unregister("_ingest_py_rows")
+    return valid
+
+
+def _insert_quarantine(con, rows: list[tuple[int, str, str]], rel: str, now: datetime) -> None:
+    if not rows:
+        return
+    q = pd.DataFrame(rows, columns=["line_no", "raw", "reason"])
+    q.insert(0, "source_file", rel)
+    q["ingested_at"] = now
+    con.register("_ingest_q_rows", q)
+    try:
+        con.execute("insert into quarantine select source_file, line_no, raw, reason, "
+                    "ingested_at::TIMESTAMP from _ingest_q_rows")
+    finally:
+        con.unregister("_ingest_q_rows")
+
+
+def _store_stage(con, rel: str, now: datetime, batch: int) -> int:
+    """Insert the staged valid rows whose event_key is neither stored already nor held by an
+    earlier line of the stage (the first occurrence wins); returns the rows inserted."""
+    return con.execute(f"""
+        insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
+        with stored as (  -- built on the (smaller) stage, probing the stored keys
+            select distinct s.event_key from _ingest_stage s
+            join canary_events c on c.event_key = s.event_key where s.clean
+        ), later as (
+            select s.line_no from _ingest_stage s
+            join _ingest_stage e on e.event_key = s.event_key
+                and e.clean and e.line_no < s.line_no
+            where s.clean
+        )
+        select {', '.join(c if c != "source_file" else "$rel" for c in EVENT_COLUMNS)},
+            $now::TIMESTAMP, event_key, $batch
+        from _ingest_stage
+        where clean and event_key not in (select event_key from stored)
+            and line_no not in (select line_no from later)
+    """, {"rel": rel, "now": now, "batch": batch}).fetchone()[0]
+
+
+def _next_batch(con) -> int:
+    return con.execute("select coalesce(max(batch_id), 0) + 1 from canary_events").fetchone()[0]
+
+
+@dataclass
+class _Cursor:
+    offset: int = 0
+    lines: int = 0
+    loaded: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+
+
+def _read_cursor(con, rel: str) -> _Cursor:
+    row = con.execute("select byte_offset, lines_read, loaded, duplicates, quarantined "
+                      "from ingest_files where source_file = ?", [rel]).fetchone()
+    return _Cursor(*row) if row else _Cursor()
+
+
+def _save_cursor(con, rel: str, cur: _Cursor, st: os.stat_result, now: datetime) -> None:
+    con.execute("insert or replace into ingest_files values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [rel, cur.offset, cur.lines, cur.loaded, cur.duplicates, cur.quarantined,
+                 st.st_size, st.st_mtime, now])
+
+
+def _commit_counts(stats: FileIngest, cur: _Cursor, lines: int, loaded: int, valid: int,
+                   quarantined: int, nbytes: int) -> None:
+    """Add a committed range to the run's stats and to the file's cursor totals."""
+    cur.offset += nbytes
+    cur.lines += lines
+    stats.bytes_read += nbytes
+    stats.lines_read += lines
+    for obj in (stats, cur):
+        obj.loaded += loaded
+        obj.duplicates += valid - loaded
+        obj.quarantined += quarantined
+
+
+# ---- the strict path -----------------------------------------------------------------------
+
+def _store_parsed(con, parsed: ParsedChunk, rel: str, now: datetime) -> tuple[int, int]:
+    """Store one chunk the Python validator read; returns (valid, kept)."""
+    con.execute("drop table if exists _ingest_stage")
+    valid = _stage_python_rows(con, parsed)
+    _insert_quarantine(con, parsed.quarantine, rel, now)
+    kept = _store_stage(con, rel, now, _next_batch(con)) if valid else 0
+    con.execute("drop table _ingest_stage")
+    return valid, kept
+
+
+def _ingest_strict(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
+                   phases: frozenset[str], st, now: datetime, stats: FileIngest) -> None:
+    """Validate [cursor, end) line by line in Python, CHUNK_BYTES per transaction."""
+    while cur.offset < end:
+        want = min(CHUNK_BYTES, end - cur.offset)
+        data = _pread(fd, want, cur.offset, path)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # a line longer than a chunk: read up to its newline
+            cut = _read_until_newline(fd, path, cur.offset, end)
+            data = _pread(fd, cut, cur.offset, path)
+        chunk = data[:cut]
+        parsed = parse_chunk(chunk, cur.lines + 1, rel, phases, now)
+        with transaction(con):
+            valid, kept = _store_parsed(con, parsed, rel, now)
+            _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
+                           len(chunk))
+            _save_cursor(con, rel, cur, st, now)
+        stats.python_lines += parsed.lines_read
+
+
+def _read_until_newline(fd: int, path: Path, start: int, end: int) -> int:
+    pos = start
+    while pos < end:
+        block = _pread(fd, min(READ_BUF, end - pos), pos, path)
+        i = block.find(b"\n")
+        if i >= 0:
+            return pos - start + i + 1
+        pos += len(block)
+    return end - start
+
+
+# ---- the fast path -------------------------------------------------------------------------
+
+def _snapshot_dir() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+class _Grew(Exception):
+    """The file changed while DuckDB read it in place: read a snapshot of the range instead."""
+
+
+@contextlib.contextmanager
+def _open_range(path: Path, fd: int, start: int, end: int, st, snapshot: bool):
+    """The bytes [start, end) as a file DuckDB can read: the canary file itself when the range
+    is all of it, else a snapshot copy (RAM-backed where /dev/shm exists) of just the range, so
+    DuckDB never reads the bytes before the cursor."""
+    if not snapshot and start == 0 and end == st.st_size:
+        yield _Range(path, fd, 0, end, _scan_range(fd, path, start, end, None), 1)
+        return
+    tmpdir = tempfile.mkdtemp(prefix="rollout-ingest-", dir=_snapshot_dir())
+    try:
+        snap = Path(tmpdir) / "range.jsonl"
+        out = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            counts = _scan_range(fd, path, start, end, out)
+        finally:
+            os.close(out)
+        sfd = os.open(snap, os.O_RDONLY)
+        try:
+            yield _Range(snap, sfd, 0, end - start, counts, 0)
+        finally:
+            os.close(sfd)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _ingest_fast(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor, policy: Policy,
+                 st, now: datetime, stats: FileIngest) -> None:
+    """All complete lines in [cursor, end) in one transaction. Raises _Inconsistent when the
+    strict path must take the range instead; nothing of the range is committed then."""
+    try:
+        _ingest_fast_once(con, fd, path, rel, end, cur, policy, st, now, stats, snapshot=False)
+    except _Grew:
+        _ingest_fast_once(con, fd, path, rel, end, cur, policy, st, now, stats, snapshot=True)
+
+
+_STAGE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "source_file")
+
+
+def _ingest_fast_once(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
+                      policy: Policy, st, now: datetime, stats: FileIngest,
+                      snapshot: bool) -> None:
+    phases = frozenset(policy.phase_names)
+    first_line = cur.lines + 1
+    params = {"first_line": first_line, "max_ts": now + FUTURE_SLACK}
+    with _open_range(path, fd, cur.offset, end, st, snapshot) as rng:
+        finder = _LineFinder(rng)
+        n_lines = rng.lines
+        skipped: list[int] = []
+        for attempt in (1, 2):
+            con.execute("begin transaction")
+            try:
+                if skipped:
+                    con.execute("delete from _ingest_skips")
+                    con.executemany("insert into _ingest_skips values (?, ?)",
+                                    [(b - i - 1, i + 1) for i, b in enumerate(skipped)])
+                try:
+                    con.execute(_fast_sql(policy, bool(skipped)),
+                                {**params, "src": str(rng.path)})
+                except duckdb.Error as exc:
+                    raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) \
+                        from None
+                rows, suspect_lines = con.execute(
+                    "select count(*), list(line_no) filter (where not clean) "
+                    "from _ingest_stage").fetchone()
+                if rows + len(skipped) != n_lines:
+                    if rng.path == path and rows + len(skipped) > n_lines:
+                        raise _Grew()
+                    if attempt == 1 and rows < n_lines:
+                        con.execute("rollback")
+                        skipped = finder.skipped_lines()
+                        if rows + len(skipped) == n_lines:
+                            continue
+                    raise _Inconsistent(f"{n_lines} lines but DuckDB read {rows} rows and "
+                                        f"{len(skipped)} blank lines")
+                suspects = sorted({n - (first_line - 1) for n in suspect_lines or ()}
+                                  .union(skipped))
+                parsed = ParsedChunk()
+                cols = [parsed.columns[c] for c in EVENT_COLUMNS]
+                for k in suspects:
+                    line_no = first_line - 1 + k
+                    row, text, reason = validate_line(line_bytes(finder.line(k), line_no),
+                                                      phases, now)
+                    if row is None:
+                        parsed.quarantine.append((line_no, text, reason))
+                    else:
+                        for col, value in zip(cols, (*row, rel, line_no), strict=True):
+                            col.append(value)
+                _stage_python_rows(con, parsed)
+                _insert_quarantine(con, parsed.quarantine, rel, now)
+                kept = _store_stage(con, rel, now, _next_batch(con))
+                if rng.path == path and os.stat(path).st_size != st.st_size:
+                    raise _Grew()
+                _commit_counts(stats, cur, n_lines, kept, n_lines - len(parsed.quarantine),
+                               len(parsed.quarantine), rng.size)
+                _save_cursor(con, rel, cur, st, now)
+                con.execute("drop table _ingest_stage")
+                con.execute("commit")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("rollback")
+                raise
+            stats.fast_lines += n_lines - len(suspects)
+            stats.python_lines += len(suspects)
+            return
+
+
+# ---- per file --------------------------------------------------------------------------------
+
+def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetime,
+                mode: str | None = None) -> FileIngest:
+    """Read one canary file from its cursor: complete lines on the fast (or strict) path, then
+    a last line without its newline once it has settled."""
+    mode = ingest_mode(mode)
+    rel = home.relative(path)
+    stats = FileIngest(rel)
+    phases = frozenset(policy.phase_names)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _io_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        cur = _read_cursor(con, rel)
+        if st.st_size < cur.offset:
+            # The file was truncated or replaced: read it again. Already-stored events dedup by
+            # event_id; quarantine entries of the old content are replaced.
+            with transaction(con):
+                con.execute("delete from quarantine where source_file = ?", [rel])
+                con.execute("delete from ingest_files where source_file = ?", [rel])
+            cur = _Cursor()
+        if st.st_size == cur.offset:
+            return stats
+        end = _complete_end(fd, path, cur.offset, st.st_size)
+        if end > cur.offset:
+            if mode == "fast":
+                snapshot = _Cursor(**cur.__dict__)
+                try:
+                    _ingest_fast(con, fd, path, rel, end, cur, policy, st, now, stats)
+                except _Inconsistent as exc:
+                    cur = snapshot
+                    stats.fallbacks.append(str(exc))
+                    _ingest_strict(con, fd, path, rel, end, cur, phases, st, now, stats)
+            else:
+                _ingest_strict(con, fd, path, rel, end, cur, phases, st, now, stats)
+        if end < st.st_size:
+            _ingest_tail(con, fd, path, rel, end, cur, phases, st, now, stats)
+    finally:
+        os.close(fd)
+    return stats
+
+
+def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
+                 phases: frozenset[str], st, now: datetime, stats: FileIngest) -> None:
+    """The last line has no newline yet: a writer may still be appending to it. Taken when it
+    parses, or (quarantined as truncated) once the file has not changed for SETTLE_SECONDS."""
+    tail = _pread(fd, st.st_size - end, end, path)
+    parsed = parse_chunk(tail, cur.lines + 1, rel, phases, now)
+    if parsed.quarantine and time.time() - st.st_mtime < SETTLE_SECONDS:
+        stats.pending_bytes = len(tail)
+        return
+    parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
+                         for n, raw, reason in parsed.quarantine]
+    with transaction(con):
+        valid, kept = _store_parsed(con, parsed, rel, now)
+        _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
+                       len(tail))
+        _save_cursor(con, rel, cur, st, now)
+    stats.python_lines += parsed.lines_read
+
+
+def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None = None,
+                  retries: int = 3, retry_delay: float = 0.5,
+                  mode: str | None = None) -> list[FileIngest]:
+    """Ingest every `reports/canary/phase-*.jsonl` from its cursor. Retryable I/O faults are
+    retried; a file that vanished or cannot be read raises for the caller to escalate.
+
+    `mode` is "fast" (default) or "strict" (`ROLLOUT_INGEST_MODE`); both store the same rows."""
+    now = now or _utcnow()
+    mode = ingest_mode(mode)
+    ensure_event_keys(con)
+    _prepare_session(con)
+    results = []
+    for path in home.canary_files():
+        for attempt in range(retries + 1):
+            try:
+                results.append(ingest_file(con, home, policy, path, now, mode))
+                break
+            except RetryableIOError:
+                if attempt == retries:
+                    raise
+                time.sleep(retry_delay * (2**attempt))
+    return results
