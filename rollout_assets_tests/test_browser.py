@@ -192,11 +192,17 @@ def _click(page, locator, timeout: float = 60.0) -> None:
 def _warehouse_counts(home: Path) -> dict:
     con = connect(RolloutHome(home).db_path, read_only=True)
     try:
-        return dict(zip(("breaches", "required", "rollbacks", "runs"), con.execute(
+        return dict(zip(("breaches", "required", "rollbacks", "runs", "restore_failed",
+                         "breach_windows"),
+                        con.execute(
             "select (select count(*) from window_verdicts where breach), "
             "(select count(*) from window_verdicts where rollback_required), "
             "(select count(*) from rollbacks), "
-            "(select count(*) from rollbacks where status <> 'skipped')").fetchone(), strict=True))
+            "(select count(*) from rollbacks where status <> 'skipped'), "
+            "(select count(*) from slo_scores where metric = 'restore_success_rate' "
+            " and passed = false and not shadow), "
+            "(select count(distinct window_start) from window_verdicts where breach)"
+        ).fetchone(), strict=True))
     finally:
         con.close()
 
@@ -247,7 +253,9 @@ def test_dashboard_renders_four_panels_offline(demo_home: Path, browser):
     restore = page.locator('svg[data-chart-id="restore_success"]')
     # the A-2 restore rule from governance/policy.yaml, the failed windows, the rollback
     assert restore.locator("line.threshold").count() >= 1
-    assert restore.locator("circle.breach-marker").count() == counts["breaches"] > 0
+    # a circle on each failed restore_success_rate evaluation, a line on each breached window
+    assert restore.locator("circle.breach-marker").count() == counts["restore_failed"] > 0
+    assert restore.locator("line.breach-line").count() == counts["breach_windows"]
     assert restore.locator("path.rollback-marker").count() == counts["runs"] >= 1
     assert restore.locator("rect.rollback-required").count() == counts["required"]
     assert page.locator("body").get_attribute("data-charts-drawn") == "5"
