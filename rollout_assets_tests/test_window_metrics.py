@@ -320,3 +320,128 @@ def test_alert_evidence_sql_reproduces_every_metric(loaded, policy, con):
                 assert got[m] is None, (ws, phase, m, got[m])
             else:
                 assert got[m] == pytest.approx(want, rel=1e-12, abs=1e-15), (ws, phase, m)
+
+
+# ---- the ingest agrees with the reference validator, line by line ------------------------------
+
+def _tricky_lines() -> list[bytes]:
+    """Valid and invalid lines whose reading is easy to get subtly wrong in a fast path."""
+    def j(**kw) -> bytes:
+        base = {"event_id": None, "ts": "2025-01-18T09:03:12.123Z", "phase": "A-1",
+                "kind": "autosave", "latency_ms": 812.5, "ok": True}
+        base.update(kw)
+        return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+    out: list[bytes] = []
+    ts_variants = [
+        "2025-01-18T09:14:59.999999Z", "2025-01-18T09:15:00+00:00", "2025-01-18T09:15:00-00:00",
+        "2025-01-18T18:15:00+09:00", "2025-01-18T18:14:59.999+09:00", "2025-01-18T09:15:00z",
+        "2025-01-18 09:15:00Z", "2025-01-18T09:15Z", "2025-01-18T09Z", "20250118T091500Z",
+        "2025-01-18T09:15:00.5Z", "2025-01-18T09:15:00,5Z", "2025-01-18T23:59:60Z",
+        "2025-01-18T24:00:00Z", "2025-01-18T09:15:00+0900", "2025-01-18T09:15:00+09",
+        "2025-W03-6T09:15:00Z", " 2025-01-18T09:15:00Z ", "2025-01-18T09:15:00.1234567Z",
+        "2025-01-18T09:15:00+09:00:30", "2025-01-18T09:15:00.000+05:45", "2025-1-18T09:15:00Z",
+        "2025-01-18T09:15:00Z\u0000", "２０２５-01-18T09:15:00Z", "2025-01-18T09:15:00+24:00",
+        "2000-01-01T00:00:00Z", "1999-12-31T23:59:59.999Z", "2025-01-18T09:15:00.000000Z",
+    ]
+    for i, t in enumerate(ts_variants):
+        out.append(j(event_id=f"t{i}", ts=t))
+    numbers = ["1e3", "1E+3", "812.50", "-0.0", "0", "3600000", "3600000.0000001", "1e308",
+               "5e-324", "10.", ".5", "01", "0x10", "1_000", "+1", "Infinity", "-1e-9"]
+    for i, n in enumerate(numbers):
+        out.append(j(event_id=f"n{i}").replace(b"812.5", n.encode()))
+    ids = ["\\u0041bc", 'a\\"b', "\u00fcn\u00efcode", "emoji \U0001f600", " spaced ", "x" * 256,
+           "x" * 257, "tab\\tid", "\\ud83d\\ude00", "\\ud800"]
+    for i, e in enumerate(ids):
+        raw = j(event_id="@@").replace(b'"@@"', b'"' + e.encode() + b'"')
+        out.append(raw.replace(b'"event_id"', b'"event_id"', 1) + b"")
+        out[-1] = out[-1].replace(b'"ts"', f'"seq": {i}, "ts"'.encode(), 1)
+    out += [
+        b'{"event_id": "d1", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "restore", '
+        b'"ok": true, "ok": "x"}',  # a repeated key: the first value wins
+        b'{"event_id": "d2", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "restore", '
+        b'"ok": "x", "ok": true}',
+        b'{"event_id": "k1", "ts": "2025-01-18T09:03:12Z", "phase": "A\\u002d1", '
+        b'"kind": "auto\\u0073ave", "latency_ms": 5, "ok": true}',
+        b'   {"event_id": "w1", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"}'
+        b'   \t',
+        b'{"event_id": "c1", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session",}',
+        b'{"event_id": "c2", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"} x',
+        b'{"event_id": "c3", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"}'
+        b'{"event_id": "c4"}',
+        b"{'event_id': 'c5', 'ts': '2025-01-18T09:03:12Z', 'phase': 'A-1', 'kind': 'session'}",
+        b'{"event_id": "c6", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session", '
+        b'"tags": {"observed_only": null, "dry_run": true}, "tenant": "standard"}',
+        b'{"event_id": "c7", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session", '
+        b'"tags": null, "environment": "Staging", "extra": {"deep": [1, {"x": null}]}}',
+        b'{"event_id": "c8", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "merge", '
+        b'"ok": false, "conflict": null}',
+        b'{"event_id": "c9", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "crash", '
+        b'"latency_ms": "fast"}',
+        b'{"event_id": "c10", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session", '
+        b'"session_id": 7}',
+        b'{"event_id": "c11", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session", '
+        b'"tenant": "q\\u0000a"}',
+        b'{"event_id": "c12", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"'
+        b', "nested": ' + b"[" * 600 + b"]" * 600 + b"}",
+        b'{"event_id": "c13", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"'
+        b', "nested": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"event_id": "c14", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session", '
+        b'"ok": NaN}',
+        b'{"event_id": "c15", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "autosave", '
+        b'"latency_ms": 1' + b"0" * 400 + b', "ok": true}',
+        b'{"event_id": "c16", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"'
+        b', "note": "caf\xc3\xa9"}',
+        b'{"event_id": "c17", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"'
+        b', "note": "caf\xe9"}',
+        b"\xef\xbb\xbf" + b'{"event_id": "c18", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", '
+        b'"kind": "session"}',
+        b'[{"event_id": "c19", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"}]',
+        b'{"event_id": "c20", "ts": "2025-01-18T09:03:12Z", "phase": "A-1", "kind": "session"}\r',
+        b"",
+        b"   ",
+        b'{"event_id": "t0", "ts": "2025-01-18T09:00:00Z", "phase": "A-1", "kind": "session"}',
+    ]
+    return out
+
+
+STORED = ("event_id", "ts", "window_start", "phase", "kind", "latency_ms", "ok", "conflict",
+          "session_id", "tenant", "environment", "observed_only", "dry_run")
+
+
+@pytest.mark.parametrize("mode", ["fast", "strict"])
+def test_ingest_stores_exactly_what_the_reference_validator_reads(home, policy, con, mode,
+                                                                   monkeypatch):
+    from rollout_assets.events import Reject, validate_event
+
+    monkeypatch.setenv("ROLLOUT_INGEST_MODE", mode)
+    lines = _tricky_lines()
+    # two leading valid lines so that the BOM line is not the file's first
+    lines = [json.dumps(ev("h1", "session", "2025-01-18T09:00:00Z")).encode(),
+             json.dumps(ev("h2", "session", "2025-01-18T09:00:01Z")).encode(), *lines]
+    write_canary(home, "A-1", lines)
+    (stats,) = ingest_canary(con, home, policy, now=NOW)
+    phases = frozenset(policy.phase_names)
+    want_rows, want_quarantine, seen = {}, {}, set()
+    for n, raw in enumerate(lines, start=1):
+        try:
+            row = validate_event(raw.decode("utf-8").removesuffix("\r"), phases, NOW)
+        except UnicodeDecodeError:
+            want_quarantine[n] = "not UTF-8"
+            continue
+        except Reject as exc:
+            want_quarantine[n] = str(exc)
+            continue
+        if row[0] not in seen:  # first occurrence wins
+            seen.add(row[0])
+            want_rows[n] = row
+    got_rows = {r[-1]: r[:-1] for r in con.execute(
+        f"select {', '.join(STORED)}, line_no from canary_events").fetchall()}
+    got_quarantine = dict(con.execute("select line_no, reason from quarantine").fetchall())
+    assert got_quarantine == want_quarantine
+    assert set(got_rows) == set(want_rows)
+    for n, want in want_rows.items():
+        assert got_rows[n] == want, (n, lines[n - 1][:120])
+    assert (stats.lines_read, stats.loaded, stats.quarantined) == (
+        len(lines), len(want_rows), len(want_quarantine))
+    assert stats.duplicates == len(lines) - len(want_rows) - len(want_quarantine)
