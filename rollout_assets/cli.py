@@ -56,7 +56,9 @@ def cmd_simulate(args, home: RolloutHome) -> int:
         res = simulate(home, policy, _time(args.start, "--start"), args.hours, rate=args.rate,
                        seed=args.seed, breach_metric=args.simulate_breach,
                        breach_phase=args.breach_phase, latency_ms=args.simulate_latency or 0.0,
-                       only_phase=args.phase, noise=not args.no_noise)
+                       only_phase=args.phase, noise=not args.no_noise,
+                       progress=lambda ph, s, e, n: print(
+                           f"  {ph}: {s:%Y-%m-%d %H:%M}..{e:%H:%M} UTC, {n} events", flush=True))
     except DrillRefused as exc:
         raise CliError(str(exc)) from None
     except ValueError as exc:
@@ -310,6 +312,7 @@ def cmd_demo(args, home: RolloutHome) -> int:
     print(f"  rollout --home {home.root} ui      # Dagster UI: lineage, check history, sensor, "
           "rollback runs")
     print(f"  duckdb {home.db_path} \"select * from window_verdicts where breach\"")
+    print(f"  open {home.root / 'reports' / 'dashboard' / 'index.html'}   # offline dashboard")
     return 0
 
 

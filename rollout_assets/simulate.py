@@ -92,7 +92,8 @@ def _iso(ts_ms: np.ndarray, offset_mask: np.ndarray) -> list[str]:
 def simulate(home: RolloutHome, policy: Policy, start: datetime, hours: float, rate: float = 60.0,
              seed: int = 7, breach_metric: str | None = None, breach_phase: str | None = None,
              latency_ms: float = 0.0, only_phase: str | None = None, noise: bool = True,
-             now: datetime | None = None) -> SimulationResult:
+             progress=None) -> SimulationResult:
+    """Append simulated traffic; `progress(phase, start, end, events)` is called per phase."""
     if (breach_metric or latency_ms) and policy.effective_mode() == "production":
         raise DrillRefused(
             "--simulate-breach / --simulate-latency are drills and are refused in production mode "
@@ -183,4 +184,6 @@ def simulate(home: RolloutHome, policy: Policy, start: datetime, hours: float, r
         rel = home.relative(path)
         result.files[rel] = result.files.get(rel, 0) + len(lines)
         result.events += n
+        if progress is not None:
+            progress(phase, s, e, n)
     return result
