@@ -198,23 +198,26 @@ def ensure_schema(con) -> None:
 
 
 # Crash-test hook, used only by rollout_assets_tests/test_reliability_atomic.py (documented in
-# docs/guarantees.md): ROLLOUT_TEST_PAUSE_IN_TRANSACTION="N:PATH" makes the N-th transaction of
-# this process create PATH and sleep before it commits, so a test can SIGKILL it mid-write.
-# Read once at import and removed from the environment, so child processes never inherit it.
+# docs/guarantees.md): ROLLOUT_TEST_PAUSE_IN_TRANSACTION="WHERE:PATH" makes a transaction of this
+# process create PATH and sleep before it commits, so a test can SIGKILL it mid-write. WHERE is
+# the name of the function that opened the transaction (`judge_range`), optionally `#k` for its
+# k-th one, or a number N for the N-th transaction of the process. Read once at import and
+# removed from the environment, so child processes never inherit it.
 PAUSE_ENV = "ROLLOUT_TEST_PAUSE_IN_TRANSACTION"
-_pause_at: tuple[int, str] | None = None
+_pause_at: tuple[str, int, str] | None = None
 if os.environ.get(PAUSE_ENV):
-    _n, _, _marker = os.environ.pop(PAUSE_ENV).partition(":")
-    _pause_at = (int(_n), _marker)
-_transactions = 0
+    _where, _, _marker = os.environ.pop(PAUSE_ENV).partition(":")
+    _name, _, _k = _where.partition("#")
+    _pause_at = ("", int(_name), _marker) if _name.isdigit() else (_name, int(_k or 1), _marker)
+_transactions: dict[str, int] = {}
 
 
 def _maybe_pause() -> None:
-    global _transactions
-    _transactions += 1
-    if _pause_at is not None and _transactions == _pause_at[0]:
-        caller = sys._getframe(3).f_code.co_name  # the function that opened the transaction
-        Path(_pause_at[1]).write_text(f"{_transactions} {caller} {os.getpid()}\n")
+    caller = sys._getframe(3).f_code.co_name  # the function that opened the transaction
+    for key in ("", caller):
+        _transactions[key] = _transactions.get(key, 0) + 1
+    if _pause_at is not None and _transactions.get(_pause_at[0]) == _pause_at[1]:
+        Path(_pause_at[2]).write_text(f"{caller} {os.getpid()}\n")
         time.sleep(600)
 
 

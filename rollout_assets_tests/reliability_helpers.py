@@ -87,11 +87,21 @@ def write_events(home: RolloutHome, phase: str, lines: list, file_phase: str | N
     return write_canary(home, file_phase or phase, lines)
 
 
+def _portable(value, root: str):
+    """A value with the home's own path replaced, so two homes can be compared."""
+    if isinstance(value, str):
+        return value.replace(root, "<home>")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_portable(v, root) for v in value)
+    return value
+
+
 def snapshot(home: RolloutHome) -> dict[str, list]:
-    """Every compared table, sorted, as Python values."""
+    """Every compared table, sorted, as Python values (the home's path written as <home>)."""
     con = connect(home.db_path, read_only=True)
     try:
-        return {name: sorted(con.execute(sql).fetchall(), key=repr)
+        return {name: sorted((_portable(row, str(home.root))
+                              for row in con.execute(sql).fetchall()), key=repr)
                 for name, sql in COMPARED_TABLES.items()}
     finally:
         con.close()
