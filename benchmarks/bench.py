@@ -1,0 +1,297 @@
+"""Issue 6 benchmark: the platform against a bare DuckDB scan of the same canary files.
+
+    python benchmarks/bench.py            # 1M and 10M events (~2.5 GB of JSONL, a few minutes)
+    python benchmarks/bench.py --quick    # 50k events, seconds: runs in the test suite
+
+For each size it generates a day of canary traffic (benchmarks/generate.py) and measures, each
+step in its own process (so peak RSS is that step's):
+
+* bare     DuckDB `read_json` with explicit columns, one GROUP BY per (window, phase) computing
+           the `window_metrics` columns: the practical limit, a JSON scan;
+* backfill the whole day through Dagster: `runner.run_range` on an on-disk instance, 96 windows
+           in one run, Collector → Analyzer → Reporter, then the breach sensor tick;
+* window   (largest size only) append one new 15-minute window of events to the files that
+           already hold the day and run that window end to end; "read" is the bytes the process
+           read (/proc/self/io rchar) against the canary files' size: the cursor must keep the
+           earlier bytes unread.
+
+and prints a table (events, MB, seconds, events/s, MB/s, peak RSS, ratio to bare) with the
+issue's targets. `--json PATH` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+DAY = datetime(2025, 1, 18)
+NEXT = DAY + timedelta(days=1)  # the incremental window: 00:00-00:15 of the next day
+TARGETS = {"backfill_ratio": 3.0, "backfill_rss_mb": 1024.0, "window_seconds": 3.0,
+           "growth": 11.0}
+
+BARE_SQL = """
+with ev as (
+    select time_bucket(INTERVAL 15 MINUTE, timezone('UTC', ts)) as window_start, phase, kind,
+        latency_ms, ok, conflict,
+        coalesce(tags.dry_run, false) or coalesce(tags.observed_only, false)
+            or environment = 'staging' or (tenant = 'standard' and phase = 'A-1') as excluded
+    from read_json({files}, format = 'newline_delimited', ignore_errors = true,
+                   columns = {{event_id: 'VARCHAR', ts: 'TIMESTAMPTZ', phase: 'VARCHAR',
+                              kind: 'VARCHAR', latency_ms: 'DOUBLE', ok: 'BOOLEAN',
+                              conflict: 'BOOLEAN', tenant: 'VARCHAR', environment: 'VARCHAR',
+                              tags: 'STRUCT(observed_only BOOLEAN, dry_run BOOLEAN)'}})
+    where ts is not null and phase is not null
+)
+select window_start, phase,
+    count(*) filter (where not excluded) as events,
+    count(*) filter (where not excluded and kind = 'autosave') as autosave_count,
+    quantile_cont(latency_ms, 0.95) filter (where not excluded and kind = 'autosave') as p95,
+    count(*) filter (where not excluded and kind = 'autosave' and not ok) as autosave_errors,
+    count(*) filter (where not excluded and kind = 'restore') as restores,
+    count(*) filter (where not excluded and kind = 'restore' and ok) as restores_ok,
+    count(*) filter (where not excluded and kind = 'merge') as merges,
+    count(*) filter (where not excluded and kind = 'merge' and ok) as merges_ok,
+    count(*) filter (where not excluded and kind = 'merge' and conflict) as conflicts,
+    count(*) filter (where not excluded and kind = 'session') as sessions,
+    count(*) filter (where not excluded and kind = 'crash') as crashes,
+    count(*) filter (where excluded) as excluded_events
+from ev group by all
+"""
+
+
+def _rchar() -> int:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def _canary_bytes(home: Path) -> int:
+    return sum(p.stat().st_size for p in (home / "reports" / "canary").glob("phase-*.jsonl"))
+
+
+# ---- steps (each runs in a child process) ------------------------------------------------------
+
+def step_bare(home: Path) -> dict:
+    import duckdb
+
+    files = sorted(str(p) for p in (home / "reports" / "canary").glob("phase-*.jsonl"))
+    con = duckdb.connect()
+    sql = BARE_SQL.format(files="[" + ", ".join(f"'{f}'" for f in files) + "]")
+    t = time.perf_counter()
+    rows = con.execute(sql).fetchall()
+    return {"seconds": time.perf_counter() - t, "rows": len(rows)}
+
+
+def step_backfill(home: Path) -> dict:
+    from rollout_assets.home import RolloutHome
+    from rollout_assets.runner import run_range
+
+    t = time.perf_counter()
+    summary = run_range(RolloutHome(home), DAY, DAY + timedelta(days=1), log=lambda m: None)
+    return {"seconds": time.perf_counter() - t, "windows": len(summary.windows),
+            "success": summary.success, **_table_counts(home)}
+
+
+def step_window(home: Path, events: int) -> dict:
+    """Append one new window of `events` events, then run that window end to end."""
+    import duckdb
+    from generate import write_phase
+
+    from rollout_assets.home import RolloutHome
+    from rollout_assets.runner import run_range
+
+    # the phase live at the end of the day
+    path = home / "reports" / "canary" / "phase-B-1.jsonl"
+    before = _canary_bytes(home)
+    con = duckdb.connect()
+    write_phase(con, path, "B-1", NEXT, NEXT + timedelta(minutes=15), events, seed=8,
+                id_prefix="inc-")
+    con.close()
+    appended = _canary_bytes(home) - before
+    r0, t = _rchar(), time.perf_counter()
+    summary = run_range(RolloutHome(home), NEXT, NEXT + timedelta(minutes=15), log=lambda m: None)
+    seconds = time.perf_counter() - t
+    read = _rchar() - r0
+    return {"seconds": seconds, "success": summary.success, "appended_bytes": appended,
+            "canary_bytes_before": before, "bytes_read": read, **_table_counts(home)}
+
+
+def _table_counts(home: Path) -> dict:
+    from rollout_assets.warehouse import connect
+
+    con = connect(home / "data" / "rollout.duckdb", read_only=True)
+    try:
+        return {t: con.execute(f"select count(*) from {t}").fetchone()[0]
+                for t in ("canary_events", "quarantine", "window_metrics", "window_verdicts")}
+    finally:
+        con.close()
+
+
+def child_main(args) -> int:
+    home = Path(args.home)
+    os.environ["ROLLOUT_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(home / ".dagster")
+    if args._step == "bare":
+        out = step_bare(home)
+    elif args._step == "backfill":
+        out = step_backfill(home)
+    else:
+        out = step_window(home, args.events)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH " + json.dumps(out, default=str))
+    return 0
+
+
+# ---- orchestration ---------------------------------------------------------------------------
+
+def run_child(step: str, home: Path, events: int = 0) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_step", step, "--home", str(home),
+           "--events", str(events)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(home))
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"benchmark step {step} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("BENCH "):])
+
+
+def prepare_home(root: Path, events: int) -> tuple[Path, float, float]:
+    from generate import generate
+
+    home = root / f"home-{events}"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    t = time.perf_counter()
+    generate(home, events, DAY)
+    seconds = time.perf_counter() - t
+    return home, _canary_bytes(home) / 1e6, seconds
+
+
+def row(name: str, events: int, mb: float, res: dict, bare: float | None) -> dict:
+    s = res["seconds"]
+    return {"step": name, "events": events, "mb": mb, "seconds": s,
+            "events_per_s": events / s if s else 0.0, "mb_per_s": mb / s if s else 0.0,
+            "peak_rss_mb": res["peak_rss_mb"], "ratio": s / bare if bare else None,
+            "detail": {k: v for k, v in res.items() if k not in ("seconds", "peak_rss_mb")}}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| step | events | MB | seconds | events/s | MB/s | peak RSS MB | × bare |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "–"
+        lines.append(f"| {r['step']} | {r['events']:,} | {r['mb']:.0f} | {r['seconds']:.2f} | "
+                     f"{r['events_per_s']:,.0f} | {r['mb_per_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict], sizes: list[int]) -> list[str]:
+    out = []
+    big = max(sizes)
+    back = {r["events"]: r for r in rows if r["step"].startswith("backfill")}
+    if big in back:
+        b = back[big]
+        out.append(f"backfill {big:,}: {b['ratio']:.2f}× bare (target ≤ "
+                   f"{TARGETS['backfill_ratio']}×) {'MET' if b['ratio'] <= 3 else 'MISSED'}; "
+                   f"peak RSS {b['peak_rss_mb']:.0f} MB (target ≤ 1024) "
+                   f"{'MET' if b['peak_rss_mb'] <= TARGETS['backfill_rss_mb'] else 'MISSED'}")
+    w = next((r for r in rows if r["step"].startswith("window")), None)
+    if w:
+        d = w["detail"]
+        reread = d["bytes_read"] >= d["canary_bytes_before"]
+        out.append(f"window: {w['seconds']:.2f} s (target ≤ 3 s) "
+                   f"{'MET' if w['seconds'] <= TARGETS['window_seconds'] else 'MISSED'}; the "
+                   f"process read {d['bytes_read'] / 1e6:.1f} MB in all for "
+                   f"{d['appended_bytes'] / 1e6:.1f} MB appended to "
+                   f"{d['canary_bytes_before'] / 1e6:.0f} MB of canary files "
+                   f"({'RE-READ' if reread else 'earlier bytes not re-read'})")
+    if len(back) >= 2:
+        lo, hi = min(back), max(back)
+        g = back[hi]["seconds"] / back[lo]["seconds"]
+        ok = g <= TARGETS["growth"]
+        out.append(f"growth {lo:,} → {hi:,} ({hi // lo}× the events): {g:.2f}× the time "
+                   f"(target ≤ {TARGETS['growth']}×) {'MET' if ok else 'MISSED'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="50k events (seconds; used by the tests)")
+    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma-separated event counts (default 1000000,10000000)")
+    p.add_argument("--window-events", type=int, help="events in the appended window")
+    p.add_argument("--workdir", help="where to generate (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the generated homes")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--_step", help=argparse.SUPPRESS)
+    p.add_argument("--home", help=argparse.SUPPRESS)
+    p.add_argument("--events", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._step:
+        return child_main(args)
+
+    sizes = args.sizes or ([50_000] if args.quick else [1_000_000, 10_000_000])
+    window_events = args.window_events or (5_000 if args.quick else 100_000)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="rollout-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(f"rollout-assets benchmark: sizes {sizes}, window {window_events:,} events, "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at start; workdir {root}",
+          flush=True)
+    rows: list[dict] = []
+    try:
+        for n in sizes:
+            home, mb, gen_s = prepare_home(root, n)
+            print(f"  generated {n:,} events ({mb:.0f} MB) in {gen_s:.1f} s", flush=True)
+            bare = run_child("bare", home)
+            rows.append(row("bare DuckDB read_json + GROUP BY", n, mb, bare, bare["seconds"]))
+            print(f"  bare: {bare['seconds']:.2f} s", flush=True)
+            back = run_child("backfill", home)
+            rows.append(row("backfill a day through Dagster", n, mb, back, bare["seconds"]))
+            print(f"  backfill: {back['seconds']:.2f} s", flush=True)
+            if n == max(sizes):
+                win = run_child("window", home, window_events)
+                wmb = win["appended_bytes"] / 1e6
+                rows.append(row(f"window: +{window_events:,} events, 1 window", window_events,
+                                wmb, win, None))
+                print(f"  window: {win['seconds']:.2f} s", flush=True)
+            if not args.keep:
+                shutil.rmtree(home, ignore_errors=True)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    end_load = os.getloadavg()
+    print()
+    print(format_table(rows))
+    print()
+    for v in verdicts(rows, sizes):
+        print("- " + v)
+    print(f"- load average {load[0]:.2f} at start, {end_load[0]:.2f} at the end "
+          f"({os.cpu_count()} CPUs)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "load": [load, end_load]},
+                                              indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

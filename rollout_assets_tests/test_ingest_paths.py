@@ -1,0 +1,388 @@
+"""The Collector's two ingest paths store the same thing.
+
+The fast path (DuckDB decides the lines it can prove clean, Python validates the rest) and the
+strict path (Python validates every line) read the same canary files into two DuckDB files on
+disk; `canary_events`, `quarantine` and `ingest_files` must then be identical row for row. The
+inputs are a corpus of hand-picked traps (JSON extensions DuckDB tolerates and Python does not,
+type look-alikes, time stamps at the edges, blank lines, BOM/CRLF, duplicate ids across both
+paths) and hypothesis-generated messy files, read in one go and appended in pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rollout_assets.home import PROJECT_ROOT, RolloutHome
+from rollout_assets.ingest import ingest_canary
+from rollout_assets.policy import load_policy
+from rollout_assets.warehouse import connect
+from rollout_assets_tests.conftest import DAY, event
+
+NOW = DAY + timedelta(days=1)
+POLICY = load_policy(PROJECT_ROOT / "governance" / "policy.yaml")
+PHASES = ("A-0", "A-1", "A-2", "B-0", "B-1")
+
+
+def compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def ev(**kw) -> dict:
+    return event(**kw)
+
+
+# ---- the two paths side by side --------------------------------------------------------------
+
+class Twin:
+    """Two rollout homes fed the same bytes; one ingests fast, the other strict."""
+
+    def __init__(self, root: Path):
+        self.homes = {m: RolloutHome((root / m).resolve()) for m in ("fast", "strict")}
+        for h in self.homes.values():
+            h.canary_dir.mkdir(parents=True, exist_ok=True)
+        self.cons = {m: connect(h.db_path) for m, h in self.homes.items()}
+
+    def write(self, name: str, data: bytes, mode: str = "ab") -> None:
+        for h in self.homes.values():
+            path = h.canary_dir / name
+            with open(path, mode) as f:
+                f.write(data)
+            os.utime(path, (0, 0))  # long settled: an unterminated last line is taken
+
+    def ingest(self) -> dict:
+        stats = {m: ingest_canary(self.cons[m], h, POLICY, now=NOW, mode=m)
+                 for m, h in self.homes.items()}
+        return stats
+
+    def tables(self, mode: str) -> tuple:
+        con = self.cons[mode]
+        return (
+            con.execute("select * exclude (batch_id) from canary_events "
+                        "order by source_file, line_no").fetchall(),
+            con.execute("select * from quarantine order by source_file, line_no").fetchall(),
+            con.execute("select * exclude (updated_at, mtime) from ingest_files "
+                        "order by source_file").fetchall(),
+        )
+
+    def assert_same(self) -> dict:
+        fast, strict = self.tables("fast"), self.tables("strict")
+        for name, f, s in zip(("canary_events", "quarantine", "ingest_files"), fast, strict,
+                              strict=True):
+            assert len(f) == len(s), (name, len(f), len(s))
+            for a, b in zip(f, s, strict=True):
+                assert a == b, (name, a, b)
+        return {"events": len(fast[0]), "quarantined": len(fast[1])}
+
+    def close(self) -> None:
+        for c in self.cons.values():
+            c.close()
+
+
+@pytest.fixture
+def twin(tmp_path):
+    t = Twin(tmp_path)
+    yield t
+    t.close()
+
+
+def lines(*items) -> bytes:
+    out = b""
+    for x in items:
+        if isinstance(x, dict):
+            x = compact(x)
+        if isinstance(x, str):
+            x = x.encode()
+        out += x + b"\n"
+    return out
+
+
+# ---- a corpus of traps ---------------------------------------------------------------------------
+
+def trap_corpus() -> list:
+    good = compact(ev(event_id="g1"))
+    return [
+        b"\xef\xbb\xbf" + compact(ev(event_id="bom")).encode(),  # BOM on the first line
+        compact(ev(event_id="crlf")).encode() + b"\r",
+        b"", b"   ", b"\r", b"\t \r", b"\x0b", b"\x0c", b"\xc2\xa0",  # blank-ish lines
+        json.dumps(ev(event_id="spaced")),  # json.dumps' default ", " and ": "
+        json.dumps(ev(event_id="spaced2"), indent=None, separators=(", ", " : ")),
+        compact(ev(event_id="t1", ok="true")),
+        compact(ev(event_id="t2", latency_ms="812")),
+        compact(ev(event_id="t3", latency_ms=True)),
+        compact(ev(event_id="t4", conflict="false")),
+        compact(ev(event_id="t5", tenant=5)),
+        compact(ev(event_id="t6", session_id=None, tenant=None)),
+        compact(ev(event_id=17)),
+        compact(ev(event_id="")),
+        compact(ev(event_id=" lead")),
+        compact(ev(event_id="\u3000")),
+        compact(ev(event_id="x" * 256)),
+        compact(ev(event_id="x" * 257)),
+        compact(ev(event_id="é" * 200)),
+        compact(ev(event_id="esc\"q")),
+        '{"event_id":"esc\\u0041\\/","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session"}',
+        '{"event_id":"sur\\ud800","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session"}',
+        b'{"event_id":"bad\xff","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session"}',
+        # JSON extensions DuckDB reads and Python's json refuses
+        good[:-1] + ',"extra":NaN}',
+        good[:-1] + ',"extra":-Infinity}',
+        good[:-1] + ',"extra":[1,nan]}',
+        good[:-1] + ',"extra":{"x":inf}}',
+        good.replace("812.5", "NaN").replace('"g1"', '"n1"'),
+        good.replace("812.5", "1e400").replace('"g1"', '"n2"'),
+        good.replace("812.5", "1" + "0" * 30).replace('"g1"', '"n3"'),
+        good[:-1] + ",}",
+        good[:-1] + " ,  }",
+        good.replace('"dry_run":false}', '"dry_run":false,}').replace('"g1"', '"c2"'),
+        good[:-1] + ',"extra":[1,2,]}',
+        # the exponent spelling of 100.0 is shorter than DuckDB's "100.0": with a trailing
+        # comma and a space the line is exactly as long as its minified known keys
+        compact(ev(event_id="e1", latency_ms=100.0)).replace("100.0", "1E2")[:-1] + ", }",
+        compact(ev(event_id="e2", latency_ms=100.0)).replace("100.0", "1E2"),
+        compact(ev(event_id="e3", latency_ms=0.001)).replace("0.001", "1e-3"),
+        compact(ev(event_id="e4")).replace("812.5", "-0"),
+        good[:-1] + ',"deep":' + "[" * 600 + "]" * 600 + "}",
+        good[:-1] + ',"deep":' + "[" * 5000 + "]" * 5000 + "}",
+        # duplicate keys: the first value wins on both paths
+        '{"event_id":"d1","event_id":"d2","ts":"2025-01-18T09:03:12Z","phase":"A-1",'
+        '"kind":"session"}',
+        '{"event_id":"d3","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session",'
+        '"tags":{"dry_run":true,"dry_run":false}}',
+        '{"event_id":"d4","ok":"true","ok":true,"ts":"2025-01-18T09:03:12Z","phase":"A-1",'
+        '"kind":"restore"}',
+        # time stamps at the edges
+        *(compact(ev(event_id=f"ts{i}", ts=t)) for i, t in enumerate([
+            "2025-01-18T18:15:00+09:00", "2025-01-18T01:10:00-08:00", "2025-01-18T05:45:30+05:45",
+            "2025-01-18T09:14:59.999Z", "2025-01-18T09:15:00z", "2025-01-18T09:03:12",
+            "2025-01-18T24:00:00Z", "2025-01-18T23:59:60Z", "2025-01-18T09:03:12+24:00",
+            "2025-01-18T09:03:12.1234567Z", "2025-01-18T09:03:12.1Z", "2025-01-18T09:03:12.Z",
+            "2025-01-18T09:03:12+0900", "2025-01-18T09:03:12+09", "2025-01-18 09:03:12Z",
+            "2025-02-29T09:03:12Z", "2025-01-18T09:03:1.5Z", " 2025-01-18T09:03:12Z",
+            "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00", "1999-12-31T23:59:59Z",
+            "2025-01-20T00:00:01Z", "2025-01-19T23:59:59Z", "2025-W03-6T09:03:12Z",
+        ])),
+        # kinds, phases and tags
+        compact(ev(event_id="k1", kind="Autosave")),
+        compact(ev(event_id="k2", phase="Z-9")),
+        compact(ev(event_id="k3", kind="crash", drop=["latency_ms", "ok", "conflict"])),
+        compact(ev(event_id="k4", kind="merge", ok=None)),
+        compact(ev(event_id="k5", tags=[])),
+        compact(ev(event_id="k6", tags={"observed_only": "true"})),
+        compact(ev(event_id="k7", tags={"observed_only": None, "dry_run": True})),
+        compact(ev(event_id="k8", tags={"dry_run": True, "other": 1})),
+        compact(ev(event_id="k9", drop=["tags"])),
+        compact(ev(event_id="k10", tags=None)),
+        # not JSON objects, broken and multi-line
+        "not json at all", "[1,2]", '"s"', "null", "42", "{}",
+        '{"event_id": "broken", "ts": ',
+        '"x"}',  # with the line above, valid JSON across two lines
+        '{"event_id":', '{"event_id":"after-open"}',
+        compact(ev(event_id="two")) + " " + compact(ev(event_id="objects")),
+        # duplicates: a clean line after a suspect line with the same id, and the reverse
+        compact(ev(event_id="dupA")).replace('"ok":true', '"ok": true'),  # spaced: Python
+        compact(ev(event_id="dupA", latency_ms=1.0)),  # clean: SQL, but second: dropped
+        compact(ev(event_id="dupB", latency_ms=2.0)),
+        compact(ev(event_id="dupB")).replace('"ok":true', '"ok": true'),
+        "g1-again:" + good,
+        good,
+    ]
+
+
+def test_trap_corpus_is_stored_identically(twin):
+    twin.write("phase-A-1.jsonl", lines(*trap_corpus()))
+    # an unterminated, settled last line is read too
+    twin.write("phase-A-1.jsonl", compact(ev(event_id="tail")).encode())
+    twin.write("phase-A-2.jsonl", lines(compact(ev(event_id="g1", phase="A-2")),
+                                        compact(ev(event_id="dupA", phase="A-2")),
+                                        compact(ev(event_id="only-a2", phase="A-2"))))
+    stats = twin.ingest()
+    counts = twin.assert_same()
+    fast = {s.source_file: s for s in stats["fast"]}
+    a1 = fast["reports/canary/phase-A-1.jsonl"]
+    assert a1.fallbacks == [] and a1.fast_lines > 0 and a1.python_lines > 0
+    assert a1.lines_read == len(trap_corpus()) + 1
+    assert counts["quarantined"] > 40 and counts["events"] > 30
+
+
+def test_generated_traffic_is_mostly_decided_in_sql(twin):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(3000):
+        t = DAY + timedelta(seconds=int(rng.integers(0, 86400)), milliseconds=int(i % 1000))
+        off = rng.random() < 0.1
+        ts = ((t + timedelta(hours=9)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "+09:00") if off \
+            else t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        kind = ["autosave", "restore", "merge", "session", "crash"][i % 5]
+        e = ev(event_id=f"id-{int(rng.integers(0, 2800))}", ts=ts, kind=kind,
+               latency_ms=float(np.round(rng.lognormal(6.4, 0.5), 1)),
+               phase=PHASES[i % 5], drop=[] if kind in ("autosave", "restore", "merge")
+               else ["latency_ms", "ok"])
+        out.append(compact(e))
+        if i % 97 == 0:
+            out.append("junk " + str(i))
+    twin.write("phase-B-0.jsonl", lines(*out))
+    stats = twin.ingest()
+    twin.assert_same()
+    s = stats["fast"][0]
+    assert s.fallbacks == [] and s.python_lines < 100 < s.duplicates
+
+
+def test_appends_truncation_and_cursor(twin):
+    body = trap_corpus()
+    twin.write("phase-A-1.jsonl", lines(*body[:40]))
+    twin.ingest()
+    twin.assert_same()
+    twin.write("phase-A-1.jsonl", lines(*body[40:]))
+    # a partial last line still being written stays pending on both paths
+    twin.write("phase-A-1.jsonl", b'{"event_id":"partial"')
+    for h in twin.homes.values():
+        os.utime(h.canary_dir / "phase-A-1.jsonl")  # just written
+    stats = twin.ingest()
+    assert all(s.pending_bytes for s in stats["fast"])
+    twin.assert_same()
+    twin.write("phase-A-1.jsonl", b',"ts":"2025-01-18T09:00:00Z","phase":"A-1","kind":"session"}\n')
+    twin.ingest()
+    twin.assert_same()
+    # the file replaced by a shorter one: read again from the start, ids already stored dedup
+    twin.write("phase-A-1.jsonl", lines(*body[:5], compact(ev(event_id="new-after-truncate"))),
+               mode="wb")
+    twin.ingest()
+    twin.assert_same()
+
+
+def test_large_file_read_in_place_matches(twin, tmp_path):
+    """A whole file from offset 0 is read by DuckDB in place (no snapshot copy)."""
+    import sys
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    from generate import generate
+
+    generate(tmp_path / "gen", 20_000, DAY, hours=2)
+    for f in sorted((tmp_path / "gen" / "reports" / "canary").glob("*.jsonl")):
+        twin.write(f.name, f.read_bytes())
+    stats = twin.ingest()
+    twin.assert_same()
+    assert sum(s.fast_lines for s in stats["fast"]) > 19_000
+    assert 10 < sum(s.quarantined for s in stats["fast"]) < 30  # the generator's junk lines
+
+
+# ---- hypothesis: messy files -------------------------------------------------------------------
+
+TS = st.one_of(
+    st.sampled_from(["2025-01-18T09:03:12Z", "2025-01-18T18:15:00+09:00", "2025-01-18T09:03:12",
+                     "2025-01-18T09:03:12.5-02:30", "2025-01-18T24:00:00Z", "yesterday", "",
+                     "2025-01-18T09:14:59.999999Z", "1999-01-01T00:00:00Z"]),
+    st.builds(lambda dt, frac, off: dt.strftime("%Y-%m-%dT%H:%M:%S")
+              + ("." + "7" * frac if frac else "") + off,
+              st.datetimes(min_value=datetime(1998, 1, 1), max_value=datetime(2025, 1, 21)),
+              st.integers(0, 7),
+              st.sampled_from(["Z", "z", "+00:00", "-00:00", "+09:00", "-11:30", "+23:59",
+                               "+24:00", "", "+0530"])),
+    st.integers(), st.none(), st.booleans(),
+)
+STR = st.one_of(st.none(), st.text(max_size=4), st.sampled_from(["qa", "standard", "staging",
+                                                                  "production", " ", "x" * 257]),
+                st.integers(), st.booleans(), st.lists(st.integers(), max_size=2))
+BOOL = st.one_of(st.none(), st.booleans(), st.sampled_from(["true", 1, 0, "false"]))
+NUM = st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                st.floats(min_value=0, max_value=4e6), st.integers(-5, 10**20),
+                st.sampled_from(["812", True, 100.0, 0.001, 3_600_000.0, 3_600_000.5]))
+EVENT = st.fixed_dictionaries(
+    {"event_id": st.one_of(st.sampled_from(["a", "b", "c", "d", "é", " e"]), st.text(max_size=3),
+                           st.integers(0, 3))},
+    optional={
+        "ts": TS,
+        "phase": st.one_of(st.sampled_from(PHASES), st.sampled_from(["Z-9", "a-1", 1])),
+        "kind": st.one_of(st.sampled_from(["autosave", "restore", "merge", "session", "crash"]),
+                          st.sampled_from(["Crash", "", None])),
+        "latency_ms": NUM, "ok": BOOL, "conflict": BOOL, "session_id": STR, "tenant": STR,
+        "environment": STR,
+        "tags": st.one_of(st.none(), st.fixed_dictionaries(
+            {}, optional={"observed_only": BOOL, "dry_run": BOOL, "x": st.integers()}),
+            st.sampled_from([[], "tags", 3])),
+        "extra": st.one_of(st.integers(), st.lists(st.integers(), max_size=3), st.text(max_size=3)),
+    },
+)
+
+
+@st.composite
+def rendered(draw) -> bytes:
+    obj = draw(EVENT)
+    items = list(obj.items())
+    order = draw(st.permutations(range(len(items))))
+    obj = {items[i][0]: items[i][1] for i in order}
+    style = draw(st.sampled_from(["compact", "default", "ascii"]))
+    if style == "compact":
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    elif style == "default":
+        text = json.dumps(obj, ensure_ascii=False)
+    else:
+        text = json.dumps(obj)
+    mutation = draw(st.sampled_from(
+        ["none"] * 6 + ["trailing_comma", "nan_extra", "inf_value", "dup_key", "bom", "cr",
+                        "exponent", "truncate", "space_before_brace", "lone_surrogate"]))
+    if mutation == "trailing_comma":
+        text = text[:-1] + ",}"
+    elif mutation == "nan_extra":
+        text = text[:-1] + ',"z":' + draw(st.sampled_from(["NaN", "nan", "-Infinity", "INF"])) + "}"
+    elif mutation == "inf_value" and "latency_ms" in obj:
+        text = text.replace(json.dumps(obj["latency_ms"]), "Infinity", 1)
+    elif mutation == "dup_key":
+        text = text[:-1] + ',"event_id":"dup-second"}' if len(obj) > 1 else text
+    elif mutation == "exponent":
+        text = text.replace("100.0", "1E2").replace("0.001", "1e-3")
+    elif mutation == "truncate":
+        text = text[: draw(st.integers(0, max(0, len(text) - 1)))]
+    elif mutation == "space_before_brace":
+        text = text[:-1] + " }"
+    elif mutation == "lone_surrogate":
+        text = text.replace('"event_id"', '"event_id":"\\udc00","event_id_was"', 1)
+    data = text.encode("utf-8", "surrogatepass")
+    if mutation == "bom":
+        data = b"\xef\xbb\xbf" + data
+    if mutation == "cr":
+        data += b"\r"
+    return data
+
+
+LINE = st.one_of(
+    rendered(), rendered(), rendered(), rendered(),
+    st.sampled_from([b"", b" ", b"\t\r", b"\x0c", b"{", b"[", b'{"event_id":', b"null"]),
+    st.binary(max_size=12).filter(lambda b: b"\n" not in b),
+)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(files=st.lists(st.lists(LINE, min_size=1, max_size=25), min_size=1, max_size=2),
+       split=st.integers(0, 25), tail=st.booleans())
+def test_messy_files_give_identical_tables(tmp_path_factory, files, split, tail):
+    root = tmp_path_factory.mktemp("twin")
+    twin = Twin(root)
+    try:
+        for i, file_lines in enumerate(files):
+            # the first part, then the rest appended: the second read starts at the cursor
+            twin.write(f"phase-{PHASES[i]}.jsonl", b"".join(x + b"\n" for x in file_lines[:split]))
+        twin.ingest()
+        twin.assert_same()
+        for i, file_lines in enumerate(files):
+            rest = b"".join(x + b"\n" for x in file_lines[split:])
+            if tail and rest:
+                rest = rest[:-1]  # an unterminated (settled) last line
+            twin.write(f"phase-{PHASES[i]}.jsonl", rest)
+        stats = twin.ingest()
+        twin.assert_same()
+        assert all(not s.fallbacks for s in stats["fast"])
+    finally:
+        twin.close()
+        shutil.rmtree(root, ignore_errors=True)
