@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,7 @@ SKIPPED_WS = b" \t\r\x0b\x0c"
 # A suspect by length: more bytes than this may nest deeper than Python's json can parse.
 DEEP_LINE_BYTES = 800
 EVENT_TABLE_COLUMNS = (*EVENT_COLUMNS, "ingested_at", "event_key", "batch_id")
+_STAGE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "source_file")
 
 
 class RetryableIOError(RuntimeError):
@@ -459,7 +461,8 @@ def _stage_python_rows(con, parsed: ParsedChunk) -> int:
     valid = len(parsed.columns["event_id"])
     if not valid:
         return 0
-    df = pd.DataFrame({c: parsed.columns[c] for c in _STAGE_COLUMNS}, columns=list(_STAGE_COLUMNS))
+    df = pd.DataFrame({c: parsed.columns[c] for c in _STAGE_COLUMNS},
+                      columns=list(_STAGE_COLUMNS))
     df["ts"] = pd.to_datetime(df["ts"])
     df["window_start"] = pd.to_datetime(df["window_start"])
     df["latency_ms"] = df["latency_ms"].astype("float64")
@@ -601,122 +604,132 @@ class _Grew(Exception):
     """The file changed while DuckDB read it in place: read a snapshot of the range instead."""
 
 
-@contextlib.contextmanager
-def _open_range(path: Path, fd: int, start: int, end: int, st, snapshot: bool):
+def _open_range(stack: contextlib.ExitStack, path: Path, fd: int, start: int, end: int, st,
+                snapshot: bool) -> _Range:
     """The bytes [start, end) as a file DuckDB can read: the canary file itself when the range
     is all of it, else a snapshot copy (RAM-backed where /dev/shm exists) of just the range, so
-    DuckDB never reads the bytes before the cursor."""
+    DuckDB never reads the bytes before the cursor. Cleaned up when `stack` closes."""
     if not snapshot and start == 0 and end == st.st_size:
-        yield _Range(path, fd, 0, end, _scan_range(fd, path, start, end, None), 1)
-        return
+        return _Range(path, fd, 0, end, _scan_range(fd, path, start, end, None), 1)
     tmpdir = tempfile.mkdtemp(prefix="rollout-ingest-", dir=_snapshot_dir())
+    stack.callback(shutil.rmtree, tmpdir, True)
+    snap = Path(tmpdir) / "range.jsonl"
+    out = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        snap = Path(tmpdir) / "range.jsonl"
-        out = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            counts = _scan_range(fd, path, start, end, out)
-        finally:
-            os.close(out)
-        sfd = os.open(snap, os.O_RDONLY)
-        try:
-            yield _Range(snap, sfd, 0, end - start, counts, 0)
-        finally:
-            os.close(sfd)
+        counts = _scan_range(fd, path, start, end, out)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.close(out)
+    sfd = os.open(snap, os.O_RDONLY)
+    stack.callback(os.close, sfd)
+    return _Range(snap, sfd, 0, end - start, counts, 0)
 
 
-def _ingest_fast(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor, policy: Policy,
-                 st, now: datetime, stats: FileIngest) -> None:
-    """All complete lines in [cursor, end) in one transaction. Raises _Inconsistent when the
-    strict path must take the range instead; nothing of the range is committed then."""
-    try:
-        _ingest_fast_once(con, fd, path, rel, end, cur, policy, st, now, stats, snapshot=False)
-    except _Grew:
-        _ingest_fast_once(con, fd, path, rel, end, cur, policy, st, now, stats, snapshot=True)
+class _Staged:
+    """One file's complete lines [cursor, end), parsed and checked by DuckDB into the temp table
+    `_ingest_stage` of `con` (outside any transaction: a temp table is private to `con`)."""
 
+    def __init__(self, con, job: _FileJob, policy: Policy, now: datetime):
+        self.con, self.job, self.policy, self.now = con, job, policy, now
+        self.stack = contextlib.ExitStack()
+        self.suspects: list[int] = []  # range line numbers (1-based) Python must validate
+        self.rng: _Range | None = None
 
-_STAGE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "source_file")
+    def run(self) -> _Staged:
+        try:
+            self._run(snapshot=False)
+        except _Grew:
+            self.stack.close()
+            self.stack = contextlib.ExitStack()
+            self._run(snapshot=True)
+        return self
 
-
-def _ingest_fast_once(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
-                      policy: Policy, st, now: datetime, stats: FileIngest,
-                      snapshot: bool) -> None:
-    phases = frozenset(policy.phase_names)
-    first_line = cur.lines + 1
-    params = {"first_line": first_line, "max_ts": now + FUTURE_SLACK}
-    with _open_range(path, fd, cur.offset, end, st, snapshot) as rng:
-        finder = _LineFinder(rng)
+    def _run(self, snapshot: bool) -> None:
+        job = self.job
+        self.rng = rng = _open_range(self.stack, job.path, job.fd, job.cur.offset, job.end,
+                                     job.st, snapshot)
+        self.finder = _LineFinder(rng)
         n_lines = rng.lines
         skipped: list[int] = []
+        con = self.con
         for attempt in (1, 2):
-            con.execute("begin transaction")
+            if skipped:
+                con.execute("delete from _ingest_skips")
+                con.executemany("insert into _ingest_skips values (?, ?)",
+                                [(b - i - 1, i + 1) for i, b in enumerate(skipped)])
             try:
-                if skipped:
-                    con.execute("delete from _ingest_skips")
-                    con.executemany("insert into _ingest_skips values (?, ?)",
-                                    [(b - i - 1, i + 1) for i, b in enumerate(skipped)])
-                try:
-                    con.execute(_fast_sql(policy, bool(skipped)),
-                                {**params, "src": str(rng.path)})
-                except duckdb.Error as exc:
-                    raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) \
-                        from None
-                rows, suspect_lines = con.execute(
-                    "select count(*), list(line_no) filter (where not clean) "
-                    "from _ingest_stage").fetchone()
-                if rows + len(skipped) != n_lines:
-                    if rng.path == path and rows + len(skipped) > n_lines:
-                        raise _Grew()
-                    if attempt == 1 and rows < n_lines:
-                        con.execute("rollback")
-                        skipped = finder.skipped_lines()
-                        if rows + len(skipped) == n_lines:
-                            continue
-                    raise _Inconsistent(f"{n_lines} lines but DuckDB read {rows} rows and "
-                                        f"{len(skipped)} blank lines")
-                suspects = sorted({n - (first_line - 1) for n in suspect_lines or ()}
-                                  .union(skipped))
-                parsed = ParsedChunk()
-                cols = [parsed.columns[c] for c in EVENT_COLUMNS]
-                for k in suspects:
-                    line_no = first_line - 1 + k
-                    row, text, reason = validate_line(line_bytes(finder.line(k), line_no),
-                                                      phases, now)
-                    if row is None:
-                        parsed.quarantine.append((line_no, text, reason))
-                    else:
-                        for col, value in zip(cols, (*row, rel, line_no), strict=True):
-                            col.append(value)
-                _stage_python_rows(con, parsed)
-                _insert_quarantine(con, parsed.quarantine, rel, now)
-                kept = _store_stage(con, rel, now, _next_batch(con))
-                if rng.path == path and os.stat(path).st_size != st.st_size:
+                con.execute(_fast_sql(self.policy, bool(skipped)),
+                            {"first_line": job.cur.lines + 1, "src": str(rng.path),
+                             "max_ts": self.now + FUTURE_SLACK})
+            except duckdb.Error as exc:
+                raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) from None
+            rows, bad = con.execute("select count(*), list(line_no) filter (where not clean) "
+                                    "from _ingest_stage").fetchone()
+            if rows + len(skipped) == n_lines:
+                first = job.cur.lines
+                self.suspects = sorted({n - first for n in bad or ()}.union(skipped))
+                if rng.path == job.path and os.stat(job.path).st_size != job.st.st_size:
                     raise _Grew()
-                _commit_counts(stats, cur, n_lines, kept, n_lines - len(parsed.quarantine),
-                               len(parsed.quarantine), rng.size)
-                _save_cursor(con, rel, cur, st, now)
-                con.execute("drop table _ingest_stage")
-                con.execute("commit")
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):
-                    con.execute("rollback")
-                raise
-            stats.fast_lines += n_lines - len(suspects)
-            stats.python_lines += len(suspects)
-            return
+                return
+            if rng.path == job.path and rows + len(skipped) > n_lines:
+                raise _Grew()
+            if attempt == 1 and rows < n_lines:
+                skipped = self.finder.skipped_lines()  # blank lines: the only lines DuckDB skips
+                continue
+            raise _Inconsistent(f"{n_lines} lines but DuckDB read {rows} rows and "
+                                f"{len(skipped)} blank lines")
+
+    def store(self, stats: FileIngest) -> None:
+        """Validate the suspects in Python and store the range with its cursor, in one
+        transaction of `con`."""
+        job, con, rng = self.job, self.con, self.rng
+        assert rng is not None
+        first = job.cur.lines
+        parsed = ParsedChunk()
+        cols = [parsed.columns[c] for c in EVENT_COLUMNS]
+        phases = frozenset(self.policy.phase_names)
+        for k in self.suspects:
+            line_no = first + k
+            row, text, reason = validate_line(line_bytes(self.finder.line(k), line_no),
+                                              phases, self.now)
+            if row is None:
+                parsed.quarantine.append((line_no, text, reason))
+            else:
+                for col, value in zip(cols, (*row, job.rel, line_no), strict=True):
+                    col.append(value)
+        n_lines = rng.lines
+        with transaction(con):
+            _stage_python_rows(con, parsed)
+            _insert_quarantine(con, parsed.quarantine, job.rel, self.now)
+            kept = _store_stage(con, job.rel, self.now, _next_batch(con))
+            _commit_counts(stats, job.cur, n_lines, kept, n_lines - len(parsed.quarantine),
+                           len(parsed.quarantine), rng.size)
+            _save_cursor(con, job.rel, job.cur, job.st, self.now)
+            con.execute("drop table _ingest_stage")
+        stats.fast_lines += n_lines - len(self.suspects)
+        stats.python_lines += len(self.suspects)
+
+    def close(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self.con.execute("drop table if exists _ingest_stage")
+        self.stack.close()
 
 
 # ---- per file --------------------------------------------------------------------------------
 
-def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetime,
-                mode: str | None = None) -> FileIngest:
-    """Read one canary file from its cursor: complete lines on the fast (or strict) path, then
-    a last line without its newline once it has settled."""
-    mode = ingest_mode(mode)
+@dataclass
+class _FileJob:
+    path: Path
+    rel: str
+    fd: int
+    st: os.stat_result
+    cur: _Cursor
+    end: int  # end of the last complete line
+    stats: FileIngest
+
+
+def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
+    """Open a canary file at its cursor (a truncated file starts again)."""
     rel = home.relative(path)
-    stats = FileIngest(rel)
-    phases = frozenset(policy.phase_names)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -731,25 +744,59 @@ def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetim
                 con.execute("delete from quarantine where source_file = ?", [rel])
                 con.execute("delete from ingest_files where source_file = ?", [rel])
             cur = _Cursor()
-        if st.st_size == cur.offset:
-            return stats
+        elif 0 < cur.offset < st.st_size:
+            # The last run took a settled last line that had no newline; the newline written
+            # since ends that line, it is not an empty line of its own.
+            edge = _pread(fd, 3, cur.offset - 1, path)
+            ending = 2 if edge[1:3] == b"\r\n" else 1 if edge[1:2] == b"\n" else 0
+            if ending and edge[:1] != b"\n":
+                cur.offset += ending
+                with transaction(con):
+                    _save_cursor(con, rel, cur, st, now)
         end = _complete_end(fd, path, cur.offset, st.st_size)
-        if end > cur.offset:
-            if mode == "fast":
-                snapshot = _Cursor(**cur.__dict__)
-                try:
-                    _ingest_fast(con, fd, path, rel, end, cur, policy, st, now, stats)
-                except _Inconsistent as exc:
-                    cur = snapshot
-                    stats.fallbacks.append(str(exc))
-                    _ingest_strict(con, fd, path, rel, end, cur, phases, st, now, stats)
-            else:
-                _ingest_strict(con, fd, path, rel, end, cur, phases, st, now, stats)
-        if end < st.st_size:
-            _ingest_tail(con, fd, path, rel, end, cur, phases, st, now, stats)
-    finally:
+    except BaseException:
         os.close(fd)
-    return stats
+        raise
+    return _FileJob(path, rel, fd, st, cur, end, FileIngest(rel))
+
+
+def _finish_job(con, job: _FileJob, policy: Policy, now: datetime) -> FileIngest:
+    """The last line without its newline, then close the file."""
+    try:
+        if job.end < job.st.st_size:
+            _ingest_tail(con, job.fd, job.path, job.rel, job.end, job.cur,
+                         frozenset(policy.phase_names), job.st, now, job.stats)
+    finally:
+        os.close(job.fd)
+    return job.stats
+
+
+def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetime,
+                mode: str | None = None) -> FileIngest:
+    """Read one canary file from its cursor: complete lines on the fast (or strict) path, then
+    a last line without its newline once it has settled."""
+    mode = ingest_mode(mode)
+    job = _open_job(con, home, path, now)
+    try:
+        if job.end > job.cur.offset:
+            if mode == "fast":
+                _prepare_session(con)
+                staged = _Staged(con, job, policy, now)
+                try:
+                    staged.run().store(job.stats)
+                except _Inconsistent as exc:
+                    job.stats.fallbacks.append(str(exc))
+                    _ingest_strict(con, job.fd, job.path, job.rel, job.end, job.cur,
+                                   frozenset(policy.phase_names), job.st, now, job.stats)
+                finally:
+                    staged.close()
+            else:
+                _ingest_strict(con, job.fd, job.path, job.rel, job.end, job.cur,
+                               frozenset(policy.phase_names), job.st, now, job.stats)
+    except BaseException:
+        os.close(job.fd)
+        raise
+    return _finish_job(con, job, policy, now)
 
 
 def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
@@ -771,6 +818,57 @@ def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
     stats.python_lines += parsed.lines_read
 
 
+def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
+                     now: datetime) -> list[FileIngest]:
+    """The fast path over several files: DuckDB parses and checks the next file (on a second
+    connection, in a thread) while this one is validated and stored. Storing stays in file
+    order, one transaction per file, so "the first occurrence wins" means what it says."""
+    jobs = [_open_job(con, home, p, now) for p in paths]
+    work = [j for j in jobs if j.end > j.cur.offset]
+    cursors = [con.cursor() for _ in range(min(2, len(work)))]
+    for c in cursors:
+        _prepare_session(c)
+    futures: dict[int, Future] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(cursors))) as pool:
+            def submit(i: int) -> None:
+                if i < len(work):
+                    futures[i] = pool.submit(_Staged(cursors[i % len(cursors)], work[i],
+                                                     policy, now).run)
+            submit(0)
+            for i, job in enumerate(work):
+                submit(i + 1)  # parse the next file while this one is stored
+                staged: _Staged | None = None
+                try:
+                    staged = futures.pop(i).result()
+                    staged.store(job.stats)
+                except _Inconsistent as exc:
+                    job.stats.fallbacks.append(str(exc))
+                    _ingest_strict(cursors[i % len(cursors)], job.fd, job.path, job.rel,
+                                   job.end, job.cur, frozenset(policy.phase_names), job.st, now,
+                                   job.stats)
+                finally:
+                    if staged is not None:
+                        staged.close()
+                _finish_job(con, job, policy, now)
+        for job in jobs:
+            if job not in work:
+                _finish_job(con, job, policy, now)
+    except BaseException:
+        for f in futures.values():
+            f.cancel()
+        for job in jobs:
+            with contextlib.suppress(OSError):
+                os.close(job.fd)
+        raise
+    finally:
+        for c in cursors:
+            with contextlib.suppress(duckdb.Error):
+                c.execute("drop table if exists _ingest_stage")
+            c.close()
+    return [j.stats for j in jobs]
+
+
 def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None = None,
                   retries: int = 3, retry_delay: float = 0.5,
                   mode: str | None = None) -> list[FileIngest]:
@@ -782,8 +880,14 @@ def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None =
     mode = ingest_mode(mode)
     ensure_event_keys(con)
     _prepare_session(con)
+    paths = home.canary_files()
+    if mode == "fast" and len(paths) > 1:
+        try:
+            return _ingest_all_fast(con, home, policy, paths, now)
+        except RetryableIOError:
+            pass  # a flaky file: file by file below, with retries (committed files are done)
     results = []
-    for path in home.canary_files():
+    for path in paths:
         for attempt in range(retries + 1):
             try:
                 results.append(ingest_file(con, home, policy, path, now, mode))

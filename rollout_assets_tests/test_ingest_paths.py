@@ -383,6 +383,11 @@ def test_messy_files_give_identical_tables(tmp_path_factory, files, split, tail)
         stats = twin.ingest()
         twin.assert_same()
         assert all(not s.fallbacks for s in stats["fast"])
+        # the writer finishes the last line (its newline) and goes on
+        for i, file_lines in enumerate(files):
+            twin.write(f"phase-{PHASES[i]}.jsonl", b"\n" + file_lines[0] + b"\n")
+        twin.ingest()
+        twin.assert_same()
     finally:
         twin.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -448,12 +448,6 @@ def test_ingest_stores_exactly_what_the_reference_validator_reads(home, policy, 
 
 
 @pytest.mark.parametrize("mode", ["fast", "strict"])
-@pytest.mark.xfail(strict=True, reason=(
-    "ingest.py: a valid last line without its newline is consumed at once; when the writer then "
-    "appends the newline, the next run reads that lone newline as an extra 'empty line': "
-    "quarantined, lines_read one too many, and every later line number of the file shifted by "
-    "one. An unterminated tail should wait (like an invalid one) or its newline be skipped "
-    "(owner: ingestion)"))
 def test_a_line_finished_after_a_run_is_one_line(home, policy, con, mode, monkeypatch):
     monkeypatch.setenv("ROLLOUT_INGEST_MODE", mode)
     path = write_canary(home, "A-1", [ev("f1", "session", "2025-01-18T09:00:00Z")])
