@@ -39,6 +39,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def value_text(value, threshold) -> str:
+    """A value as the alert shows it next to its threshold: never rounded onto the threshold
+    (0.99499 must not read "0.995" beside ">= 0.995 ... fail")."""
+    text = _fmt(value)
+    if (isinstance(value, float) and threshold is not None and value != threshold
+            and text == _fmt(threshold)):
+        return repr(value)
+    return text
+
+
 def rollback_run_key(window_start: datetime, phase: str) -> str:
     """One breach, one rollback: the sensor's run key for a (window, phase) breach."""
     return f"{window_stamp(window_start)}:{phase}"
@@ -101,7 +111,8 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             [ws, phase],
         ).fetchone()
         score_dicts = [
-            dict(slo=s[0], metric=s[1], value=s[2], value_text=_fmt(s[2]), comparator=s[3],
+            dict(slo=s[0], metric=s[1], value=s[2], value_text=value_text(s[2], s[4]),
+                 comparator=s[3],
                  threshold=s[4], threshold_text=_fmt(s[4]), sample_size=s[5], min_sample=s[6],
                  status=s[7], shadow=s[8], baseline=s[9])
             for s in scores

@@ -325,3 +325,23 @@ def test_baseline_feeds_the_delta(con, policy):
     assert _crash(policy, 10, 100, base).passed is True   # 0.10 - 0.05 = 0.05
     assert _crash(policy, 11, 100, base).passed is False  # 0.11 - 0.05 = 0.06
     assert _crash(policy, 10, 100, policy.baseline.pinned_crash_rate).passed is False
+
+
+# ---- what the alert shows at the boundary --------------------------------------------------------
+
+def test_the_alert_never_rounds_a_failing_value_onto_its_threshold(policy):
+    from rollout_assets.reporting import value_text
+
+    restore = rule(policy, "A-1", "restore_success")
+    v = duck_rate(1989, 1999)  # 0.99499..., a fail
+    assert score_rule(restore, WS, "A-1", metrics(restore_success_rate=v)).passed is False
+    assert value_text(v, 0.995) != "0.995" and float(value_text(v, 0.995)) == v
+    p95 = 2500.0004  # a fail by 0.4 us
+    assert score_rule(rule(policy, "A-1", "autosave_p95"), WS, "A-1",
+                      metrics(autosave_p95_ms=p95)).passed is False
+    assert value_text(p95, 2500.0) == "2500.0004"
+    # ordinary values keep the short form
+    assert value_text(0.995, 0.995) == "0.995"
+    assert value_text(0.5, 0.995) == "0.5"
+    assert value_text(1545.0, 2500.0) == "1545.0"
+    assert value_text(None, 0.995) == "NULL"
