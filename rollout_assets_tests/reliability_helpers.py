@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import dagster as dg
+import pytest
+
 from rollout_assets.home import RolloutHome
-from rollout_assets.warehouse import connect
+from rollout_assets.run_health import instance_lock
+from rollout_assets.warehouse import PAUSE_ENV, connect
 from rollout_assets_tests.conftest import DAY, event, write_canary
 
 ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
@@ -129,3 +135,37 @@ def promote_to(home: RolloutHome, phase: str) -> None:
             state = flags.current_state(con, policy)
     finally:
         con.close()
+
+
+def instance_of(home: RolloutHome) -> dg.DagsterInstance:
+    with instance_lock(home.dagster_home):  # never while a run is creating it
+        return dg.DagsterInstance.from_config(str(home.dagster_home))
+
+
+def start_run(home: RolloutHome, start: str = "2025-01-18T09:00Z", end: str = "2025-01-18T10:00Z",
+              **env) -> subprocess.Popen:
+    return subprocess.Popen(rollout_cmd(home, "run", "--from", start, "--to", end),
+                            env=clean_env(**env), cwd=str(home.root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def kill_in_transaction(home: RolloutHome, where: str, tmp: Path, **run) -> str:
+    """Run, pause inside the transaction `where` (after its writes, before its commit), SIGKILL."""
+    marker = tmp / f"paused-in-{where.replace('#', '-')}"
+    proc = start_run(home, **run, **{PAUSE_ENV: f"{where}:{marker}"})
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before reaching {where}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            kill(proc)
+            pytest.fail(f"the run never reached {where}")
+        time.sleep(0.05)
+    kill(proc)
+    return marker.read_text().split()[0]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,18 +22,19 @@ import dagster as dg
 import pytest
 
 from rollout_assets.home import RolloutHome
-from rollout_assets.run_health import REAPED_TAG, instance_lock
-from rollout_assets.warehouse import PAUSE_ENV
+from rollout_assets.run_health import REAPED_TAG
 from rollout_assets_tests.conftest import write_canary
 from rollout_assets_tests.reliability_helpers import (
     T0,
-    clean_env,
+    instance_of,
+    kill,
+    kill_in_transaction,
     ok,
     promote_to,
     query,
     rollout,
-    rollout_cmd,
     snapshot,
+    start_run,
     window_events,
 )
 
@@ -78,39 +77,6 @@ def fresh_home(tmp_path_factory, name: str, inputs: Path) -> RolloutHome:
     home = RolloutHome(root)
     promote_to(home, "A-1")
     return home
-
-
-def instance_of(home: RolloutHome) -> dg.DagsterInstance:
-    with instance_lock(home.dagster_home):  # never while a run is creating it
-        return dg.DagsterInstance.from_config(str(home.dagster_home))
-
-
-def start_run(home: RolloutHome, **env) -> subprocess.Popen:
-    return subprocess.Popen(rollout_cmd(home, "run", "--from", FROM, "--to", TO),
-                            env=clean_env(**env), cwd=str(home.root), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-
-
-def kill_in_transaction(home: RolloutHome, where: str, tmp: Path) -> str:
-    """Run, pause inside the transaction `where` (after its writes, before its commit), SIGKILL."""
-    marker = tmp / f"paused-in-{where.replace('#', '-')}"
-    proc = start_run(home, **{PAUSE_ENV: f"{where}:{marker}"})
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before reaching {where}:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            kill(proc)
-            pytest.fail(f"the run never reached {where}")
-        time.sleep(0.05)
-    kill(proc)
-    return marker.read_text().split()[0]
 
 
 def kill_during_ingest(home: RolloutHome) -> None:

@@ -1,0 +1,123 @@
+"""Concurrency: DuckDB lets one process write the file, and a read-only open fails while it does.
+Two `rollout run`s for different windows at the same time, and a read-only reader polling while
+they write, never fail on that lock (writers and readers wait with back-off). A run killed while
+holding the `rollout_warehouse` pool slot does not block the next run forever: its dead process
+is detected, the run is marked failed and the slot freed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import dagster as dg
+
+from rollout_assets.home import RolloutHome
+from rollout_assets.run_health import REAPED_TAG
+from rollout_assets.runner import INSTANCE_YAML
+from rollout_assets.warehouse import connect
+from rollout_assets_tests.conftest import write_canary
+from rollout_assets_tests.reliability_helpers import (
+    T0,
+    instance_of,
+    kill_in_transaction,
+    ok,
+    query,
+    rollout,
+    start_run,
+    window_events,
+)
+
+START = T0 - timedelta(hours=1)  # 08:00
+WINDOWS = [START + timedelta(minutes=15 * i) for i in range(8)]
+
+
+def two_hours_of_traffic(home: RolloutHome) -> None:
+    lines = []
+    for i, w in enumerate(WINDOWS):
+        lines += window_events("A-1", w, f"w{i}")
+    write_canary(home, "A-1", lines)
+
+
+class Reader(threading.Thread):
+    """Opens the warehouse read-only and queries it, again and again, until stopped."""
+
+    def __init__(self, home: RolloutHome):
+        super().__init__(daemon=True)
+        self.home, self.reads, self.errors, self.stop = home, 0, [], threading.Event()
+        self.longest_wait = 0.0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.home.db_path.exists():
+                time.sleep(0.05)
+                continue
+            t0 = time.monotonic()
+            try:
+                con = connect(self.home.db_path, read_only=True)
+                try:
+                    self.longest_wait = max(self.longest_wait, time.monotonic() - t0)
+                    con.execute("select count(*) from information_schema.tables").fetchone()
+                finally:
+                    con.close()
+                self.reads += 1
+            except Exception as exc:  # noqa: BLE001 - any failure is what the test looks for
+                self.errors.append(repr(exc))
+            time.sleep(0.02)
+
+
+def test_two_runs_and_a_reader_at_the_same_time(home):
+    two_hours_of_traffic(home)
+    reader = Reader(home)
+    reader.start()
+    first = start_run(home, "2025-01-18T08:00Z", "2025-01-18T09:00Z")
+    second = start_run(home, "2025-01-18T09:00Z", "2025-01-18T10:00Z")
+    try:
+        out1, _ = first.communicate(timeout=300)
+        out2, _ = second.communicate(timeout=300)
+    finally:
+        reader.stop.set()
+        reader.join(timeout=30)
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+    assert first.returncode == 0, out1
+    assert second.returncode == 0, out2
+    assert reader.errors == [] and reader.reads > 5, (reader.errors[:3], reader.reads)
+    assert query(home, "select count(distinct window_start), count(*) from window_metrics") == [
+        (8, 8)]
+    assert query(home, "select count(*) from window_verdicts where phase = 'A-1'") == [(8,)]
+    assert query(home, "select count(*), count(distinct event_id) from canary_events") == [
+        (8 * 24, 8 * 24)]
+    instance = instance_of(home)
+    runs = instance.get_runs(dg.RunsFilter(job_name="rollout_window_job"))
+    assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    instance.dispose()
+
+
+def test_a_killed_run_does_not_hold_the_pool_slot_forever(home, tmp_path):
+    """At op granularity (Dagster's default, and the instance config of homes created before
+    `granularity: run`) a step holds its pool slot while it runs; SIGKILL leaves it claimed."""
+    two_hours_of_traffic(home)
+    home.dagster_home.mkdir(parents=True)
+    (home.dagster_home / "dagster.yaml").write_text(
+        INSTANCE_YAML.replace("granularity: run", "granularity: op"))
+    assert kill_in_transaction(home, "compute_window_metrics", tmp_path,
+                               start="2025-01-18T08:00Z", end="2025-01-18T09:00Z"
+                               ) == "compute_window_metrics"
+    instance = instance_of(home)
+    info = instance.event_log_storage.get_concurrency_info("rollout_warehouse")
+    assert [s.step_key for s in info.claimed_slots] == ["window_metrics"]  # the dead run's
+    dead = info.claimed_slots[0].run_id
+    instance.dispose()
+
+    # without reaping, this run would wait for the slot forever (and Dagster busy-waits)
+    out = ok(rollout(home, "run", "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z",
+                     timeout=180))
+    assert f"run {dead[:8]}: run process" in out and "is gone" in out
+    instance = instance_of(home)
+    run = instance.get_run_by_id(dead)
+    assert run.status == dg.DagsterRunStatus.FAILURE and run.tags[REAPED_TAG] == "true"
+    assert instance.event_log_storage.get_concurrency_run_ids() == set()
+    assert query(home, "select count(*) from window_verdicts where phase = 'A-1'") == [(4,)]
+    instance.dispose()
