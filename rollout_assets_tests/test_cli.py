@@ -145,6 +145,8 @@ def test_run_writes_the_contract_files(session):
 
 
 def test_contract_checker_passes(session):
+    if not CONTRACT_CHECK.is_file():  # the shared reviewers' tool lives beside the checkout
+        pytest.skip(f"{CONTRACT_CHECK} not on this machine")
     proc = subprocess.run([sys.executable, str(CONTRACT_CHECK), str(session.home.root)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
