@@ -16,7 +16,7 @@ from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.flags import current_state, validate_phase
 from rollout_assets.incidents import incident_for, refresh_incidents
 from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
-from rollout_assets.reporting import rollback_run_key, slack_channels
+from rollout_assets.reporting import pagerduty_service, rollback_run_key, slack_channels
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import Message, Notifier
@@ -120,11 +120,17 @@ def execute_rollback(
         refresh_dashboard(context, con, home.home, policy)
         text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
                 f"ExitCode={outcome.exit_code} ({status}); flags now {after.describe()}")
-        for ch in slack_channels(policy, config.phase, config.level):
-            notifier.send(con, Message(ws, config.phase, ch, "rollback", config.level, text,
-                                       {"exit_code": outcome.exit_code, "status": status,
-                                        "rollback_to": config.rollback_to,
-                                        "command": outcome.command}, incident))
+        # a rollback that failed or timed out leaves the breach live: escalate it to P1
+        level = config.level if outcome.exit_code == 0 else "P1"
+        payload = {"exit_code": outcome.exit_code, "status": status,
+                   "rollback_to": config.rollback_to, "command": outcome.command}
+        for ch in slack_channels(policy, config.phase, level):
+            notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
+                                       incident))
+        if outcome.exit_code != 0:
+            notifier.send(con, Message(
+                ws, config.phase, f"pagerduty:{pagerduty_service(policy, config.phase)}",
+                "escalation", "P1", text, {**payload, "severity": "critical"}, incident))
     context.log.info(text)
     metadata = {
         "command": outcome.command, "exit_code": outcome.exit_code, "status": status,

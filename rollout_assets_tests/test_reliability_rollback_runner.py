@@ -1,0 +1,132 @@
+"""The rollback runner: argv only, never a shell; the phase validated against the policy before any
+process starts; a timeout kills the command and everything it started; a non-zero exit is
+recorded and escalated (P1: #incident and a PagerDuty page); no secret reaches the command or
+its log."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from rollout_assets import cli
+from rollout_assets.definitions import build_definitions
+from rollout_assets.flags import FlagError
+from rollout_assets.home import PROJECT_ROOT, RolloutHome
+from rollout_assets.policy import Policy
+from rollout_assets.resources.rollback_runner import TIMEOUT_EXIT_CODE, RollbackRunner
+from rollout_assets.run_health import process_alive
+from rollout_assets.runner import QUIET, prepare_instance
+from rollout_assets_tests.reliability_helpers import (
+    promote_to,
+    query,
+)
+
+BAD_PHASES = ["A-1; rm -rf /", "../../x", "A-1\n", "A-1 ", "$(reboot)", "`id`", "Z-9", "",
+              "A-0\x00", "a-1", "A-1/../A-0"]
+MARKER_TOKEN = "xoxb-MARKER-do-not-leak-7f3c"
+
+
+def with_command(policy: Policy, command: list[str], timeout: float = 60) -> Policy:
+    return policy.model_copy(update={"rollback": policy.rollback.model_copy(
+        update={"command": tuple(command), "timeout_seconds": timeout})})
+
+
+def write_home_policy(home: RolloutHome, command: list[str], timeout: float = 60) -> None:
+    raw = yaml.safe_load((PROJECT_ROOT / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(command=command, timeout_seconds=timeout)
+    path = home.root / "governance" / "policy.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize("phase", BAD_PHASES)
+def test_a_bad_phase_never_starts_a_process(home, policy, phase):
+    touched = home.root / "started"
+    runner = RollbackRunner(home=str(home.root))
+    bad = with_command(policy, ["{python}", "-c", f"open({str(touched)!r}, 'w')", "{phase}"])
+    with pytest.raises(FlagError, match="phase"):
+        runner.run(bad, phase)
+    assert not touched.exists()
+
+
+@pytest.mark.parametrize("phase", ["A-1; rm -rf /", "../../x", "A-1\n"])
+def test_the_cli_refuses_a_bad_phase_with_exit_2_and_one_line(home, capsys, phase):
+    promote_to(home, "A-1")
+    before = query(home, "select * from flag_history order by all")
+    assert cli.main(["--home", str(home.root), "flags", "rollback", "--phase", phase]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rollout: invalid phase")
+    assert repr(phase) in err and "A-0, A-1, A-2, B-0, B-1" in err
+    assert query(home, "select * from flag_history order by all") == before
+
+
+def test_the_command_is_an_argv_never_a_shell(home, policy):
+    """Shell syntax in the command template reaches the process as literal arguments."""
+    argv = ["{python}", "-c", "import sys; print(sys.argv[1:])", "$(touch {home}/pwned)",
+            "`touch {home}/pwned2`", "; touch {home}/pwned3", "{phase}", "*"]
+    out = RollbackRunner(home=str(home.root)).run(with_command(policy, argv), "A-0")
+    assert out.exit_code == 0, out.output
+    assert f"$(touch {home.root}/pwned)" in out.output and "'*'" in out.output
+    assert not any((home.root / n).exists() for n in ("pwned", "pwned2", "pwned3"))
+
+
+def test_a_timeout_kills_the_command_and_its_children(home, policy, tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('waiting for the flag service', flush=True)\n"
+        "time.sleep(120)\n")
+    t0 = time.monotonic()
+    out = RollbackRunner(home=str(home.root)).run(
+        with_command(policy, ["{python}", str(script), "{phase}"], timeout=2), "A-0")
+    assert time.monotonic() - t0 < 15
+    assert (out.exit_code, out.timed_out) == (TIMEOUT_EXIT_CODE, True)
+    assert "waiting for the flag service" in out.output and "timed out after 2s" in out.output
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while process_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(grandchild), "the command's child outlived the timeout"
+
+
+def test_no_secret_reaches_the_command_or_its_output(home, policy, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLACK_BOT_TOKEN", MARKER_TOKEN)
+    monkeypatch.setenv("PAGERDUTY_ROUTING_KEY_MERGE", MARKER_TOKEN + "-pd")
+    monkeypatch.setenv("SOME_API_TOKEN", MARKER_TOKEN + "-other")
+    leaked = tmp_path / "config.txt"  # a script that prints a token it found elsewhere
+    leaked.write_text(f"token={MARKER_TOKEN}\n")
+    script = ("import os, sys; print(sorted(os.environ)); print(dict(os.environ)); "
+              f"print(open({str(leaked)!r}).read())")
+    out = RollbackRunner(home=str(home.root)).run(
+        with_command(policy, ["{python}", "-c", script, "{phase}"]), "A-0")
+    assert out.exit_code == 0, out.output
+    assert "SLACK_BOT_TOKEN" not in out.output and "PAGERDUTY_ROUTING_KEY_MERGE" not in out.output
+    assert MARKER_TOKEN not in out.output and "token=[redacted]" in out.output
+    assert "ROLLOUT_HOME" in out.output  # the rest of the environment is passed on
+
+
+def test_a_failing_rollback_is_recorded_and_escalated_to_p1(home, tmp_path):
+    promote_to(home, "A-1")
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nprint('flag service said no to', sys.argv[1])\nsys.exit(3)\n")
+    write_home_policy(home, ["{python}", str(script), "{phase}"])
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    res = defs.resolve_job_def("rollback_job").execute_in_process(
+        run_config={**QUIET, "ops": {"execute_rollback": {"config": {
+            "window": "20250118T0915Z", "phase": "A-1", "rollback_to": "A-0", "level": "P2",
+            "failed_slos": ["restore_success"]}}}},
+        instance=instance, raise_on_error=False)
+    assert not res.success
+    assert query(home, "select status, exit_code from rollbacks") == [("failed", 3)]
+    assert query(home, "select phase from flag_state") == [("A-1",)]  # nothing moved
+    sent = set(query(home, "select channel, kind, level from notifications"))
+    assert {("#incident", "rollback", "P1"), ("#launch-autosave", "rollback", "P1")} <= sent
+    assert ("pagerduty:Autosave & Precision Merge", "escalation", "P1") in sent
+    instance.dispose()
+
