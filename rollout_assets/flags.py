@@ -82,18 +82,17 @@ def _write(con, policy: Policy, from_phase: str | None, to_phase: str, action: s
 
 def rollback(con, policy: Policy, target: str, reason: str | None = None,
              actor: str = "rollout") -> tuple[FlagState, FlagState, str]:
-    """Move the flags back to `target`. Returns (before, after, message). Rolling back to the
-    current phase or an earlier state is a no-op; rolling forward is refused."""
+    """Move the flags back to `target`. Returns (before, after, message). When the flags are
+    already at or behind `target` nothing changes: a rollback never moves them forward."""
     validate_phase(policy, target)
     before = current_state(con, policy)
     cur_i, tgt_i = policy.phase_index(before.phase), policy.phase_index(target)
-    if tgt_i > cur_i:
-        raise FlagError(
-            f"cannot roll back to {target}: the flags are at {before.phase}, which is earlier; "
-            "use `rollout flags promote`"
-        )
     if tgt_i == cur_i:
         return before, before, f"flags already at {target}; nothing to roll back"
+    if tgt_i > cur_i:
+        # e.g. an A-2 breach handled after an earlier rollback to A-0: already safe
+        return before, before, (f"flags already behind {target} (at {before.phase}); nothing to "
+                                "roll back")
     _write(con, policy, before.phase, target, "rollback", reason, actor)
     after = current_state(con, policy)
     return before, after, f"rolled back {before.describe()} -> {after.describe()}"

@@ -12,6 +12,8 @@ class MetricSpec(NamedTuple):
     description: str
     # aggregate over one window's judged events that reproduces the metric (evidence in alerts)
     sql: str
+    # the values a threshold may take: a rate is a fraction, so `>= 99.5` is a typo for 0.995
+    bounds: tuple[float, float] = (float("-inf"), float("inf"))
 
 
 _CRASH_RATE = (
@@ -21,34 +23,34 @@ _CRASH_RATE = (
 METRICS: dict[str, MetricSpec] = {
     "autosave_p95_ms": MetricSpec(
         "autosave_count", "95th percentile AutoSave latency (ms)",
-        "quantile_cont(latency_ms, 0.95) filter (where kind = 'autosave')",
+        "quantile_cont(latency_ms, 0.95) filter (where kind = 'autosave')", (0.0, float("inf")),
     ),
     "autosave_error_count": MetricSpec(
         "autosave_count", "AutoSave events with ok=false",
-        "count(*) filter (where kind = 'autosave' and not ok)",
+        "count(*) filter (where kind = 'autosave' and not ok)", (0.0, float("inf")),
     ),
     "restore_success_rate": MetricSpec(
         "restore_count", "successful restores / restores",
         "count(*) filter (where kind = 'restore' and ok)"
-        " / nullif(count(*) filter (where kind = 'restore'), 0)",
+        " / nullif(count(*) filter (where kind = 'restore'), 0)", (0.0, 1.0),
     ),
     "merge_auto_success_rate": MetricSpec(
         "merge_count", "merges resolved automatically / merges",
         "count(*) filter (where kind = 'merge' and ok)"
-        " / nullif(count(*) filter (where kind = 'merge'), 0)",
+        " / nullif(count(*) filter (where kind = 'merge'), 0)", (0.0, 1.0),
     ),
     "merge_conflict_rate": MetricSpec(
         "merge_count", "merges that raised a conflict / merges",
         "count(*) filter (where kind = 'merge' and conflict)"
-        " / nullif(count(*) filter (where kind = 'merge'), 0)",
+        " / nullif(count(*) filter (where kind = 'merge'), 0)", (0.0, 1.0),
     ),
-    "crash_rate": MetricSpec("session_count", "crashes / sessions", _CRASH_RATE),
+    "crash_rate": MetricSpec("session_count", "crashes / sessions", _CRASH_RATE, (0.0, 1.0)),
     # canary vs baseline (Kayenta-style): the judged canary against the policy's baseline cohort
     # (baseline.cohort_exclusion) in the same window and phase; see rollout_assets/compare.py
     "restore_success_vs_baseline": MetricSpec(
         "baseline_restore_count",
         "upper 95 % bound of (canary - baseline) restore success rate (two-proportion Wald)",
-        "-- computed by rollout_assets.compare from canary_events",
+        "-- computed by rollout_assets.compare from canary_events", (-1.0, 1.0),
     ),
     "autosave_latency_vs_baseline": MetricSpec(
         "baseline_autosave_count",
@@ -58,6 +60,6 @@ METRICS: dict[str, MetricSpec] = {
     "crash_rate_delta": MetricSpec(
         "session_count",
         "crash_rate minus the baseline crash rate (absolute: 0.05 = five percentage points)",
-        f"({_CRASH_RATE}) - {{baseline}}",
+        f"({_CRASH_RATE}) - {{baseline}}", (-1.0, 1.0),
     ),
 }

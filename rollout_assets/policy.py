@@ -51,6 +51,14 @@ class SloRule(_Model):
             raise ValueError(f"unknown metric {v!r}; known: {', '.join(sorted(METRICS))}")
         return v
 
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> SloRule:
+        lo, hi = METRICS[self.metric].bounds
+        if not lo <= self.threshold <= hi:
+            raise ValueError(f"threshold {self.threshold:g} is outside {self.metric}'s range "
+                             f"[{lo:g}, {hi:g}] (a rate is a fraction: 0.995, not 99.5)")
+        return self
+
     def passes(self, value: float) -> bool:
         """Compare with a relative tolerance so a value computed exactly at the threshold passes."""
         tol = 1e-9 * max(1.0, abs(self.threshold))

@@ -164,7 +164,9 @@ def tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
                 if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME and REAPED_TAG not in r.tags
             ]  # a rollback whose process was killed (reaped) is launched again
             if existing:
-                out.append(RollbackRun(rr.run_key, existing[0].run_id, True, skipped=True))
+                # handled before: report how that run ended (a failed rollback stays failed)
+                ok = existing[0].status == dg.DagsterRunStatus.SUCCESS
+                out.append(RollbackRun(rr.run_key, existing[0].run_id, ok, skipped=True))
                 continue
             log(f"breach sensor: launching rollback_job for {rr.run_key}")
             res = job.execute_in_process(
@@ -178,10 +180,7 @@ def tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
             instance.run_storage.set_cursor_values({CURSOR_KEY: new_cursor})
         if new_cursor == cursor or new_cursor is None:
             break
-        cursor = new_cursor
-        if not data.run_requests and data.skip_message:
-            # keep paging until the sensor has seen every new verdict
-            continue
+        cursor = new_cursor  # keep paging until the sensor has seen every new verdict
     return out
 
 
