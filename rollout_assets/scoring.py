@@ -73,17 +73,22 @@ def metric_value(rule: SloRule, metrics: Mapping,
     return _num(metrics.get(rule.metric))
 
 
+def judge(rule: SloRule | BurnRateRule, sample: int, value: float | None
+          ) -> tuple[bool | None, str]:
+    """(passed, status): not judged below the minimum sample or without a value."""
+    if sample < rule.min_sample:
+        return None, INSUFFICIENT
+    if value is None:
+        return None, NO_DATA
+    passed = rule.passes(value)
+    return passed, PASS if passed else FAIL
+
+
 def score_rule(rule: SloRule, window_start: datetime, phase: str, metrics: Mapping,
                baseline_crash_rate: float | None = None) -> SloScore:
     sample = int(_num(metrics.get(METRICS[rule.metric].sample_column)) or 0)
     value = metric_value(rule, metrics, baseline_crash_rate)
-    if sample < rule.min_sample:
-        passed, status = None, INSUFFICIENT
-    elif value is None:
-        passed, status = None, NO_DATA
-    else:
-        passed = rule.passes(value)
-        status = PASS if passed else FAIL
+    passed, status = judge(rule, sample, value)
     return SloScore(
         window_start=window_start, phase=phase, slo=rule.name, metric=rule.metric, value=value,
         comparator=rule.comparator, threshold=rule.threshold, sample_size=sample,
@@ -121,13 +126,7 @@ def score_burn(rule: BurnRateRule, window_start: datetime, phase: str,
     sample = sum(n for n, _ in long_w)
     b_long, b_short = burn_rate(long_w, rule.objective), burn_rate(short_w, rule.objective)
     value = None if b_long is None or b_short is None else min(b_long, b_short)
-    if sample < rule.min_sample:
-        passed, status = None, INSUFFICIENT
-    elif value is None:
-        passed, status = None, NO_DATA
-    else:
-        passed = rule.passes(value)
-        status = PASS if passed else FAIL
+    passed, status = judge(rule, sample, value)
     return SloScore(
         window_start=window_start, phase=phase, slo=rule.name, metric=rule.metric_label,
         value=value, comparator=rule.comparator, threshold=rule.factor, sample_size=sample,

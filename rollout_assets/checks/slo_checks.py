@@ -76,23 +76,16 @@ def slo_check_evaluations(scores: Iterable[SloScore], policy_version: str,
 
 
 def build_slo_checks(policy: Policy) -> list[dg.AssetChecksDefinition]:
-    specs = [
-        dg.AssetCheckSpec(
+    def spec(phase: Phase, rule: SloRule | BurnRateRule, description: str, metric: str):
+        return dg.AssetCheckSpec(
             name=check_name(phase.name, rule.name), asset=SLO_SCORES_KEY,
-            description=describe(phase, rule), partitions_def=window_partitions,
-            metadata={"phase": phase.name, "metric": rule.metric, "threshold": rule.threshold,
+            description=description, partitions_def=window_partitions,
+            metadata={"phase": phase.name, "metric": metric, "threshold": rule.threshold,
                       "comparator": rule.comparator, "severity": rule.severity},
         )
-        for phase, rule in policy.all_slos()
-    ] + [
-        dg.AssetCheckSpec(
-            name=check_name(phase.name, rule.name), asset=SLO_SCORES_KEY,
-            description=describe_burn(phase, rule), partitions_def=window_partitions,
-            metadata={"phase": phase.name, "metric": rule.metric_label, "threshold": rule.factor,
-                      "comparator": rule.comparator, "severity": rule.severity},
-        )
-        for phase, rule in policy.all_burn_rules()
-    ]
+
+    specs = [spec(p, r, describe(p, r), r.metric) for p, r in policy.all_slos()] + [
+        spec(p, r, describe_burn(p, r), r.metric_label) for p, r in policy.all_burn_rules()]
     if not specs:
         return []
 
