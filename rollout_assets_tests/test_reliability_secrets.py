@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
@@ -54,7 +55,11 @@ def files_containing(root: Path, needles: tuple[str, ...]) -> dict[str, list[str
     return hits
 
 
-def test_tokens_are_used_but_never_written_and_nothing_lands_outside_the_home(tmp_path):
+@pytest.mark.parametrize("slack_accepts", [True, False], ids=["delivered", "slack-rejects-token"])
+def test_tokens_are_used_but_never_written_and_nothing_lands_outside_the_home(tmp_path,
+                                                                             slack_accepts):
+    """With Slack rejecting the token (invalid_auth) the run fails and reports why: the error
+    messages, the ledger's failure reasons and the Dagster failure events hold no secret either."""
     home = RolloutHome((tmp_path / "home").resolve())
     home.root.mkdir()
     outside = {name: tmp_path / name for name in ("cwd", "userhome", "tmpdir")}
@@ -67,7 +72,7 @@ def test_tokens_are_used_but_never_written_and_nothing_lands_outside_the_home(tm
                                failed_restores=6 if i == 1 else 0)
     write_canary(home, "A-1", lines + ["not json"])
 
-    with FakeEndpoints(slack_token=SLACK_TOKEN) as ep:
+    with FakeEndpoints(slack_token=SLACK_TOKEN if slack_accepts else "xoxb-another") as ep:
         env = clean_env(SLACK_BOT_TOKEN=SLACK_TOKEN, PAGERDUTY_ROUTING_KEY_AUTOSAVE=PD_AUTOSAVE,
                         PAGERDUTY_ROUTING_KEY_MERGE=PD_MERGE,
                         ROLLOUT_SLACK_BASE_URL=ep.slack_base_url,
@@ -79,13 +84,17 @@ def test_tokens_are_used_but_never_written_and_nothing_lands_outside_the_home(tm
                      ["flags", "show"]):
             proc = rollout(home, *args, env=env, cwd=outside["cwd"])
             printed += [proc.stdout, proc.stderr]
-            ok(proc)
+            if slack_accepts or args[0] != "run":
+                ok(proc)
+            else:
+                assert proc.returncode == 1 and "invalid_auth" in proc.stdout + proc.stderr
         slack = ep.of("chat.postMessage")
         pages = ep.pd_events()
 
     # the secrets were really in use: Slack saw the bearer token, PagerDuty the routing key
     assert slack and all({k.lower(): v for k, v in r.headers.items()}.get("authorization")
                          == f"Bearer {SLACK_TOKEN}" for r in slack)
+    assert all(r.ok for r in slack) == slack_accepts
     assert pages and {e["routing_key"] for e in pages} == {PD_AUTOSAVE}
     logs = list((home.root / "reports" / "rollbacks").glob("*.log"))
     assert logs and "environment:" in logs[0].read_text()  # the leaky rollback command ran
