@@ -63,6 +63,10 @@ from rollout_assets.policy import Policy
 from rollout_assets.warehouse import transaction
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
+# DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
+# staged rows spill to the database's temp directory instead of growing the process.
+MEMORY_LIMIT_ENV = "ROLLOUT_INGEST_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "512MB"
 MODES = ("fast", "strict")
 CHUNK_BYTES = 32 * 1024 * 1024  # strict path: bytes validated per transaction
 # A last line without its newline is still being written if the file changed this recently.
@@ -880,6 +884,23 @@ def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None =
     mode = ingest_mode(mode)
     ensure_event_keys(con)
     _prepare_session(con)
+    with _memory_limit(con, os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT):
+        return _ingest_canary(con, home, policy, now, retries, retry_delay, mode)
+
+
+@contextlib.contextmanager
+def _memory_limit(con, limit: str):
+    before = con.execute("select current_setting('memory_limit')").fetchone()[0]
+    con.execute(f"set memory_limit = {_sql_str(limit)}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"set memory_limit = {_sql_str(before)}")
+
+
+def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retries: int,
+                   retry_delay: float, mode: str) -> list[FileIngest]:
     paths = home.canary_files()
     if mode == "fast" and len(paths) > 1:
         try:
