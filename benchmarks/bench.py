@@ -81,6 +81,17 @@ def _rchar() -> int:
     return -1
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it is not inherited from the parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _canary_bytes(home: Path) -> int:
     return sum(p.stat().st_size for p in (home / "reports" / "canary").glob("phase-*.jsonl"))
 
@@ -170,7 +181,7 @@ def child_main(args) -> int:
         out = step_backfill(home, args.hours)
     else:
         out = step_window(home, args.events, args.hours)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     print("BENCH " + json.dumps(out, default=str))
     return 0
 

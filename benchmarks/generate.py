@@ -3,8 +3,9 @@
 The events look like `rollout simulate`'s (same kinds, success rates, tenants, observed-only
 share, 5 % of timestamps written with a +09:00 offset, one retried delivery per 300 events and
 one malformed line per 1000), but every line is built by one DuckDB query over `range(n)` and
-written with `COPY`, never by a Python loop per event: 10M events (~2 GB) take seconds, not
-minutes. Randomness is `hash(seed, stream, i)`, so the same arguments give byte-identical files.
+written with `COPY`, never by a Python loop per event (1M events in a few seconds, 10M in about
+a minute on 2 cores). Randomness is `hash(seed, stream, i)`, so the same arguments give
+byte-identical files.
 
     python benchmarks/generate.py --home DIR --events 1000000 [--start 2025-01-18] [--seed 7]
 """
