@@ -5,6 +5,7 @@ verdict is corrected, a breach already handled is not rolled back or paged twice
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 
@@ -122,8 +123,6 @@ def test_the_cursor_scans_only_complete_appended_lines(home):
     ).st_size
     # an unterminated line is not consumed until its newline arrives
     line = event(event_id="b", ts="2025-01-18T18:16:00+09:00")  # 09:16 UTC
-    import json
-
     raw = json.dumps(line).encode()
     with open(path, "ab") as f:
         f.write(raw[:20])
