@@ -69,6 +69,17 @@ def execute_rollback(
     with warehouse.connect() as con:
         before = current_state(con, policy)
         incident = incident_for(con, config.phase, ws)
+        if con.execute("select 1 from rollbacks where rollback_id = ? and status = 'succeeded'",
+                       [rollback_id]).fetchone():
+            # Relaunched after its process died once the command had succeeded: the flags have
+            # moved and the row is written; only the publishing may be unfinished.
+            refresh_incidents(con, home.home, policy)
+            publish_window(con, home, notifier, ws)
+            refresh_dashboard(context, con, home.home, policy)
+            msg = f"rollback {rollback_id} already succeeded; its report and messages are current"
+            context.log.info(msg)
+            return dg.Output(json.dumps({"already_done": rollback_id}),
+                             metadata={"status": "already succeeded"})
         done = con.execute(
             "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
             "window_start < ? and window_start >= (select opened_window from incidents "

@@ -114,11 +114,12 @@ def reap_dead_runs(instance: dg.DagsterInstance,
 
 
 @contextmanager
-def instance_lock(dagster_home: Path) -> Iterator[None]:
+def instance_lock(dagster_home: Path, name: str = ".rollout-instance.lock") -> Iterator[None]:
     """Serialize opening (and on first use, creating) the home's SQLite instance: two processes
-    creating its schema at the same time fail with `table alembic_version already exists`."""
+    creating its schema at the same time fail with `table alembic_version already exists`.
+    With another `name`, any other critical section of processes sharing the instance."""
     dagster_home.mkdir(parents=True, exist_ok=True)
-    with open(dagster_home / ".rollout-instance.lock", "a+b") as f:
+    with open(dagster_home / name, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -151,6 +152,14 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
 def tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
                        log: Callable[[str], None] = print) -> list[RollbackRun]:
     """One evaluation of the breach sensor, then its run requests executed in-process."""
+    # Check-then-launch must not interleave with another `rollout run` of the same home, or both
+    # could launch the same run key. (The daemon dedups against the runs this creates.)
+    with instance_lock(Path(instance.root_directory), ".rollout-breach-sensor.lock"):
+        return _tick_breach_sensor(instance, defs, log)
+
+
+def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
+                        log: Callable[[str], None]) -> list[RollbackRun]:
     sensor = defs.resolve_sensor_def(SENSOR_NAME)
     cursor = instance.run_storage.get_cursor_values({CURSOR_KEY}).get(CURSOR_KEY)
     out: list[RollbackRun] = []

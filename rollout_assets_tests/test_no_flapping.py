@@ -58,3 +58,27 @@ def test_second_incident_inside_the_cooldown_is_not_rolled_back_again(home, poli
     assert status == "skipped"
     assert f"less than {policy.rollback.cooldown_minutes} minutes" in log
     assert _rollback(home, 8)[0] == "succeeded"  # two hours later: outside the cooldown
+
+
+def test_a_relaunched_rollback_that_already_succeeded_keeps_its_record(home, policy):
+    con = connect(home.db_path)
+    try:
+        for phase in ("A-1", "A-2"):
+            promote(con, policy, phase, reason="test", force=True)
+        _verdicts(con, [(0, "breach")])
+        refresh_incidents(con, home, policy)
+    finally:
+        con.close()
+    assert _rollback(home, 0)[0] == "succeeded"
+    con = connect(home.db_path)
+    first = con.execute("select flags_before, flags_after, started_at from rollbacks").fetchall()
+    con.close()
+    assert _rollback(home, 0)[0] == "succeeded"  # e.g. relaunched after its process was killed
+    con = connect(home.db_path)
+    try:
+        assert con.execute("select flags_before, flags_after, started_at from rollbacks"
+                           ).fetchall() == first
+        assert con.execute("select count(*) from flag_history where action = 'rollback'"
+                           ).fetchone()[0] == 1
+    finally:
+        con.close()
