@@ -343,23 +343,23 @@ with src as (
                                  <= {deep_bytes} // 2 end) end) as clean
     from p
 )
-select
+select  -- values of unclean rows are never read: no CASE per column
     coalesce(clean, false) as clean,
-    case when clean then e[2:-2] end as event_id,
-    case when clean then ts_utc end as ts,
-    case when clean then time_bucket(INTERVAL 15 MINUTE, ts_utc) end as window_start,
-    case when clean then phase_j[2:-2] end as phase,
-    case when clean then kind_j[2:-2] end as kind,
-    case when clean then lat end as latency_ms,
-    case when clean and ok_j in ('true', 'false') then ok_j = 'true' end as ok,
-    case when clean then coalesce(conflict_j = 'true', false) end as conflict,
-    case when clean and sid_j like '"%' then sid_j[2:-2] end as session_id,
-    case when clean and tenant_j like '"%' then tenant_j[2:-2] end as tenant,
-    case when clean and env_j like '"%' then env_j[2:-2] end as environment,
-    case when clean then coalesce(g_observed, false) end as observed_only,
-    case when clean then coalesce(g_dry, false) end as dry_run,
+    e[2:-2] as event_id,
+    ts_utc as ts,
+    time_bucket(INTERVAL 15 MINUTE, ts_utc) as window_start,
+    phase_j[2:-2] as phase,
+    kind_j[2:-2] as kind,
+    lat as latency_ms,
+    case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
+    coalesce(conflict_j = 'true', false) as conflict,
+    case when sid_j like '"%' then sid_j[2:-2] end as session_id,
+    case when tenant_j like '"%' then tenant_j[2:-2] end as tenant,
+    case when env_j like '"%' then env_j[2:-2] end as environment,
+    coalesce(g_observed, false) as observed_only,
+    coalesce(g_dry, false) as dry_run,
     $first_line - 1 + rel_line as line_no,
-    case when clean then hash(e[2:-2]) end as event_key
+    hash(e[2:-2]) as event_key
 from c
 """
 
