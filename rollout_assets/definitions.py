@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from rollout_assets.assets.governance import ga_gate_check
+from rollout_assets.checks.etl_slots import build_etl_slot_checks, with_slot_freshness
 from rollout_assets.checks.slo_checks import build_slo_checks
 from rollout_assets.home import RolloutHome
 from rollout_assets.jobs import DAILY_ASSETS, WINDOW_ASSETS, daily_job, rollback_job, window_job
@@ -23,9 +24,9 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
     home = home or RolloutHome.resolve()
     policy = load_policy(home.policy_path)
     root = str(home.root)
-    return dg.Definitions(
+    defs = dg.Definitions(
         assets=[*WINDOW_ASSETS, *DAILY_ASSETS],
-        asset_checks=[*build_slo_checks(policy), ga_gate_check],
+        asset_checks=[*build_slo_checks(policy), *build_etl_slot_checks(policy), ga_gate_check],
         jobs=[window_job, daily_job, rollback_job],
         schedules=[window_schedule, daily_schedule],
         sensors=[breach_sensor, canary_late_data_sensor],
@@ -38,6 +39,7 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
         executor=dg.in_process_executor,
         loggers=LOGGERS,
     )
+    return with_slot_freshness(defs, policy)
 
 
 defs = build_definitions()

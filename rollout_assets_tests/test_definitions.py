@@ -38,7 +38,8 @@ GRAPH = {
     },
     # checks the code defines; the one-per-policy-rule checks on slo_scores are compared with
     # the policy itself in test_one_check_per_policy_rule
-    "checks": ["sla_daily:ga_gate"],
+    "checks": ["alert_reports:etl_slot", "sla_daily:ga_gate", "window_metrics:etl_slot",
+               "window_verdicts:etl_slot"],
     "jobs": ["__ASSET_JOB", "rollback_job", "rollout_daily_job", "rollout_window_job"],
     "sensors": ["breach_sensor", "canary_late_data_sensor"],
     "schedules": ["daily_sla", "every_15_minutes"],

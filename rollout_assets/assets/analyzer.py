@@ -6,6 +6,7 @@ import dagster as dg
 from rollout_assets.analyze import judge_range, score_range
 from rollout_assets.assets.collector import window_metrics
 from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.checks.slo_checks import slo_check_evaluations
 from rollout_assets.collect import now_utc
 from rollout_assets.governance import record_policy_version
@@ -81,6 +82,8 @@ def window_verdicts(
                 for v in vs if v.rollback_required
             ]),
         }, partition_key=partition_key(w))
+    for evaluation in slot_evaluations(policy, "analyzer", windows, now_utc()):
+        context.log_event(evaluation)
     breaches = [v for v in verdicts if v.breach]
     return dg.MaterializeResult(metadata={
         "verdicts": len(verdicts), "breaches": len(breaches),
