@@ -391,3 +391,35 @@ def test_messy_files_give_identical_tables(tmp_path_factory, files, split, tail)
     finally:
         twin.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_warehouse_from_before_event_keys_is_upgraded(home, policy):
+    """canary_events created without event_key/batch_id: the ingest adds them, keys the stored
+    events, and a re-delivered event still counts as a duplicate."""
+    import duckdb
+
+    home.db_path.parent.mkdir(parents=True)
+    old = duckdb.connect(str(home.db_path))
+    old.execute("""create table canary_events (
+        event_id VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, window_start TIMESTAMP NOT NULL,
+        phase VARCHAR NOT NULL, kind VARCHAR NOT NULL, latency_ms DOUBLE, ok BOOLEAN,
+        conflict BOOLEAN, session_id VARCHAR, tenant VARCHAR, environment VARCHAR,
+        observed_only BOOLEAN NOT NULL, dry_run BOOLEAN NOT NULL, source_file VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL)""")
+    old.execute("insert into canary_events values ('old-1', TIMESTAMP '2025-01-18 09:00:00', "
+                "TIMESTAMP '2025-01-18 09:00:00', 'A-1', 'session', NULL, NULL, false, NULL, "
+                "NULL, NULL, false, false, 'reports/canary/phase-A-0.jsonl', 1, "
+                "TIMESTAMP '2025-01-19 00:00:00')")
+    old.close()
+    home.canary_dir.mkdir(parents=True)
+    (home.canary_dir / "phase-A-1.jsonl").write_bytes(lines(
+        compact(ev(event_id="old-1", kind="session", drop=["latency_ms", "ok"])),
+        compact(ev(event_id="new-1"))))
+    con = connect(home.db_path)
+    try:
+        (s,) = ingest_canary(con, home, policy, now=NOW)
+        assert (s.loaded, s.duplicates) == (1, 1)
+        assert con.execute("select count(*) from canary_events where event_key = hash(event_id)"
+                           ).fetchone()[0] == 2
+    finally:
+        con.close()
