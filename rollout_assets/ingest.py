@@ -589,9 +589,16 @@ def _read_until_newline(fd: int, path: Path, start: int, end: int) -> int:
 
 # ---- the fast path -------------------------------------------------------------------------
 
-def _snapshot_dir() -> str | None:
+def _snapshot_dir(size: int) -> str | None:
+    """RAM-backed /dev/shm when it has room for the range (containers often give it 64 MB),
+    else the system's temp directory."""
     shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return None
+    roomy = st.f_bavail * st.f_frsize > 2 * size + (64 << 20)
+    return shm if roomy and os.access(shm, os.W_OK) else None
 
 
 class _Grew(Exception):
@@ -605,7 +612,7 @@ def _open_range(stack: contextlib.ExitStack, path: Path, fd: int, start: int, en
     DuckDB never reads the bytes before the cursor. Cleaned up when `stack` closes."""
     if not snapshot and start == 0 and end == st.st_size:
         return _Range(path, fd, 0, end, _scan_range(fd, path, start, end, None))
-    tmpdir = tempfile.mkdtemp(prefix="rollout-ingest-", dir=_snapshot_dir())
+    tmpdir = tempfile.mkdtemp(prefix="rollout-ingest-", dir=_snapshot_dir(end - start))
     stack.callback(shutil.rmtree, tmpdir, True)
     snap = Path(tmpdir) / "range.jsonl"
     out = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
