@@ -53,6 +53,15 @@ class RollbackRequest(dg.Config):
     failed_slos: list[str]
 
 
+def publish_after_rollback(context, con, home: HomeResource, notifier: Notifier, policy,
+                           ws) -> None:
+    """What a rollback outcome changes: the incident checklist, the window's alert report (its
+    rollback section) and the dashboard."""
+    refresh_incidents(con, home.home, policy)
+    publish_window(con, home, notifier, ws)
+    refresh_dashboard(context, con, home.home, policy)
+
+
 @dg.op(pool=WAREHOUSE_POOL, tags={"kind": "rollback"})
 def execute_rollback(
     context: dg.OpExecutionContext, config: RollbackRequest, home: HomeResource,
@@ -73,9 +82,7 @@ def execute_rollback(
                        [rollback_id]).fetchone():
             # Relaunched after its process died once the command had succeeded: the flags have
             # moved and the row is written; only the publishing may be unfinished.
-            refresh_incidents(con, home.home, policy)
-            publish_window(con, home, notifier, ws)
-            refresh_dashboard(context, con, home.home, policy)
+            publish_after_rollback(context, con, home, notifier, policy, ws)
             msg = f"rollback {rollback_id} already succeeded; its report and messages are current"
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
@@ -104,9 +111,7 @@ def execute_rollback(
                 "(?, ?, ?, ?, 'skipped', '', NULL, ?, NULL, ?, ?, ?, ?, ?, ?)",
                 [rollback_id, ws, config.phase, config.rollback_to, msg, before.describe(),
                  before.describe(), context.run_id, policy.version, now_utc(), now_utc()])
-            refresh_incidents(con, home.home, policy)
-            publish_window(con, home, notifier, ws)
-            refresh_dashboard(context, con, home.home, policy)
+            publish_after_rollback(context, con, home, notifier, policy, ws)
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
@@ -126,9 +131,7 @@ def execute_rollback(
              before.describe(), after.describe(), context.run_id, policy.version, started,
              now_utc()],
         )
-        refresh_incidents(con, home.home, policy)
-        publish_window(con, home, notifier, ws)
-        refresh_dashboard(context, con, home.home, policy)
+        publish_after_rollback(context, con, home, notifier, policy, ws)
         text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
                 f"ExitCode={outcome.exit_code} ({status}); flags now {after.describe()}")
         # a rollback that failed or timed out leaves the breach live: escalate it to P1
