@@ -19,6 +19,7 @@ from rollout_assets.home import RolloutHome
 from rollout_assets.run_health import instance_lock
 from rollout_assets.warehouse import PAUSE_ENV, connect
 from rollout_assets_tests.conftest import DAY, event, write_canary
+from rollout_assets_tests.pipeline_helpers import query  # noqa: F401 (re-exported for tests)
 
 ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
 SECRET_ENV = ("SLACK_BOT_TOKEN", "PAGERDUTY_ROUTING_KEY_AUTOSAVE", "PAGERDUTY_ROUTING_KEY_MERGE")
@@ -109,14 +110,6 @@ def snapshot(home: RolloutHome) -> dict[str, list]:
         return {name: sorted((_portable(row, str(home.root))
                               for row in con.execute(sql).fetchall()), key=repr)
                 for name, sql in COMPARED_TABLES.items()}
-    finally:
-        con.close()
-
-
-def query(home: RolloutHome, sql: str, params=()) -> list[tuple]:
-    con = connect(home.db_path, read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
     finally:
         con.close()
 
