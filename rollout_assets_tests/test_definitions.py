@@ -28,7 +28,7 @@ GRAPH = {
         "window_metrics": {"group": "collector", "deps": ["canary_events"], "partitions": WINDOW},
         "slo_scores": {"group": "analyzer", "deps": ["window_metrics"], "partitions": WINDOW},
         "window_verdicts": {"group": "analyzer", "deps": ["slo_scores"], "partitions": WINDOW},
-        "incidents": {"group": "governance", "deps": ["window_verdicts"], "partitions": WINDOW},
+        "incidents": {"group": "governance", "deps": ["window_verdicts"], "partitions": None},
         "alert_reports": {"group": "reporter", "deps": ["incidents", "window_verdicts"],
                           "partitions": WINDOW},
         "dashboard": {"group": "reporter", "deps": ["alert_reports", "incidents", "slo_scores",

@@ -16,7 +16,7 @@ from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 
 DASHBOARD_KEY = dg.AssetKey("dashboard")
-UPSTREAM = ("window_metrics", "slo_scores", "window_verdicts", "incidents", "alert_reports")
+UPSTREAM = ("window_metrics", "slo_scores", "window_verdicts", "alert_reports")  # partitioned
 
 
 class DashboardConfig(dg.Config):
@@ -53,7 +53,8 @@ def dashboard_metadata(home: RolloutHome, path, data: dict) -> dict:
     # The page reads the latest windows. Depending on the *last* partition keeps the lineage
     # without Dagster enumerating every 15-minute partition since PARTITIONS_START for each dep
     # on every run (the default for an unpartitioned asset: ~4 s CPU per window run, growing).
-    deps=[dg.AssetDep(k, partition_mapping=dg.LastPartitionMapping()) for k in UPSTREAM],
+    deps=[*(dg.AssetDep(k, partition_mapping=dg.LastPartitionMapping()) for k in UPSTREAM),
+          "incidents"],
     owners=OWNERS, kinds={"duckdb", "html"},
 )
 def dashboard(

@@ -6,7 +6,7 @@ from datetime import date, datetime
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
-from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, WINDOW_ASSET_KWARGS, column_schema
+from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, column_schema
 from rollout_assets.governance import compute_sla_daily, ga_gate, write_daily_summary
 from rollout_assets.incidents import refresh_incidents
 from rollout_assets.partitions import daily_partitions
@@ -14,7 +14,13 @@ from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 
 
-@dg.asset(group_name="governance", deps=[window_verdicts], **WINDOW_ASSET_KWARGS)
+@dg.asset(
+    group_name="governance", pool=WAREHOUSE_POOL, owners=OWNERS, kinds={"duckdb"},
+    # Recomputed from every verdict, so not partitioned: one materialization per run instead of
+    # one per window (2 x 96 Dagster events a day). Depending on the last partition keeps the
+    # lineage without Dagster enumerating every window since the partitions start.
+    deps=[dg.AssetDep(window_verdicts, partition_mapping=dg.LastPartitionMapping())],
+)
 def incidents(
     context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
 ) -> dg.MaterializeResult:
