@@ -87,6 +87,19 @@ def _links(payload: dict, run_url: str | None) -> str:
     return " · ".join(parts)
 
 
+def _evidence(payload: dict) -> str:
+    """Counts kept out of judgement and the DuckDB query that reproduces the judged numbers."""
+    parts = []
+    excluded = payload.get("excluded") or {}
+    if excluded:
+        parts.append("*Excluded from judgement* " + ", ".join(
+            f"{mrkdwn(k)}={mrkdwn(v)}" for k, v in sorted(excluded.items())))
+    sql = payload.get("evidence_sql")
+    if sql:
+        parts.append("*Reproduce* (`duckdb data/rollout.duckdb`)\n```" + mrkdwn(sql) + "```")
+    return "\n".join(parts)
+
+
 def slack_message(msg, *, run_url: str | None = None, status: str | None = None) -> dict:
     """`text` (the notification fallback) and Block Kit `blocks` for `msg`."""
     p = msg.payload or {}
@@ -110,6 +123,9 @@ def slack_message(msg, *, run_url: str | None = None, status: str | None = None)
         if lines:
             blocks.append(_section("*Failed SLOs*\n" + "\n".join(lines)))
         blocks.append(_section(_rollback_line(p)))
+        evidence = _evidence(p)
+        if evidence:
+            blocks.append(_section(evidence))
     elif msg.kind == "rollback":
         code = p.get("exit_code")
         ok = code == 0
@@ -174,6 +190,7 @@ def pagerduty_event(msg, *, routing_key: str, dedup_key: str, run_url: str | Non
         },
         "rollback_required": p.get("rollback_required"), "rollback_to": p.get("rollback_to"),
         "report": p.get("report"), "excluded_events": p.get("excluded"),
+        "evidence_sql": p.get("evidence_sql"),
         "incident_id": msg.incident_id,
     }
     if msg.kind == "escalation":

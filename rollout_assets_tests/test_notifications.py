@@ -158,6 +158,8 @@ def test_slack_alert_is_block_kit_with_slos_rollback_and_links(home, con, endpoi
             {"type": "section", "text": {"type": "mrkdwn", "text":
                 "*Rollback* to A-1: launched by the breach sensor (run key "
                 "`20250118T0900Z:A-2`); ExitCode follows in the thread"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text":
+                "*Reproduce* (`duckdb data/rollout.duckdb`)\n```select 1;```"}},
             {"type": "context", "elements": [
                 {"type": "mrkdwn", "text": "Incident `INC-20250118T0900Z-A-2`"},
                 {"type": "mrkdwn", "text": "Alert report `reports/alerts/20250118T0900Z.md` · "
@@ -208,6 +210,7 @@ def test_pagerduty_trigger_payload_and_routing_key_from_the_policy_named_variabl
                     "rule": "restore_success_rate >= 0.995", "sample_size": 20}},
                 "rollback_required": True, "rollback_to": "A-1",
                 "report": "reports/alerts/20250118T0900Z.md",
+                "evidence_sql": "select 1;",
                 "incident_id": "INC-20250118T0900Z-A-2",
             },
         },
@@ -661,3 +664,20 @@ def test_rollout_demo_delivers_one_message_per_channel_per_breach(tmp_path):
             actions = [e["event_action"] for e in events if e["dedup_key"] == k]
             assert "resolve" not in actions[:-1] and actions[0] == "trigger"
         assert_home_clean(root)
+
+
+def test_alerts_carry_the_evidence_excluded_counts_and_sql(home, con, endpoints, monkeypatch):
+    monkeypatch.setenv("PAGERDUTY_ROUTING_KEY_AUTOSAVE", PD_AUTOSAVE)
+    n = make_notifier(home, endpoints)
+    sql = "select count(*) filter (where kind = 'restore' and ok) / nullif(count(*), 0) < 1"
+    msg = alert(excluded={"staging": 3, "dry_run": 1}, evidence_sql=sql)
+    assert n.send(con, msg) == "sent"
+    [req] = endpoints.of(SLACK_POST)
+    evidence = req.body["blocks"][4]["text"]["text"]
+    assert evidence.startswith("*Excluded from judgement* dry_run=1, staging=3\n*Reproduce*")
+    assert "nullif(count(*), 0) &lt; 1```" in evidence  # escaped like all event-derived text
+    msg = alert(channel=f"pagerduty:{AUTOSAVE}", excluded={"staging": 3}, evidence_sql=sql)
+    assert n.send(con, msg) == "sent"
+    [page] = endpoints.of(PD_ENQUEUE)
+    details = page.body["payload"]["custom_details"]
+    assert details["excluded_events"] == {"staging": 3} and details["evidence_sql"] == sql
