@@ -6,6 +6,7 @@ services. An invalid policy fails at load time with the field path and the reaso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Hashable
@@ -361,6 +362,14 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: Path) -> Policy:
+    """The policy in `path`; parsed again only when the file changes (every asset and every
+    breached window asks for it, and an edit must apply to the next run without a reload)."""
     if not path.is_file():
         raise PolicyError(f"policy file not found: {path}")
-    return parse_policy(path.read_text(encoding="utf-8"), str(path))
+    st = path.stat()
+    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> Policy:
+    return parse_policy(Path(path).read_text(encoding="utf-8"), path)

@@ -118,6 +118,7 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             for s in scores
         ]
         baseline = next((s["baseline"] for s in score_dicts if s["baseline"] is not None), None)
+        incident = incident_for(con, phase, ws)
         page = level in policy.notifications.page_levels
         phases.append(dict(
             phase=phase, title=policy.phase(phase).title if phase in policy.phase_names else "",
@@ -126,8 +127,8 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             slack_channels=slack_channels(policy, phase, level), page=page,
             pagerduty_service=pagerduty_service(policy, phase),
             pagerduty_severity=PAGERDUTY_SEVERITY[level] if page else None,
-            incident_id=incident_for(con, phase, ws),
-            dedup_key=incident_for(con, phase, ws) or f"rollout-{phase}-{window_stamp(ws)}",
+            incident_id=incident,
+            dedup_key=incident or f"rollout-{phase}-{window_stamp(ws)}",
             run_key=rollback_run_key(ws, phase),
             rollback=dict(command=rb[0], status=rb[1], exit_code=rb[2], log_tail=rb[3] or "",
                           flags_before=rb[4], flags_after=rb[5]) if rb else None,
