@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -183,10 +183,3 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
-
-def window_range(windows: list[datetime]) -> tuple[datetime, datetime]:
-    return min(windows), max(windows)
-
-
-def lookback_start(ws: datetime, hours: int) -> datetime:
-    return ws - timedelta(hours=hours)

@@ -8,7 +8,7 @@ instead of leaving a stale state behind. First-recorded facts (RCA created, clos
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -275,16 +275,3 @@ def write_rca(con, home: RolloutHome, policy: Policy, inc: Incident, row: dict) 
                                                               fmt=_fmt_ts)
     atomic_write(path, text)
     return path
-
-
-
-
-def fmt_incident_line(row: dict) -> str:
-    return (f"{row['incident_id']} {row['level']} {row['status']} windows={row['breach_windows']}"
-            f" rca_due={row['rca_due']}")
-
-
-def open_incidents(con, phases: Sequence[str] | None = None) -> list[tuple]:
-    q = "select incident_id, phase, level from incidents where status = 'open'"
-    rows = con.execute(q).fetchall()
-    return [r for r in rows if phases is None or r[1] in phases]
