@@ -362,14 +362,13 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
 
 
 def load_policy(path: Path) -> Policy:
-    """The policy in `path`; parsed again only when the file changes (every asset and every
-    breached window asks for it, and an edit must apply to the next run without a reload)."""
+    """The policy in `path`, parsed again only when its text changes (every asset and every
+    breached window asks for it; an edit applies to the next call, no reload needed)."""
     if not path.is_file():
         raise PolicyError(f"policy file not found: {path}")
-    st = path.stat()
-    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
+    return _parse_cached(path.read_text(encoding="utf-8"), str(path))
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(path: str, mtime_ns: int, size: int) -> Policy:
-    return parse_policy(Path(path).read_text(encoding="utf-8"), path)
+def _parse_cached(text: str, source: str) -> Policy:
+    return parse_policy(text, source)
