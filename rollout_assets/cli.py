@@ -116,8 +116,8 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
             "select window_start, phase, rollback_to, status, exit_code from rollbacks "
             "where window_start >= ? and window_start < ? order by 1, 2", [start, end]
         ).fetchall():
-            lines.append(f"rollback {ws:%Y-%m-%d %H:%M} {phase} -> {to}: {status}, "
-                         f"ExitCode={code}")
+            outcome = f"ExitCode={code}" if code is not None else "command not run again"
+            lines.append(f"rollback {ws:%Y-%m-%d %H:%M} {phase} -> {to}: {status}, {outcome}")
         return lines
     finally:
         con.close()
