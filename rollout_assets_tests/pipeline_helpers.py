@@ -76,6 +76,20 @@ def write_breach_data(home: RolloutHome, phase: str = "A-1") -> None:
     write_canary(home, "A-0", a0)
 
 
+def breach_home_with_flags_at_a1(home: RolloutHome) -> None:
+    """`write_breach_data` plus the flag store moved to A-1, as the canary phase starts."""
+    from rollout_assets import flags
+    from rollout_assets.policy import load_policy
+
+    write_breach_data(home)
+    policy = load_policy(home.policy_path)
+    con = connect(home.db_path)
+    try:
+        flags.promote(con, policy, "A-1", reason="test: canary starts", actor="pytest")
+    finally:
+        con.close()
+
+
 def judged_rules(policy, phase: str) -> set[str]:
     """Every rule that scores a row per window of `phase` (SLOs, shadow ones included, and
     burn-rate rules): the policy grows, the tests follow it instead of counting by hand."""

@@ -11,23 +11,21 @@ import dagster as dg
 import pytest
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from rollout_assets import flags
 from rollout_assets.partitions import partition_key, window_stamp
 from rollout_assets.policy import load_policy
 from rollout_assets.runner import RunSummary, prepare_instance, run_range
-from rollout_assets.warehouse import connect
 from rollout_assets_tests.pipeline_helpers import (
     BREACH_WINDOW,
     END,
     SMALL_WINDOW,
     START,
     WINDOWS,
+    breach_home_with_flags_at_a1,
     files_under,
     judged_rules,
     persistent_home,
     query,
     table_counts,
-    write_breach_data,
 )
 
 SUCCEEDED = AssetCheckExecutionRecordStatus.SUCCEEDED
@@ -51,13 +49,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     with persistent_home(tmp_path_factory, "pipeline") as home:
-        write_breach_data(home)
-        policy = load_policy(home.policy_path)
-        con = connect(home.db_path)
-        try:
-            flags.promote(con, policy, "A-1", reason="test: canary starts", actor="pytest")
-        finally:
-            con.close()
+        breach_home_with_flags_at_a1(home)
         log: list[str] = []
         first = run_range(home, START, END, log=log.append)
         counts_first = table_counts(home)

@@ -11,18 +11,16 @@ import dagster as dg
 import pytest
 import yaml
 
-from rollout_assets import flags
 from rollout_assets.definitions import build_definitions
 from rollout_assets.home import PROJECT_ROOT
 from rollout_assets.partitions import partition_key, window_stamp
 from rollout_assets.policy import load_policy
 from rollout_assets.runner import QUIET, prepare_instance
-from rollout_assets.warehouse import connect
 from rollout_assets_tests.pipeline_helpers import (
     BREACH_WINDOW,
+    breach_home_with_flags_at_a1,
     persistent_home,
     query,
-    write_breach_data,
 )
 
 STAMP = window_stamp(BREACH_WINDOW)
@@ -35,13 +33,7 @@ def env(tmp_path_factory):
     """A home whose 09:15 window breached in A-1 (materialized, not yet rolled back) while the
     flags are at A-1."""
     with persistent_home(tmp_path_factory, "rollback") as home:
-        write_breach_data(home)
-        policy = load_policy(home.policy_path)
-        con = connect(home.db_path)
-        try:
-            flags.promote(con, policy, "A-1", reason="test: canary starts", actor="pytest")
-        finally:
-            con.close()
+        breach_home_with_flags_at_a1(home)
         instance = prepare_instance(home)
         defs = build_definitions(home)
         res = defs.resolve_job_def("rollout_window_job").execute_in_process(
