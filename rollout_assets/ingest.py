@@ -6,15 +6,16 @@ cursor, so a crash leaves either both or neither.
 
 Two paths with one meaning (`events.validate_line` is the reference):
 
-* **fast** (the default): DuckDB reads the range with `read_ndjson_objects` (one row per
-  non-blank line, NULL for a line that is not JSON, in file order), extracts the fields with one
-  `json_extract` and decides in SQL whether the line is *provably* accepted by the Python
-  validator with the same values (`_FAST_INSERT_SQL`). Those rows are inserted straight from the
-  scan; every other line ("suspect": not JSON, a wrong type, an odd time stamp, a JSON
-  extension DuckDB tolerates such as `NaN` or a trailing comma...) is fetched by its line number
-  and validated in Python, so quarantine reasons and line numbers are exactly the strict path's.
-  Blank lines are the only lines DuckDB skips; the line count of the range (counted with numpy)
-  says whether there are any, and only then are they located.
+* **fast** (the default): DuckDB reads the range and decides in SQL whether each line is
+  *provably* accepted by the Python validator with the same values (`_stage_sql`). Minified
+  ranges are proven at once from `read_json`'s typed fields and a length sum (the canonical
+  path); any other range line by line from its text (`read_ndjson_objects`, the general
+  path). Those rows are staged straight from the scan; every other line ("suspect": not JSON,
+  a wrong type, an odd time stamp, a JSON extension DuckDB tolerates such as `NaN` or a
+  trailing comma...) is fetched by its line number and validated in Python, so quarantine
+  reasons and line numbers are exactly the strict path's. Blank lines are the only lines
+  DuckDB skips; the line count of the range (counted with numpy) says whether there are any,
+  and only then are they located.
 * **strict**: every line through `events.validate_line` in Python, 32 MiB per transaction.
   `ROLLOUT_INGEST_MODE=strict` selects it; the fast path also falls back to it for a range
   DuckDB cannot read consistently. `rollout_assets_tests/test_ingest_paths.py` feeds both paths
@@ -79,6 +80,8 @@ MAX_OBJECT_BYTES = 64 * 1024 * 1024  # DuckDB's maximum_object_size for one line
 SKIPPED_WS = b" \t\r\x0b\x0c"
 # A suspect by length: more bytes than this may nest deeper than Python's json can parse.
 DEEP_LINE_BYTES = 800
+SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
+ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 EVENT_TABLE_COLUMNS = (*EVENT_COLUMNS, "ingested_at", "event_key", "batch_id")
 _STAGE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "source_file")
 
@@ -103,6 +106,7 @@ class FileIngest:
     # lines decided in SQL / validated in Python ("suspects" on the fast path, all on strict)
     fast_lines: int = 0
     python_lines: int = 0
+    canonical_lines: int = 0  # of fast_lines: decided by the canonical path's whole-range proof
     fallbacks: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -260,27 +264,26 @@ def _json_texts(values) -> str:
                      for v in values)
 
 
-def _tag_forms() -> list[tuple[str, bool, bool]]:
+def _tag_forms() -> list[str]:
     """Every `tags` object text the fast path decodes itself: the two known keys, each at most
-    once, in either order, valued true/false/null (null means false, as in the validator)."""
-    vals = {"true": True, "false": False, "null": False}
-    forms = [("{}", False, False)]
-    for k in ("observed_only", "dry_run"):
-        for t, v in vals.items():
-            forms.append((f'{{"{k}":{t}}}', v if k == "observed_only" else False,
-                          v if k == "dry_run" else False))
-    for t1, v1 in vals.items():
-        for t2, v2 in vals.items():
-            forms.append((f'{{"observed_only":{t1},"dry_run":{t2}}}', v1, v2))
-            forms.append((f'{{"dry_run":{t2},"observed_only":{t1}}}', v1, v2))
+    once, in either order, valued true/false/null (null means false, as in the validator). In
+    these texts a key is true exactly when `"key":true` occurs: that is how SQL decodes them."""
+    vals = ("true", "false", "null")
+    forms = ["{}"]
+    forms += [f'{{"{k}":{t}}}' for k in ("observed_only", "dry_run") for t in vals]
+    for t1 in vals:
+        for t2 in vals:
+            forms.append(f'{{"observed_only":{t1},"dry_run":{t2}}}')
+            forms.append(f'{{"dry_run":{t2},"observed_only":{t1}}}')
     return forms
 
 
-# `f` holds each field's JSON text as DuckDB re-writes it (minified, strings with only the
-# escapes JSON requires), NULL when the key is absent. A clean line is one the Python validator
-# accepts with the same values (`clean`); every other row is validated in Python by its line
-# number. Rows are staged in a temp table first: deleting rows a transaction has just inserted
-# makes DuckDB's commit rewrite them all, so duplicates are left out of the insert instead.
+# Both SQL paths see each known field as the JSON text DuckDB re-writes for it (minified, strings
+# with only the escapes JSON requires), NULL when the key is absent, and decide in SQL whether a
+# line is *provably* accepted by the Python validator with the same values (`clean`). Every other
+# line is validated in Python by its line number. Rows are staged in a temp table first: deleting
+# rows a transaction has just inserted makes DuckDB's commit rewrite them all, so duplicates are
+# left out of the insert instead.
 #
 # DuckDB's JSON reader also accepts NaN/Infinity, trailing commas and any nesting depth, which
 # Python's json does not; those could hide in keys the fast path does not read. A line whose
@@ -288,10 +291,33 @@ def _tag_forms() -> list[tuple[str, bool, bool]]:
 # every other spelling of a string, key, object or boolean is at least as long as the minified
 # one, and the only shorter spelling of a number is an exponent form of a value written with
 # trailing zeros ("1E2" for 100.0) or leading ones ("1E-3" for 0.001), which the `lat_j` test
-# excludes. Any other line must pass a textual check for those extensions instead.
-_FAST_STAGE_SQL = """
-create or replace temp table _ingest_stage as
-with src as (
+# singles out (`short_lat`).
+#
+# * The **canonical** path (`_stage_sql(canonical=True)`) reads the fields with `read_json`
+#   (JSON-typed columns: one parse, no line text) and proves the length property for the whole
+#   range at once: the clean rows' `known_len`, plus the suspects' own bytes, plus one newline a
+#   line, must add up to the range's size. Each clean line is at least `known_len` long, so the
+#   sum can only match if every one of them is exactly that long. The range must have one row a
+#   line (`with ordinality` numbers them), else the general path takes it.
+# * The **general** path (`_stage_sql(canonical=False)`) reads every line's text
+#   (`read_ndjson_objects`) and checks each line on its own: by its length, else textually
+#   for those extensions. It takes the ranges the canonical proof does not hold for (lines
+#   written with spaces, CRLF, blank lines).
+_SOURCE_CANONICAL = """src as (
+    select o, e::VARCHAR as e, ts_j::VARCHAR as ts_j, phase_j::VARCHAR as phase_j,
+        kind_j::VARCHAR as kind_j, lat_j::VARCHAR as lat_j, ok_j::VARCHAR as ok_j,
+        conflict_j::VARCHAR as conflict_j, sid_j::VARCHAR as sid_j,
+        tenant_j::VARCHAR as tenant_j, env_j::VARCHAR as env_j, tags_j::VARCHAR as tags_j
+    from read_json($src, format = 'newline_delimited', ignore_errors = true,
+                   maximum_object_size = {max_object}, columns = {json_columns})
+        with ordinality
+        as r(e, ts_j, phase_j, kind_j, lat_j, ok_j, conflict_j, sid_j, tenant_j, env_j, tags_j, o)
+), v as (
+    select *, {known_len} as known_len, {ts_s} as ts_s
+    from src
+)"""
+
+_SOURCE_LINES = """src as (
     select ordinality as o, json::VARCHAR as raw,
         json_extract(json, {paths})::VARCHAR[] as f
     from read_ndjson_objects($src, ignore_errors = true,
@@ -299,12 +325,14 @@ with src as (
 ), {shifted}v as (
     select rel_line, raw, f[1] as e, f[2] as ts_j, f[3] as phase_j, f[4] as kind_j,
         f[5] as lat_j, f[6] as ok_j, f[7] as conflict_j, f[8] as sid_j, f[9] as tenant_j,
-        f[10] as env_j, f[11] as tags_j, {expected_len} + 1 as known_len,
-        case when f[2] like '"%' and not contains(f[2], '\\') and strlen(f[2]) >= 22
-             then f[2][2:-2] end as ts_s
-    from {source}
-), p as (
-    select v.*, g.observed_only as g_observed, g.dry_run as g_dry,
+        f[10] as env_j, f[11] as tags_j, {known_len} as known_len, {ts_s} as ts_s
+    from {lines}
+)"""
+
+_STAGE_SQL = """
+create or replace temp table _ingest_stage as
+with {source}, p as (
+    select v.*,
         case when lat_j is null or lat_j = 'null' then null
              else try_cast(lat_j as DOUBLE) end as lat,
         -- DuckDB's strptime takes 1-6 fraction digits like Python; the glob below pins the
@@ -313,11 +341,12 @@ with src as (
              when ts_s[-6] in ('+', '-') and ts_s[-3] = ':' and ts_s[-5:-4] <= '23'
                   and ts_s[-2:] <= '59'
              then make_timestamp(epoch_us(try_strptime(ts_s, {ts_offset_formats})))
-        end as ts_utc
-    from v left join _ingest_tag_forms g on v.tags_j = g.form
+        end as ts_utc,
+        coalesce(lat_j like '%0.0' or lat_j like '0.0%', false) as short_lat
+    from v  -- no join: the canonical path's line numbers rely on DuckDB keeping file order
 ), c as (
     select *,
-        raw is not null
+        e is not null
         -- event_id: a non-empty string that starts with a printable character, <= 256 chars
         and e like '"%' and not contains(e, '\\') and strlen(e) > 2
         and ascii(e[2]) between 33 and 126
@@ -333,18 +362,13 @@ with src as (
              else ok_j in ('true', 'false') end)
         and (conflict_j is null or conflict_j in ('null', 'true', 'false'))
         and {sid_ok} and {tenant_ok} and {env_ok}
-        and (tags_j is null or tags_j = 'null' or g_observed is not null)
-        -- no JSON extension Python rejects (NaN, trailing commas, deep nesting) anywhere
-        and (case when strlen(raw) = known_len and not (lat_j like '%0.0' or lat_j like '0.0%')
-                  then true
-                  else not regexp_matches(raw, '{lenient_re}')
-                       and (case when strlen(raw) <= {deep_bytes} then true
-                            else strlen(raw) - strlen(replace(replace(raw, '{{', ''), '[', ''))
-                                 <= {deep_bytes} // 2 end) end) as clean
+        and (tags_j is null or tags_j = 'null' or tags_j in ({tag_forms}))
+        and {extensions_ok} as clean
     from p
 )
 select  -- values of unclean rows are never read: no CASE per column
     coalesce(clean, false) as clean,
+    {known_len_out}
     e[2:-2] as event_id,
     ts_utc as ts,
     time_bucket(INTERVAL 15 MINUTE, ts_utc) as window_start,
@@ -356,12 +380,19 @@ select  -- values of unclean rows are never read: no CASE per column
     case when sid_j like '"%' then sid_j[2:-2] end as session_id,
     case when tenant_j like '"%' then tenant_j[2:-2] end as tenant,
     case when env_j like '"%' then env_j[2:-2] end as environment,
-    coalesce(g_observed, false) as observed_only,
-    coalesce(g_dry, false) as dry_run,
-    $first_line - 1 + rel_line as line_no,
+    coalesce(contains(tags_j, '"observed_only":true'), false) as observed_only,
+    coalesce(contains(tags_j, '"dry_run":true'), false) as dry_run,
+    {line_no} as line_no,
     hash(e[2:-2]) as event_key
 from c
 """
+
+# general path: no JSON extension Python rejects (NaN, trailing commas, deep nesting) anywhere
+_EXTENSIONS_BY_LINE = """(case when strlen(raw) = known_len and not short_lat then true
+             else not regexp_matches(raw, '{lenient_re}')
+                  and (case when strlen(raw) <= {deep_bytes} then true
+                       else strlen(raw) - strlen(replace(replace(raw, '{{', ''), '[', ''))
+                            <= {deep_bytes} // 2 end) end)"""
 
 _LENIENT_RE = r",[ \t\r]*[}\]]|[:\[,][ \t\r]*-?(?i:nan|inf)"
 
@@ -386,19 +417,37 @@ def _optional_string(col: str) -> str:
             f"and not contains({col}, '\\') and {_short_enough(col)}))")
 
 
-def _fast_sql(policy: Policy, with_skips: bool) -> str:
-    """The fast path's insert for this policy; `with_skips` maps row numbers past the blank
-    lines listed in `_ingest_skips` (only needed when the range has any)."""
+_COLUMN_NAMES = ("e", "ts_j", "phase_j", "kind_j", "lat_j", "ok_j", "conflict_j", "sid_j",
+                 "tenant_j", "env_j", "tags_j")
+
+
+def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> str:
+    """The stage query of one path for this policy. General: `with_skips` maps row numbers
+    past the blank lines listed in `_ingest_skips` (only needed when the range has any)."""
     # a minified object made only of the known keys: each present key's `"key":value,`, plus
     # the braces, minus the last comma
-    expected_len = " + ".join(
-        f"coalesce(strlen(f[{i}]) + {len(name) + 4}, 0)" for i, name in enumerate(_FIELDS, 1))
-    return _FAST_STAGE_SQL.format(
-        source="shifted" if with_skips else "(select *, o as rel_line from src)",
-        shifted=_SHIFTED if with_skips else "",
-        paths="[" + ", ".join(f"'$.{f}'" for f in _FIELDS) + "]",
-        max_object=MAX_OBJECT_BYTES,
-        max_id=MAX_ID_LEN,
+    known_len = " + ".join(f"coalesce(strlen({col}) + {len(name) + 4}, 0)"
+                           for col, name in zip(_COLUMN_NAMES, _FIELDS, strict=True)) + " + 1"
+    ts_s = ("case when ts_j like '\"%' and not contains(ts_j, '\\') and strlen(ts_j) >= 22 "
+            "then ts_j[2:-2] end")
+    if canonical:
+        source = _SOURCE_CANONICAL.format(
+            max_object=MAX_OBJECT_BYTES, known_len=known_len, ts_s=ts_s,
+            json_columns="{" + ", ".join(f"{f}: 'JSON'" for f in _FIELDS) + "}")
+        extensions_ok = "not short_lat"  # the rest is proven for the whole range
+    else:
+        source = _SOURCE_LINES.format(
+            paths="[" + ", ".join(f"'$.{f}'" for f in _FIELDS) + "]",
+            max_object=MAX_OBJECT_BYTES, known_len=known_len, ts_s=ts_s,
+            shifted=_SHIFTED if with_skips else "",
+            lines="shifted" if with_skips else "(select *, o as rel_line from src)")
+        extensions_ok = _EXTENSIONS_BY_LINE.format(lenient_re=_LENIENT_RE,
+                                                   deep_bytes=DEEP_LINE_BYTES)
+    return _STAGE_SQL.format(
+        source=source,
+        extensions_ok=extensions_ok,
+        known_len_out="known_len," if canonical else "",
+        line_no="$first_line - 1 + " + ("o" if canonical else "rel_line"),
         e_len_ok=_short_enough("e"),
         sid_ok=_optional_string("sid_j"),
         tenant_ok=_optional_string("tenant_j"),
@@ -407,22 +456,16 @@ def _fast_sql(policy: Policy, with_skips: bool) -> str:
         phases=_json_texts(policy.phase_names),
         kinds=_json_texts(KINDS),
         needs_ok=_json_texts(sorted(NEEDS_OK)),
+        tag_forms=", ".join(map(_sql_str, _tag_forms())),
         max_latency=repr(MAX_LATENCY_MS),
-        expected_len=expected_len,
-        lenient_re=_LENIENT_RE,
         ts_utc_formats="['%Y-%m-%dT%H:%M:%S.%fZ', '%Y-%m-%dT%H:%M:%SZ']",
         ts_offset_formats="['%Y-%m-%dT%H:%M:%S.%f%z', '%Y-%m-%dT%H:%M:%S%z']",
         ts_glob="[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]",
-        deep_bytes=DEEP_LINE_BYTES,
     )
 
 
 def _prepare_session(con) -> None:
     con.execute("create temp table if not exists _ingest_skips (c BIGINT, k BIGINT)")
-    con.execute("create temp table if not exists _ingest_tag_forms "
-                "(form VARCHAR, observed_only BOOLEAN, dry_run BOOLEAN)")
-    if not con.execute("select count(*) from _ingest_tag_forms").fetchone()[0]:
-        con.executemany("insert into _ingest_tag_forms values (?, ?, ?)", _tag_forms())
 
 
 # ---- schema upkeep ---------------------------------------------------------------------------
@@ -463,8 +506,9 @@ def _stage_python_rows(con, parsed: ParsedChunk) -> int:
     df["ok"] = df["ok"].astype("boolean")
     con.register("_ingest_py_rows", df)
     try:
-        con.execute(f"insert into _ingest_stage select true, {', '.join(_STAGE_COLUMNS)}, "
-                    "hash(event_id) from _ingest_py_rows")
+        con.execute(f"insert into _ingest_stage by name select true as clean, "
+                    f"{', '.join(_STAGE_COLUMNS)}, hash(event_id) as event_key "
+                    "from _ingest_py_rows")
     finally:
         con.unregister("_ingest_py_rows")
     return valid
@@ -633,7 +677,9 @@ class _Staged:
         self.con, self.job, self.policy, self.now = con, job, policy, now
         self.stack = contextlib.ExitStack()
         self.suspects: list[int] = []  # range line numbers (1-based) Python must validate
+        self.raw: dict[int, bytes] = {}  # some suspects' bytes, read while proving the range
         self.rng: _Range | None = None
+        self.path_taken = ""
 
     def run(self) -> _Staged:
         try:
@@ -653,27 +699,90 @@ class _Staged:
         self.rng = rng = _open_range(self.stack, job.path, job.fd, job.cur.offset, job.end,
                                      job.st, snapshot)
         self.finder = _LineFinder(rng)
+        self.raw = {}
+        if not self._canonical():
+            self._general()
+        if rng.path == job.path and os.stat(job.path).st_size != job.st.st_size:
+            raise _Grew()
+
+    def _execute_stage(self, sql: str, params: dict) -> None:
+        try:
+            self.con.execute(sql, {"src": str(self.rng.path),
+                                   "max_ts": self.now + FUTURE_SLACK, **params})
+        except duckdb.Error as exc:
+            raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) from None
+
+    def _canonical(self) -> bool:
+        """Stage the range on the canonical path; False (nothing decided) when its proof does
+        not hold: the general path takes the range then."""
+        con, rng, job = self.con, self.rng, self.job
+        n_lines = rng.lines
+        try:
+            self._execute_stage(_stage_sql(self.policy, canonical=True),
+                            {"first_line": job.cur.lines + 1})
+        except _Inconsistent:
+            return False  # read_json rejects some malformed lines read_ndjson_objects skips
+        rows, known, bad = con.execute(
+            "select count(*), coalesce(sum(known_len) filter (where clean), 0), "
+            "count(*) filter (where not clean) from _ingest_stage").fetchone()
+        if rows != n_lines:
+            if rng.path == job.path and rows > n_lines:
+                raise _Grew()
+            return False  # blank lines, which DuckDB skips: the general path maps them
+        first = job.cur.lines
+        suspects = [r[0] - first for r in con.execute(
+            "select line_no from _ingest_stage where not clean order by line_no").fetchall()]
+        assert len(suspects) == bad
+        raw, cached = {}, 0
+        suspect_bytes = 0
+        for k in suspects:
+            line = self.finder.line(k)
+            suspect_bytes += len(line)
+            if cached < SUSPECT_CACHE_BYTES:
+                raw[k] = line
+                cached += len(line)
+        # every clean line is at least `known_len` bytes long: the sum matches only if each is
+        # exactly that long, i.e. holds nothing but its known keys, minified
+        if known + suspect_bytes + n_lines != rng.size:
+            return False
+        if not self._in_file_order(n_lines):
+            return False
+        self.suspects, self.raw = suspects, raw
+        self.path_taken = "canonical"
+        return True
+
+    def _in_file_order(self, n_lines: int) -> bool:
+        """Spot-check the line numbers (a reader that skipped or reordered a line would shift
+        them all): ORDER_PROBES clean rows spread over the range must each carry the event_id
+        written on their line."""
+        first = self.job.cur.lines
+        step = max(1, n_lines // ORDER_PROBES)
+        probes = self.con.execute(
+            "select line_no - ?, event_id from _ingest_stage where clean "
+            "and ((line_no - ?) % ? = 0 or line_no - ? = ?)",
+            [first, first, step, first, n_lines]).fetchall()
+        return all(
+            b'"event_id":' + json.dumps(eid, ensure_ascii=False).encode() in self.finder.line(k)
+            for k, eid in probes)
+
+    def _general(self) -> None:
+        job, rng, con = self.job, self.rng, self.con
         n_lines = rng.lines
         skipped: list[int] = []
-        con = self.con
         for attempt in (1, 2):
             if skipped:
                 con.execute("delete from _ingest_skips")
                 con.executemany("insert into _ingest_skips values (?, ?)",
                                 [(b - i - 1, i + 1) for i, b in enumerate(skipped)])
-            try:
-                con.execute(_fast_sql(self.policy, bool(skipped)),
-                            {"first_line": job.cur.lines + 1, "src": str(rng.path),
-                             "max_ts": self.now + FUTURE_SLACK})
-            except duckdb.Error as exc:
-                raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) from None
+            self._execute_stage(_stage_sql(self.policy, canonical=False,
+                                           with_skips=bool(skipped)),
+                                {"first_line": job.cur.lines + 1})
             rows, bad = con.execute("select count(*), list(line_no) filter (where not clean) "
                                     "from _ingest_stage").fetchone()
             if rows + len(skipped) == n_lines:
                 first = job.cur.lines
                 self.suspects = sorted({n - first for n in bad or ()}.union(skipped))
-                if rng.path == job.path and os.stat(job.path).st_size != job.st.st_size:
-                    raise _Grew()
+                self.path_taken = "general"
                 return
             if rng.path == job.path and rows + len(skipped) > n_lines:
                 raise _Grew()
@@ -694,8 +803,10 @@ class _Staged:
         phases = frozenset(self.policy.phase_names)
         for k in self.suspects:
             line_no = first + k
-            row, text, reason = validate_line(line_bytes(self.finder.line(k), line_no),
-                                              phases, self.now)
+            raw = self.raw.get(k)
+            if raw is None:
+                raw = self.finder.line(k)
+            row, text, reason = validate_line(line_bytes(raw, line_no), phases, self.now)
             if row is None:
                 parsed.quarantine.append((line_no, text, reason))
             else:
@@ -711,6 +822,8 @@ class _Staged:
             _save_cursor(con, job.rel, job.cur, job.st, self.now)
             con.execute("drop table _ingest_stage")
         stats.fast_lines += n_lines - len(self.suspects)
+        if self.path_taken == "canonical":
+            stats.canonical_lines += n_lines - len(self.suspects)
         stats.python_lines += len(self.suspects)
 
     def close(self) -> None:
@@ -863,8 +976,10 @@ def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
                 k = position.get(id(job))
                 if k is not None:
                     staged: _Staged | None = None
+                    pending = futures.pop(k)
+                    submit(k + ahead)  # parse the next file while this one is stored
                     try:
-                        staged = futures.pop(k).result()
+                        staged = pending.result()
                         staged.store(job.stats)
                     except _Inconsistent as exc:
                         job.stats.fallbacks.append(str(exc))
@@ -874,7 +989,6 @@ def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
                     finally:
                         if staged is not None:
                             staged.close()
-                    submit(k + ahead)
                 _finish_job(con, job, policy, now)
     except BaseException:
         for f in futures.values():  # parsed files not stored: release their snapshots
