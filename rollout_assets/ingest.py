@@ -82,8 +82,11 @@ SKIPPED_WS = b" \t\r\x0b\x0c"
 DEEP_LINE_BYTES = 800
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
-EVENT_TABLE_COLUMNS = (*EVENT_COLUMNS, "ingested_at", "event_key", "batch_id")
-_STAGE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "source_file")
+# What `canary_events` keeps of a validated event: `session_id` is validated but not stored (no
+# metric, exclusion or report reads it; its line is at (source_file, line_no)).
+STORED_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "session_id")
+EVENT_TABLE_COLUMNS = (*STORED_COLUMNS, "ingested_at", "event_key", "batch_id")
+_STAGE_COLUMNS = tuple(c for c in STORED_COLUMNS if c != "source_file")
 
 
 class RetryableIOError(RuntimeError):
@@ -377,7 +380,6 @@ select  -- values of unclean rows are never read: no CASE per column
     lat as latency_ms,
     case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
     coalesce(conflict_j = 'true', false) as conflict,
-    case when sid_j like '"%' then sid_j[2:-2] end as session_id,
     case when tenant_j like '"%' then tenant_j[2:-2] end as tenant,
     case when env_j like '"%' then env_j[2:-2] end as environment,
     coalesce(contains(tags_j, '"observed_only":true'), false) as observed_only,
@@ -542,7 +544,7 @@ def _store_stage(con, rel: str, now: datetime, batch: int) -> int:
                 and e.clean and e.line_no < s.line_no
             where s.clean
         )
-        select {', '.join(c if c != "source_file" else "$rel" for c in EVENT_COLUMNS)},
+        select {', '.join(c if c != "source_file" else "$rel" for c in STORED_COLUMNS)},
             $now::TIMESTAMP, event_key, $batch
         from _ingest_stage
         where clean and event_key not in (select event_key from stored)
