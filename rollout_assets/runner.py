@@ -43,6 +43,18 @@ concurrency:
     # granularity Dagster 1.13 busy-waits for a slot. CLI runs wait on the DuckDB lock itself.
     granularity: run
 """
+# Also appended to a dagster.yaml that rollout wrote before it existed (`upgrade_instance_yaml`).
+EVENT_LOG_STORAGE_YAML = """\
+# Dagster's own event log files (history/runs, relative to this directory: the default layout, so
+# the history stays), written one connection and commit per batch of events, not per event.
+event_log_storage:
+  module: rollout_assets.instance_storage
+  class: BatchingSqliteEventLogStorage
+  config:
+    base_dir: history/runs
+"""
+INSTANCE_YAML += EVENT_LOG_STORAGE_YAML
+ROLLOUT_YAML_HEADER = "# Written by rollout"
 
 
 # The CLI prints its own summary; Dagster's step-by-step console log stays in the event log/UI.
@@ -83,7 +95,36 @@ def prepare_instance(home: RolloutHome) -> dg.DagsterInstance:
     with instance_lock(dagster_home):  # a concurrent `rollout run` may be creating it too
         if not cfg.exists():
             cfg.write_text(INSTANCE_YAML)
+        else:
+            upgrade_instance_yaml(cfg)
         return dg.DagsterInstance.get()
+
+
+def upgrade_instance_yaml(cfg: Path) -> bool:
+    """Add the event log storage stanza to a dagster.yaml that rollout wrote before it had one.
+
+    A file rollout did not write (no "# Written by rollout" first line) is never touched, nor one
+    that already configures its storage. The rest of the file is kept as it is. Returns whether
+    the file was changed. The caller holds the instance lock.
+    """
+    import yaml
+
+    text = cfg.read_text()
+    if not text.startswith(ROLLOUT_YAML_HEADER):
+        return False
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False  # Dagster will say what is wrong with it
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict) or {"storage", "run_storage", "event_log_storage",
+                                      "schedule_storage"} & doc.keys():
+        return False
+    tmp = cfg.with_name(cfg.name + ".rollout-upgrade")
+    tmp.write_text(text + ("" if text.endswith("\n") else "\n") + EVENT_LOG_STORAGE_YAML)
+    os.replace(tmp, cfg)
+    return True
 
 
 def _defs(home: RolloutHome) -> dg.Definitions:

@@ -5,7 +5,12 @@ import dagster as dg
 
 from rollout_assets.analyze import judge_range, score_range
 from rollout_assets.assets.collector import window_metrics
-from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.assets.common import (
+    WINDOW_ASSET_KWARGS,
+    column_schema,
+    log_events,
+    run_windows,
+)
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.checks.slo_checks import slo_check_evaluations
 from rollout_assets.collect import now_utc
@@ -32,8 +37,7 @@ def slo_scores(
             context.log.info(f"policy version {policy.version} ({policy.version_label}) recorded")
         scores = score_range(con, policy, windows[0], windows[-1], now_utc())
         schema = column_schema(con, "slo_scores")
-    for evaluation in slo_check_evaluations(scores, policy.version):
-        context.log_event(evaluation)
+    log_events(context, slo_check_evaluations(scores, policy.version))
     failed = [s for s in scores if s.passed is False]
     by_window: dict = {}
     for s in scores:
@@ -82,8 +86,7 @@ def window_verdicts(
                 for v in vs if v.rollback_required
             ]),
         }, partition_key=partition_key(w))
-    for evaluation in slot_evaluations(policy, "analyzer", windows, now_utc()):
-        context.log_event(evaluation)
+    log_events(context, slot_evaluations(policy, "analyzer", windows, now_utc()))
     breaches = [v for v in verdicts if v.breach]
     return dg.MaterializeResult(metadata={
         "verdicts": len(verdicts), "breaches": len(breaches),

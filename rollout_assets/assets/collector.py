@@ -3,7 +3,12 @@
 
 import dagster as dg
 
-from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.assets.common import (
+    WINDOW_ASSET_KWARGS,
+    column_schema,
+    log_events,
+    run_windows,
+)
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.collect import (
     compute_window_metrics,
@@ -117,8 +122,7 @@ def window_metrics(
                 if v is not None and v == v:
                     md[f"{rec['phase']}/{col}"] = md[col] = float(v)
         context.add_asset_metadata(md, partition_key=partition_key(w))
-    for evaluation in slot_evaluations(policy, "collector", windows, now_utc()):
-        context.log_event(evaluation)
+    log_events(context, slot_evaluations(policy, "collector", windows, now_utc()))
     return dg.MaterializeResult(metadata={
         "rows": len(df), "windows": len(windows), "monitoring_files": len(files),
         "policy_version": policy.version, "dagster/column_schema": schema,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime
 
 import dagster as dg
 
+from rollout_assets.instance_storage import BatchingSqliteEventLogStorage
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import window_from_key, window_partitions
 
@@ -35,3 +38,18 @@ def column_schema(con, table: str) -> dg.TableSchema:
         dg.TableColumn(name, dtype, description=METRICS[name].description if name in METRICS
                        else None)
         for name, dtype in cols])
+
+
+def log_events(context, events: Iterable) -> int:
+    """`context.log_event` for each event (e.g. a step's asset-check evaluations), all inside one
+    event-log batch when the instance's storage batches (`BatchingSqliteEventLogStorage`): one
+    connection and commit per shard for the lot instead of per event, and none of them stored if
+    one fails. With any other storage, plainly one by one. Returns how many were logged."""
+    events = list(events)  # computed before the batch opens: it holds the event log's lock
+    storage = context.instance.event_log_storage
+    batch = (storage.batch() if isinstance(storage, BatchingSqliteEventLogStorage)
+             else nullcontext())
+    with batch:
+        for event in events:
+            context.log_event(event)
+    return len(events)

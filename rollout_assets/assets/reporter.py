@@ -4,7 +4,12 @@
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
-from rollout_assets.assets.common import WINDOW_ASSET_KWARGS, column_schema, run_windows
+from rollout_assets.assets.common import (
+    WINDOW_ASSET_KWARGS,
+    column_schema,
+    log_events,
+    run_windows,
+)
 from rollout_assets.assets.governance import incidents
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.collect import now_utc
@@ -82,8 +87,7 @@ def alert_reports(
         for msg in resolve_messages(con, home.policy()):
             resolves[notifier.send(con, msg)] += 1
         schema = column_schema(con, "alert_reports")
-    for evaluation in slot_evaluations(home.policy(), "reporter", windows, now_utc()):
-        context.log_event(evaluation)
+    log_events(context, slot_evaluations(home.policy(), "reporter", windows, now_utc()))
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     return dg.MaterializeResult(metadata={
         "reports": len(reports), "messages_queued": totals["queued"],
