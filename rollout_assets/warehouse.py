@@ -194,7 +194,23 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
     return con
 
 
+def _schema_is_current(con) -> bool:
+    """One catalog query instead of ~20 DDL statements on every writer's connect: every table
+    exists and `canary_events` has today's columns."""
+    names = ", ".join(f"'{t}'" for t in DDL)
+    tables, stale = con.execute(f"""
+        select (select count(*) from duckdb_tables() where database_name = current_database()
+                    and schema_name = 'main' and table_name in ({names})),
+               (select count(*) from duckdb_columns() where database_name = current_database()
+                    and schema_name = 'main' and table_name = 'canary_events'
+                    and (column_name = 'session_id'
+                         or (column_name = 'kind' and data_type = 'VARCHAR')))""").fetchone()
+    return tables == len(DDL) and stale == 0
+
+
 def ensure_schema(con) -> None:
+    if _schema_is_current(con):
+        return
     if not con.execute("select count(*) from duckdb_types() where type_name = 'event_kind' "
                        "and database_name = current_database()").fetchone()[0]:
         # the event kinds are fixed by the event contract: an ENUM stores one byte a row
