@@ -944,7 +944,7 @@ def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
 
 
 def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
-                     now: datetime) -> list[FileIngest]:
+                     now: datetime, done: list[FileIngest] | None = None) -> list[FileIngest]:
     """The fast path over several files: DuckDB parses and checks the next file (on a second
     connection, in a thread) while this one is validated and stored. Storing stays in file
     order, one transaction per file, so "the first occurrence wins" means what it says."""
@@ -993,6 +993,8 @@ def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
                         if staged is not None:
                             staged.close()
                 _finish_job(con, job, policy, now)
+                if done is not None:
+                    done.append(job.stats)  # committed, whatever happens to the next file
     except BaseException:
         for f in futures.values():  # parsed files not stored: release their snapshots
             if f.done() and not f.cancelled() and f.exception() is None:
@@ -1037,11 +1039,16 @@ def _memory_limit(con, limit: str):
 def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retries: int,
                    retry_delay: float, mode: str) -> list[FileIngest]:
     paths = home.canary_files()
+    committed: list[FileIngest] = []
     if mode == "fast" and len(paths) > 1:
         try:
-            return _ingest_all_fast(con, home, policy, paths, now)
+            return _ingest_all_fast(con, home, policy, paths, now, committed)
         except RetryableIOError:
             pass  # a flaky file: file by file below, with retries (committed files are done)
+        except duckdb.OutOfMemoryException:
+            # several files staged at once did not fit the memory limit: one at a time below
+            # (files already committed are done; the failed one's transaction rolled back)
+            pass
     results = []
     for path in paths:
         for attempt in range(retries + 1):
@@ -1052,4 +1059,18 @@ def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retrie
                 if attempt == retries:
                     raise
                 time.sleep(retry_delay * (2**attempt))
-    return results
+    # files stored before the fallback found nothing new: report what this call read of them
+    earlier = {s.source_file: s for s in committed}
+    return [_merged(earlier[r.source_file], r) if r.source_file in earlier else r
+            for r in results]
+
+
+def _merged(a: FileIngest, b: FileIngest) -> FileIngest:
+    """One file's stats over two passes of the same call."""
+    out = FileIngest(a.source_file)
+    for k, v in a.as_dict().items():
+        if isinstance(v, int):
+            setattr(out, k, v + getattr(b, k))
+    out.pending_bytes = b.pending_bytes
+    out.fallbacks = a.fallbacks + b.fallbacks
+    return out

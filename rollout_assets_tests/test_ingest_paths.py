@@ -464,3 +464,30 @@ def test_a_warehouse_from_before_event_keys_is_upgraded(home, policy):
                            ).fetchone()[0] == 2
     finally:
         con.close()
+
+
+def test_files_staged_together_that_do_not_fit_memory_are_read_one_at_a_time(twin, monkeypatch):
+    """Parsing files ahead holds several stages at once; when DuckDB runs out of memory doing
+    that, the files are read one by one and the tables are the strict path's all the same."""
+    import duckdb
+
+    from rollout_assets import ingest
+
+    for k, phase in enumerate(PHASES):
+        twin.write(f"phase-{phase}.jsonl",
+                   lines(*(compact(ev(event_id=f"{phase}-{i}", phase=phase, latency_ms=900.5 + i))
+                           for i in range(200 + k)), "junk"))
+    real_store = ingest._Staged.store
+    calls = []
+
+    def store_once_out_of_memory(self, stats):
+        calls.append(self.job.rel)
+        if len(calls) == 2:  # the second file's store, with two more files staged
+            raise duckdb.OutOfMemoryException("Out of Memory Error: failed to pin block")
+        return real_store(self, stats)
+
+    monkeypatch.setattr(ingest._Staged, "store", store_once_out_of_memory)
+    stats = twin.ingest()
+    counts = twin.assert_same()
+    assert counts == {"events": sum(200 + k for k in range(5)), "quarantined": 5}
+    assert [s.lines_read for s in stats["fast"]] == [201 + k for k in range(5)]
