@@ -67,7 +67,7 @@ MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
 # staged rows spill to the database's temp directory instead of growing the process.
 MEMORY_LIMIT_ENV = "ROLLOUT_INGEST_MEMORY_LIMIT"
-DEFAULT_MEMORY_LIMIT = "640MB"
+DEFAULT_MEMORY_LIMIT = "560MB"
 STAGING_AHEAD = 2  # files parsed while one is stored
 MODES = ("fast", "strict")
 CHUNK_BYTES = 32 * 1024 * 1024  # strict path: bytes validated per transaction
