@@ -721,12 +721,12 @@ class _Staged:
         n_lines = rng.lines
         try:
             self._execute_stage(_stage_sql(self.policy, canonical=True),
-                            {"first_line": job.cur.lines + 1})
+                                {"first_line": job.cur.lines + 1})
         except _Inconsistent:
             return False  # read_json rejects some malformed lines read_ndjson_objects skips
-        rows, known, bad = con.execute(
-            "select count(*), coalesce(sum(known_len) filter (where clean), 0), "
-            "count(*) filter (where not clean) from _ingest_stage").fetchone()
+        rows, known = con.execute(
+            "select count(*), coalesce(sum(known_len) filter (where clean), 0) "
+            "from _ingest_stage").fetchone()
         if rows != n_lines:
             if rng.path == job.path and rows > n_lines:
                 raise _Grew()
@@ -734,9 +734,8 @@ class _Staged:
         first = job.cur.lines
         suspects = [r[0] - first for r in con.execute(
             "select line_no from _ingest_stage where not clean order by line_no").fetchall()]
-        assert len(suspects) == bad
-        raw, cached = {}, 0
-        suspect_bytes = 0
+        raw: dict[int, bytes] = {}
+        cached = suspect_bytes = 0
         for k in suspects:
             line = self.finder.line(k)
             suspect_bytes += len(line)
