@@ -613,13 +613,19 @@ def _ingest_strict(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
             cut = _read_until_newline(fd, path, cur.offset, end)
             data = _pread(fd, cut, cur.offset, path)
         chunk = data[:cut]
-        parsed = parse_chunk(chunk, cur.lines + 1, rel, phases, now)
-        with transaction(con):
-            valid, kept = _store_parsed(con, parsed, rel, now)
-            _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
-                           len(chunk))
-            _save_cursor(con, rel, cur, st, now)
-        stats.python_lines += parsed.lines_read
+        _commit_parsed(con, parse_chunk(chunk, cur.lines + 1, rel, phases, now), len(chunk),
+                       rel, cur, st, now, stats)
+
+
+def _commit_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor, st,
+                   now: datetime, stats: FileIngest) -> None:
+    """Store a chunk the Python validator read, with the file's cursor, in one transaction."""
+    with transaction(con):
+        valid, kept = _store_parsed(con, parsed, rel, now)
+        _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
+                       nbytes)
+        _save_cursor(con, rel, cur, st, now)
+    stats.python_lines += parsed.lines_read
 
 
 def _read_until_newline(fd: int, path: Path, start: int, end: int) -> int:
@@ -934,12 +940,7 @@ def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
         return
     parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
                          for n, raw, reason in parsed.quarantine]
-    with transaction(con):
-        valid, kept = _store_parsed(con, parsed, rel, now)
-        _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
-                       len(tail))
-        _save_cursor(con, rel, cur, st, now)
-    stats.python_lines += parsed.lines_read
+    _commit_parsed(con, parsed, len(tail), rel, cur, st, now, stats)
 
 
 def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
