@@ -25,8 +25,12 @@ Duplicates: `event_key = hash(event_id)`, a 64-bit hash, is the dedup key (joins
 instead of strings). After a range is inserted, its rows whose key is already stored, or that
 repeat a key earlier in the range, are deleted: the first occurrence wins. Two distinct ids
 share a key with probability ~n²/2^65 for n stored ids (10^8 ids: 3·10^-4; 10^9: 3 %): such an
-event would be counted as a duplicate. DuckDB's `hash` may change between DuckDB versions, so the
-keys are checked against `event_id` on every run and recomputed if they no longer match.
+event would be counted as a duplicate. Only the key is stored, not the id, so the keys must stay
+comparable across runs: DuckDB is pinned, and every ingest first checks that `hash` still gives
+EVENT_KEY_PROBE (a DuckDB whose `hash` changed refuses to ingest rather than miss duplicates).
+
+Each committed range is one row of `ingest_batches` (file, first line, byte range, time); its
+events carry its `batch_id` and their line number.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from rollout_assets.events import (
 )
 from rollout_assets.home import RolloutHome
 from rollout_assets.policy import Policy
-from rollout_assets.warehouse import transaction
+from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, transaction
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
@@ -84,9 +88,12 @@ SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 # What `canary_events` keeps of a validated event: `session_id` is validated but not stored (no
 # metric, exclusion or report reads it; its line is at (source_file, line_no)).
-STORED_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "session_id")
-EVENT_TABLE_COLUMNS = (*STORED_COLUMNS, "ingested_at", "event_key", "batch_id")
-_STAGE_COLUMNS = tuple(c for c in STORED_COLUMNS if c != "source_file")
+# what a staged row holds besides `event_key`; `canary_events` adds `batch_id`
+_STAGE_COLUMNS = ("ts", "window_start", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
+                  "environment", "observed_only", "dry_run", "line_no")
+EVENT_TABLE_COLUMNS = ("event_key", *_STAGE_COLUMNS[:-1], "batch_id", "line_no")
+# hash() of this string in the DuckDB the stored event keys were made with (1.5.6)
+EVENT_KEY_PROBE = ("rollout-assets", 16095674715432161642)
 
 
 class RetryableIOError(RuntimeError):
@@ -257,13 +264,9 @@ _FIELDS = ("event_id", "ts", "phase", "kind", "latency_ms", "ok", "conflict", "s
            "tenant", "environment", "tags")
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def _json_texts(values) -> str:
     """SQL list of the JSON texts DuckDB writes for these strings."""
-    return ", ".join(_sql_str(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
+    return ", ".join(sql_string(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
                      for v in values)
 
 
@@ -372,7 +375,7 @@ with {source}, p as (
 select  -- values of unclean rows are never read: no CASE per column
     coalesce(clean, false) as clean,
     {known_len_out}
-    e[2:-2] as event_id,
+    hash(e[2:-2]) as event_key,
     ts_utc as ts,
     time_bucket(INTERVAL 15 MINUTE, ts_utc) as window_start,
     phase_j[2:-2] as phase,
@@ -384,8 +387,7 @@ select  -- values of unclean rows are never read: no CASE per column
     case when env_j like '"%' then env_j[2:-2] end as environment,
     coalesce(contains(tags_j, '"observed_only":true'), false) as observed_only,
     coalesce(contains(tags_j, '"dry_run":true'), false) as dry_run,
-    {line_no} as line_no,
-    hash(e[2:-2]) as event_key
+    {line_no} as line_no
 from c
 """
 
@@ -458,7 +460,7 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         phases=_json_texts(policy.phase_names),
         kinds=_json_texts(KINDS),
         needs_ok=_json_texts(sorted(NEEDS_OK)),
-        tag_forms=", ".join(map(_sql_str, _tag_forms())),
+        tag_forms=", ".join(map(sql_string, _tag_forms())),
         max_latency=repr(MAX_LATENCY_MS),
         ts_utc_formats="['%Y-%m-%dT%H:%M:%S.%fZ', '%Y-%m-%dT%H:%M:%SZ']",
         ts_offset_formats="['%Y-%m-%dT%H:%M:%S.%f%z', '%Y-%m-%dT%H:%M:%S%z']",
@@ -472,36 +474,33 @@ def _prepare_session(con) -> None:
 
 # ---- schema upkeep ---------------------------------------------------------------------------
 
-def ensure_event_keys(con) -> None:
-    """Add `event_key`/`batch_id` to a `canary_events` made before they existed, and recompute
-    the keys if this DuckDB's `hash` no longer gives the stored ones."""
-    cols = {r[0] for r in con.execute(
-        "select column_name from information_schema.columns where table_name = 'canary_events'"
-    ).fetchall()}
-    if "event_key" not in cols:
-        con.execute("alter table canary_events add column event_key UBIGINT")
-        con.execute("update canary_events set event_key = hash(event_id)")
-    if "batch_id" not in cols:
-        con.execute("alter table canary_events add column batch_id BIGINT default 0")
-    stale = con.execute(
-        "select count(*) from (select event_id, event_key from canary_events limit 64) "
-        "where event_key is distinct from hash(event_id)").fetchone()[0]
-    if stale:
-        con.execute("update canary_events set event_key = hash(event_id)")
+def check_event_keys(con) -> None:
+    """Stored events keep `hash(event_id)`, not the id: refuse to ingest with a DuckDB whose
+    `hash` gives other keys, since its duplicates would no longer match the stored ones."""
+    text, expected = EVENT_KEY_PROBE
+    got = con.execute("select hash(?)", [text]).fetchone()[0]
+    if got != expected:
+        raise RuntimeError(
+            f"DuckDB {duckdb.__version__} hashes event ids differently from the DuckDB that made "
+            "the stored event keys: pin the duckdb version in pyproject.toml, or ingest the "
+            "canary files into a new warehouse")
 
 
 # ---- storing rows ------------------------------------------------------------------------------
 
+_STAGE_TABLE = """create temp table if not exists _ingest_stage (
+    clean BOOLEAN, event_key UBIGINT, ts TIMESTAMP, window_start TIMESTAMP, phase VARCHAR,
+    kind VARCHAR, latency_ms DOUBLE, ok BOOLEAN, conflict BOOLEAN, tenant VARCHAR,
+    environment VARCHAR, observed_only BOOLEAN, dry_run BOOLEAN, line_no BIGINT)"""
+
+
 def _stage_python_rows(con, parsed: ParsedChunk) -> int:
     """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed)."""
-    con.execute(f"""create temp table if not exists _ingest_stage as
-        select true as clean, {', '.join(_STAGE_COLUMNS)}, 0::UBIGINT as event_key
-        from canary_events limit 0""")
+    con.execute(_STAGE_TABLE)
     valid = len(parsed.columns["event_id"])
     if not valid:
         return 0
-    df = pd.DataFrame({c: parsed.columns[c] for c in _STAGE_COLUMNS},
-                      columns=list(_STAGE_COLUMNS))
+    df = pd.DataFrame({c: parsed.columns[c] for c in ("event_id", *_STAGE_COLUMNS)})
     df["ts"] = pd.to_datetime(df["ts"])
     df["window_start"] = pd.to_datetime(df["window_start"])
     df["latency_ms"] = df["latency_ms"].astype("float64")
@@ -530,10 +529,17 @@ def _insert_quarantine(con, rows: list[tuple[int, str, str]], rel: str, now: dat
         con.unregister("_ingest_q_rows")
 
 
-def _store_stage(con, rel: str, now: datetime, batch: int) -> int:
+def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: datetime) -> int:
     """Insert the staged valid rows whose event_key is neither stored already nor held by an
-    earlier line of the stage (the first occurrence wins); returns the rows inserted."""
-    return con.execute(f"""
+    earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
+    lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
+    labels = con.execute("select " + ", ".join(
+        f"list(distinct {c}) filter (where clean)" for c in LABEL_COLUMNS)
+        + " from _ingest_stage").fetchone()
+    for column, values in zip(LABEL_COLUMNS, labels, strict=True):
+        grow_labels(con, column, values or ())
+    batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
+    kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
         with stored as (  -- built on the (smaller) stage, probing the stored keys
             select distinct s.event_key from _ingest_stage s
@@ -544,16 +550,14 @@ def _store_stage(con, rel: str, now: datetime, batch: int) -> int:
                 and e.clean and e.line_no < s.line_no
             where s.clean
         )
-        select {', '.join(c if c != "source_file" else "$rel" for c in STORED_COLUMNS)},
-            $now::TIMESTAMP, event_key, $batch
+        select {', '.join("$batch" if c == "batch_id" else c for c in EVENT_TABLE_COLUMNS)}
         from _ingest_stage
         where clean and event_key not in (select event_key from stored)
             and line_no not in (select line_no from later)
-    """, {"rel": rel, "now": now, "batch": batch}).fetchone()[0]
-
-
-def _next_batch(con) -> int:
-    return con.execute("select coalesce(max(batch_id), 0) + 1 from canary_events").fetchone()[0]
+    """, {"batch": batch}).fetchone()[0]
+    con.execute("insert into ingest_batches values (?, ?, ?, ?, ?, ?, ?, ?)",
+                [batch, rel, cur.lines + 1, lines, cur.offset, nbytes, kept, now])
+    return kept
 
 
 @dataclass
@@ -592,12 +596,13 @@ def _commit_counts(stats: FileIngest, cur: _Cursor, lines: int, loaded: int, val
 
 # ---- the strict path -----------------------------------------------------------------------
 
-def _store_parsed(con, parsed: ParsedChunk, rel: str, now: datetime) -> tuple[int, int]:
+def _store_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor,
+                  now: datetime) -> tuple[int, int]:
     """Store one chunk the Python validator read; returns (valid, kept)."""
     con.execute("drop table if exists _ingest_stage")
     valid = _stage_python_rows(con, parsed)
     _insert_quarantine(con, parsed.quarantine, rel, now)
-    kept = _store_stage(con, rel, now, _next_batch(con)) if valid else 0
+    kept = _store_stage(con, rel, cur, parsed.lines_read, nbytes, now)
     con.execute("drop table _ingest_stage")
     return valid, kept
 
@@ -621,7 +626,7 @@ def _commit_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor
                    now: datetime, stats: FileIngest) -> None:
     """Store a chunk the Python validator read, with the file's cursor, in one transaction."""
     with transaction(con):
-        valid, kept = _store_parsed(con, parsed, rel, now)
+        valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now)
         _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
                        nbytes)
         _save_cursor(con, rel, cur, st, now)
@@ -765,12 +770,21 @@ class _Staged:
         first = self.job.cur.lines
         step = max(1, n_lines // ORDER_PROBES)
         probes = self.con.execute(
-            "select line_no - ?, event_id from _ingest_stage where clean "
+            "select line_no - ?, event_key from _ingest_stage where clean "
             "and ((line_no - ?) % ? = 0 or line_no - ? = ?)",
             [first, first, step, first, n_lines]).fetchall()
-        return all(
-            b'"event_id":' + json.dumps(eid, ensure_ascii=False).encode() in self.finder.line(k)
-            for k, eid in probes)
+        ids = []
+        for k, _ in probes:
+            try:
+                eid = json.loads(self.finder.line(k))["event_id"]
+            except (ValueError, KeyError, TypeError):
+                return False  # not a clean line: the rows are not where their numbers say
+            if not isinstance(eid, str):
+                return False
+            ids.append(eid)
+        keys = self.con.execute("select list_transform(?::VARCHAR[], x -> hash(x))",
+                                [ids]).fetchone()[0]
+        return keys == [key for _, key in probes]
 
     def _general(self) -> None:
         job, rng, con = self.job, self.rng, self.con
@@ -823,7 +837,7 @@ class _Staged:
         with transaction(con):
             _stage_python_rows(con, parsed)
             _insert_quarantine(con, parsed.quarantine, job.rel, self.now)
-            kept = _store_stage(con, job.rel, self.now, _next_batch(con))
+            kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now)
             _commit_counts(stats, job.cur, n_lines, kept, n_lines - len(parsed.quarantine),
                            len(parsed.quarantine), rng.size)
             _save_cursor(con, job.rel, job.cur, job.st, self.now)
@@ -1019,7 +1033,7 @@ def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None =
     `mode` is "fast" (default) or "strict" (`ROLLOUT_INGEST_MODE`); both store the same rows."""
     now = now or _utcnow()
     mode = ingest_mode(mode)
-    ensure_event_keys(con)
+    check_event_keys(con)
     _prepare_session(con)
     with _memory_limit(con, os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT):
         return _ingest_canary(con, home, policy, now, retries, retry_delay, mode)
@@ -1028,12 +1042,12 @@ def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None =
 @contextlib.contextmanager
 def _memory_limit(con, limit: str):
     before = con.execute("select current_setting('memory_limit')").fetchone()[0]
-    con.execute(f"set memory_limit = {_sql_str(limit)}")
+    con.execute(f"set memory_limit = {sql_string(limit)}")
     try:
         yield
     finally:
         with contextlib.suppress(duckdb.Error):
-            con.execute(f"set memory_limit = {_sql_str(before)}")
+            con.execute(f"set memory_limit = {sql_string(before)}")
 
 
 def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retries: int,

@@ -40,6 +40,14 @@ def con(home: RolloutHome) -> Iterator:
     c.close()
 
 
+def stored_events(con, columns: str, ids) -> dict[str, tuple]:
+    """Stored events by `event_id` (`canary_events` keeps `event_key = hash(event_id)`), with
+    `columns` of `canary_event_sources`."""
+    return {r[0]: r[1:] for r in con.execute(
+        f"select i.id, {columns} from canary_event_sources e "
+        "join unnest(?::VARCHAR[]) as i(id) on e.event_key = hash(i.id)", [list(ids)]).fetchall()}
+
+
 def event(**overrides) -> dict:
     """A valid judged event; override any field, or pass field=None... to drop it via `drop`."""
     base = {

@@ -35,8 +35,9 @@ COMPARED_TABLES = {
     "quarantine": "select * exclude (ingested_at) from quarantine",
     "rollbacks": "select * exclude (started_at, finished_at, dagster_run_id) from rollbacks",
     "notifications": "select * exclude (created_at, updated_at) from notifications",
-    "canary_events": "select count(*), count(distinct event_id), sum(hash(event_id, ts, phase, "
-                     "kind, latency_ms, ok, source_file, line_no)) from canary_events",
+    "canary_events": "select count(*), count(distinct event_key), sum(hash(event_key, ts, "
+                     "phase, kind, latency_ms, ok, source_file, line_no)) "
+                     "from canary_event_sources",
     "ingest_files": "select source_file, byte_offset, lines_read, loaded, duplicates, "
                     "quarantined from ingest_files",
     "collector_faults": "select * exclude (detected_at) from collector_faults",

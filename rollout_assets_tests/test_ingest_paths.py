@@ -24,7 +24,7 @@ from rollout_assets.home import PROJECT_ROOT, RolloutHome
 from rollout_assets.ingest import ingest_canary
 from rollout_assets.policy import load_policy
 from rollout_assets.warehouse import connect
-from rollout_assets_tests.conftest import DAY, event
+from rollout_assets_tests.conftest import DAY, event, stored_events
 
 NOW = DAY + timedelta(days=1)
 POLICY = load_policy(PROJECT_ROOT / "governance" / "policy.yaml")
@@ -65,7 +65,7 @@ class Twin:
     def tables(self, mode: str) -> tuple:
         con = self.cons[mode]
         return (
-            con.execute("select * exclude (batch_id) from canary_events "
+            con.execute("select * exclude (batch_id) from canary_event_sources "
                         "order by source_file, line_no").fetchall(),
             con.execute("select * from quarantine order by source_file, line_no").fetchall(),
             con.execute("select * exclude (updated_at, mtime) from ingest_files "
@@ -273,8 +273,7 @@ def test_canonical_proof_holds_only_for_minified_ranges(twin, odd, canonical, st
     s = stats["fast"][0]
     assert s.fallbacks == [] and s.lines_read == 51
     assert (s.canonical_lines > 0) is canonical
-    stored_ids = {r[0] for r in twin.cons["fast"].execute(
-        "select event_id from canary_events").fetchall()}
+    stored_ids = stored_events(twin.cons["fast"], "line_no", ["odd"])
     assert ("odd" in stored_ids) is (stored and "odd" in odd)
 
 
@@ -435,8 +434,9 @@ def test_messy_files_give_identical_tables(tmp_path_factory, files, split, tail)
 
 
 def test_a_warehouse_from_before_event_keys_is_upgraded(home, policy):
-    """canary_events created without event_key/batch_id: the ingest adds them, keys the stored
-    events, and a re-delivered event still counts as a duplicate."""
+    """canary_events created with event_id, session_id, source_file and ingested_at on every
+    row and no event_key/batch_id: opening the warehouse moves its rows to today's layout (keys,
+    batches, label ENUMs), and a re-delivered event still counts as a duplicate."""
     import duckdb
 
     home.db_path.parent.mkdir(parents=True)
@@ -460,8 +460,14 @@ def test_a_warehouse_from_before_event_keys_is_upgraded(home, policy):
     try:
         (s,) = ingest_canary(con, home, policy, now=NOW)
         assert (s.loaded, s.duplicates) == (1, 1)
-        assert con.execute("select count(*) from canary_events where event_key = hash(event_id)"
-                           ).fetchone()[0] == 2
+        got = stored_events(con, "phase, kind, source_file, line_no, ingested_at",
+                            ["old-1", "new-1"])
+        assert got == {
+            "old-1": ("A-1", "session", "reports/canary/phase-A-0.jsonl", 1,
+                      datetime(2025, 1, 19)),
+            "new-1": ("A-1", "autosave", "reports/canary/phase-A-1.jsonl", 2, NOW)}
+        assert not con.execute("select count(*) from duckdb_tables() "
+                               "where table_name = 'canary_events_old'").fetchone()[0]
     finally:
         con.close()
 

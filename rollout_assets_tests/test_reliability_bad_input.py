@@ -38,7 +38,7 @@ from rollout_assets.policy import Policy, load_policy
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.warehouse import connect
-from rollout_assets_tests.conftest import DAY
+from rollout_assets_tests.conftest import DAY, stored_events
 
 NOW = DAY + timedelta(hours=20)  # the Collector's clock in these tests
 PHASES = ("A-0", "A-1", "A-2", "B-0", "B-1")
@@ -235,17 +235,16 @@ def check_counts(home: RolloutHome, expected: dict[str, list[tuple[bool, str | N
             q_rows = con.execute("select count(*), count(distinct line_no) from quarantine "
                                  "where source_file = ?", [rel]).fetchone()
             assert q_rows == (quarantined, quarantined)
-            stored = con.execute("select count(*) from canary_events where source_file = ?",
-                                 [rel]).fetchone()[0]
+            stored = con.execute("select count(*) from canary_event_sources "
+                                 "where source_file = ?", [rel]).fetchone()[0]
             assert stored == loaded
             bad_lines = {i + 1 for i, (ok, _) in enumerate(outcome) if not ok}
             assert {r[0] for r in con.execute(
                 "select line_no from quarantine where source_file = ?", [rel]).fetchall()
             } == bad_lines
-        ids = {r[0] for r in con.execute("select event_id from canary_events").fetchall()}
-        assert ids == all_valid_ids
-        assert con.execute("select count(*) = count(distinct event_id) from canary_events"
-                           ).fetchone()[0]
+        assert set(stored_events(con, "line_no", all_valid_ids)) == all_valid_ids
+        assert con.execute("select count(*), count(distinct event_key) from canary_events"
+                           ).fetchone() == (len(all_valid_ids),) * 2
         assert con.execute("select count(*) from quarantine where reason is null or reason = ''"
                            ).fetchone()[0] == 0
     finally:

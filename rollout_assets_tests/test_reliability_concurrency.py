@@ -87,7 +87,7 @@ def test_two_runs_and_a_reader_at_the_same_time(home):
     assert query(home, "select count(distinct window_start), count(*) from window_metrics") == [
         (8, 8)]
     assert query(home, "select count(*) from window_verdicts where phase = 'A-1'") == [(8,)]
-    assert query(home, "select count(*), count(distinct event_id) from canary_events") == [
+    assert query(home, "select count(*), count(distinct event_key) from canary_events") == [
         (8 * 24, 8 * 24)]
     instance = instance_of(home)
     runs = instance.get_runs(dg.RunsFilter(job_name="rollout_window_job"))

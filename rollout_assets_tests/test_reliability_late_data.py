@@ -90,7 +90,7 @@ def test_late_events_rescore_the_window_once_and_never_roll_back_twice(home):
     # the six duplicates in phase-A-2.jsonl were counted as duplicates, stored once
     assert query(home, "select lines_read, loaded, duplicates, quarantined from ingest_files "
                        "where source_file = 'reports/canary/phase-A-2.jsonl'") == [(6, 0, 6, 0)]
-    assert query(home, "select count(*), count(distinct event_id) from canary_events") == [
+    assert query(home, "select count(*), count(distinct event_key) from canary_events") == [
         (24 + 24 + 6 + 3,) * 2]
 
     # nothing new: no run; events for a window never scored wait for the schedule

@@ -12,7 +12,7 @@ import pytest
 
 from rollout_assets.collect import compute_window_metrics, ingest_canary
 from rollout_assets.warehouse import connect
-from rollout_assets_tests.conftest import DAY, event, write_canary
+from rollout_assets_tests.conftest import DAY, event, stored_events, write_canary
 
 NOW = DAY + timedelta(days=1)
 W0015, W0900, W0915, W0930 = (DAY.replace(hour=h, minute=m) for h, m in
@@ -168,22 +168,21 @@ def test_p95_matches_numpy_on_skewed_latencies(home, policy, con):
 
 
 def test_window_edges_and_offsets_land_in_the_right_window(loaded, con):
-    where = dict(con.execute("select event_id, window_start from canary_events").fetchall())
+    got = stored_events(con, "window_start, ts", ["a1", "a19", "a20", "b1", "b2", "s0"])
+    where = {k: v[0] for k, v in got.items()}
     assert where["a1"] == where["a19"] == where["a20"] == W0900
     assert where["b1"] == where["b2"] == W0915
     assert where["s0"] == W0015
-    ts_of = dict(con.execute("select event_id, ts from canary_events").fetchall())
-    assert ts_of["a19"] == datetime(2025, 1, 18, 9, 14, 59, 999000)
-    assert ts_of["b2"] == datetime(2025, 1, 18, 9, 15)
+    assert got["a19"][1] == datetime(2025, 1, 18, 9, 14, 59, 999000)
+    assert got["b2"][1] == datetime(2025, 1, 18, 9, 15)
 
 
 def test_duplicates_count_once_first_occurrence_wins(loaded, con):
-    assert con.execute("select count(*), count(distinct event_id) from canary_events"
+    assert con.execute("select count(*), count(distinct event_key) from canary_events"
                        ).fetchone() == (52, 52)
-    assert con.execute("select latency_ms, ok, source_file, line_no from canary_events "
-                       "where event_id = 'a5'").fetchone() == (500.0, True, A1, 5)
-    assert con.execute("select source_file from canary_events where event_id = 'a3'"
-                       ).fetchone() == (A1,)
+    got = stored_events(con, "latency_ms, ok, source_file, line_no", ["a5", "a3"])
+    assert got["a5"] == (500.0, True, A1, 5)
+    assert got["a3"][2] == A1
 
 
 def test_exclusions_are_stored_counted_and_never_judged(loaded, con):
@@ -198,8 +197,7 @@ def test_exclusions_are_stored_counted_and_never_judged(loaded, con):
         (W0930, "B-0", "observed_only"): 2,
     }
     # excluded events are stored, with their tags
-    assert con.execute("select count(*) from canary_events where event_id like 'x%'"
-                       ).fetchone()[0] == 6
+    assert len(stored_events(con, "line_no", [f"x{i}" for i in range(1, 7)])) == 6
     # excluded_events agrees with the per-reason table for every row
     mismatched = con.execute("""
         select count(*) from window_metrics m
@@ -221,8 +219,8 @@ def test_every_line_is_accounted_for_per_file(loaded, con):
         assert read == loaded_n + dups + quarantined
         assert con.execute("select count(*) from quarantine where source_file = ?", [f]
                            ).fetchone()[0] == quarantined
-        assert con.execute("select count(*) from canary_events where source_file = ?", [f]
-                           ).fetchone()[0] == loaded_n
+        assert con.execute("select count(*) from canary_event_sources where source_file = ?",
+                           [f]).fetchone()[0] == loaded_n
     got = con.execute("select line_no, reason from quarantine where source_file = ? "
                       "order by line_no", [A1]).fetchall()
     want_reasons = [(37, "invalid JSON"), (38, "ts has no time zone"),
@@ -407,7 +405,7 @@ def _tricky_lines() -> list[bytes]:
 
 VALIDATED = ("event_id", "ts", "window_start", "phase", "kind", "latency_ms", "ok", "conflict",
              "session_id", "tenant", "environment", "observed_only", "dry_run")
-STORED = tuple(c for c in VALIDATED if c != "session_id")  # validated, not stored
+STORED = tuple(c for c in VALIDATED if c not in ("event_id", "session_id"))  # event_id as a key
 
 
 @pytest.mark.parametrize("mode", ["fast", "strict"])
@@ -435,9 +433,10 @@ def test_ingest_stores_exactly_what_the_reference_validator_reads(home, policy, 
             continue
         if row[0] not in seen:  # first occurrence wins
             seen.add(row[0])
-            want_rows[n] = tuple(v for c, v in zip(VALIDATED, row, strict=True) if c in STORED)
+            want_rows[n] = (con.execute("select hash(?)", [row[0]]).fetchone()[0],
+                            *(v for c, v in zip(VALIDATED, row, strict=True) if c in STORED))
     got_rows = {r[-1]: r[:-1] for r in con.execute(
-        f"select {', '.join(STORED)}, line_no from canary_events").fetchall()}
+        f"select event_key, {', '.join(STORED)}, line_no from canary_events").fetchall()}
     got_quarantine = dict(con.execute("select line_no, reason from quarantine").fetchall())
     assert got_quarantine == want_quarantine
     assert set(got_rows) == set(want_rows)
