@@ -79,7 +79,10 @@ CHUNK_BYTES = 32 * 1024 * 1024  # strict path: bytes validated per transaction
 SETTLE_SECONDS = 30.0
 BLOCK = 64 * 1024  # newline counts are kept per block: a suspect line is found by reading one
 READ_BUF = 16 * 1024 * 1024  # bytes read per call when counting lines
-MAX_OBJECT_BYTES = 64 * 1024 * 1024  # DuckDB's maximum_object_size for one line
+# DuckDB's maximum_object_size: each JSON scan holds buffers of twice this size, so two scans
+# at 64 MiB ran out of the ingest's memory limit and fell back to slower paths. Longer lines
+# are still read (test_ingest_paths.py: a 4 MiB event is stored as the strict path stores it).
+MAX_OBJECT_BYTES = 1024 * 1024
 # Lines DuckDB skips without a row: only these bytes (JSON whitespace plus VT and FF).
 SKIPPED_WS = b" \t\r\x0b\x0c"
 # A suspect by length: more bytes than this may nest deeper than Python's json can parse.
@@ -533,11 +536,11 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     """Insert the staged valid rows whose event_key is neither stored already nor held by an
     earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
     lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
-    labels = con.execute("select " + ", ".join(
-        f"list(distinct {c}) filter (where clean)" for c in LABEL_COLUMNS)
-        + " from _ingest_stage").fetchone()
-    for column, values in zip(LABEL_COLUMNS, labels, strict=True):
-        grow_labels(con, column, values or ())
+    labels = con.execute(f"select distinct {', '.join(LABEL_COLUMNS)} from _ingest_stage "
+                         "where clean").fetchall()
+    for column, values in zip(LABEL_COLUMNS, zip(*labels, strict=True) if labels else (),
+                              strict=False):
+        grow_labels(con, column, set(values))
     batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})

@@ -497,3 +497,19 @@ def test_files_staged_together_that_do_not_fit_memory_are_read_one_at_a_time(twi
     counts = twin.assert_same()
     assert counts == {"events": sum(200 + k for k in range(5)), "quarantined": 5}
     assert [s.lines_read for s in stats["fast"]] == [201 + k for k in range(5)]
+
+
+def test_a_line_longer_than_duckdbs_object_limit_is_stored_like_any_other(twin):
+    """DuckDB reads at most MAX_OBJECT_BYTES a line (its buffers are twice that). Only an event
+    with a big unknown field can be that long (known fields are short): it is stored like any
+    other, by whichever path reads its range, exactly as the strict path stores it."""
+    from rollout_assets.ingest import MAX_OBJECT_BYTES
+
+    big = compact(ev(event_id="big", trace="x" * (4 * MAX_OBJECT_BYTES)))
+    body = canonical_body()
+    twin.write("phase-A-1.jsonl", lines(*body[:10], big, *body[10:]))
+    stats = twin.ingest()
+    twin.assert_same()
+    s = stats["fast"][0]
+    assert (s.lines_read, s.loaded, s.quarantined) == (len(body) + 1,) * 2 + (0,)
+    assert set(stored_events(twin.cons["fast"], "line_no", ["big"])) == {"big"}
