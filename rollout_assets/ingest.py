@@ -22,8 +22,8 @@ Two paths with one meaning (`events.validate_line` is the reference):
   the same messy files and compares the three tables row for row.
 
 Duplicates: `event_key = hash(event_id)`, a 64-bit hash, is the dedup key (joins on a UBIGINT
-instead of strings). After a range is inserted, its rows whose key is already stored, or that
-repeat a key earlier in the range, are deleted: the first occurrence wins. Two distinct ids
+instead of strings). A range's rows whose key is already stored, or that repeat a key earlier
+in the range, are left out of its insert: the first occurrence wins. Two distinct ids
 share a key with probability ~n²/2^65 for n stored ids (10^8 ids: 3·10^-4; 10^9: 3 %): such an
 event would be counted as a duplicate. Only the key is stored, not the id, so the keys must stay
 comparable across runs: DuckDB is pinned, and every ingest first checks that `hash` still gives
@@ -89,9 +89,9 @@ SKIPPED_WS = b" \t\r\x0b\x0c"
 DEEP_LINE_BYTES = 800
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
-# What `canary_events` keeps of a validated event: `session_id` is validated but not stored (no
-# metric, exclusion or report reads it; its line is at (source_file, line_no)).
-# what a staged row holds besides `event_key`; `canary_events` adds `batch_id`
+# What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
+# `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
+# is the batch's. A staged row holds these plus `clean`; the insert adds `batch_id`.
 _STAGE_COLUMNS = ("ts", "window_start", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
 EVENT_TABLE_COLUMNS = ("event_key", *_STAGE_COLUMNS[:-1], "batch_id", "line_no")
