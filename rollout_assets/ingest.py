@@ -69,9 +69,12 @@ from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, tra
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
-# staged rows spill to the database's temp directory instead of growing the process.
+# staged rows spill to the database's temp directory instead of growing the process. A staged
+# 2M-line file holds ~217 MB and three are in flight; on the 10M-event benchmark day, 448 MB
+# kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB) at no cost in time, and
+# 320 MB ran out of memory and fell back to one file at a time (~1.7x slower).
 MEMORY_LIMIT_ENV = "ROLLOUT_INGEST_MEMORY_LIMIT"
-DEFAULT_MEMORY_LIMIT = "560MB"
+DEFAULT_MEMORY_LIMIT = "448MB"
 STAGING_AHEAD = 2  # files parsed while one is stored
 MODES = ("fast", "strict")
 CHUNK_BYTES = 32 * 1024 * 1024  # strict path: bytes validated per transaction
@@ -91,10 +94,13 @@ SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
-# is the batch's. A staged row holds these plus `clean`; the insert adds `batch_id`.
-_STAGE_COLUMNS = ("ts", "window_start", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
+# is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
+# narrowed while it waits in memory: `phase` as its number in `phase_order`, `kind` as the
+# `event_kind` ENUM; `window_start` is computed from `ts` by the insert, which adds `batch_id`.
+_STAGE_COLUMNS = ("ts", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
-EVENT_TABLE_COLUMNS = ("event_key", *_STAGE_COLUMNS[:-1], "batch_id", "line_no")
+EVENT_TABLE_COLUMNS = ("event_key", "ts", "window_start", *_STAGE_COLUMNS[1:-1], "batch_id",
+                       "line_no")
 # hash() of this string in the DuckDB the stored event keys were made with (1.5.6)
 EVENT_KEY_PROBE = ("rollout-assets", 16095674715432161642)
 
@@ -380,9 +386,8 @@ select  -- values of unclean rows are never read: no CASE per column
     {known_len_out}
     hash(e[2:-2]) as event_key,
     ts_utc as ts,
-    time_bucket(INTERVAL 15 MINUTE, ts_utc) as window_start,
-    phase_j[2:-2] as phase,
-    kind_j[2:-2] as kind,
+    list_position({phase_list}, phase_j[2:-2])::USMALLINT as phase,
+    try_cast(kind_j[2:-2] as event_kind) as kind,
     lat as latency_ms,
     case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
     coalesce(conflict_j = 'true', false) as conflict,
@@ -453,7 +458,8 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
     return _STAGE_SQL.format(
         source=source,
         extensions_ok=extensions_ok,
-        known_len_out="known_len," if canonical else "",
+        known_len_out="known_len::INTEGER as known_len," if canonical else "",
+        phase_list=_sql_list(phase_order(policy.phase_names)),
         line_no="$first_line - 1 + " + ("o" if canonical else "rel_line"),
         e_len_ok=_short_enough("e"),
         sid_ok=_optional_string("sid_j"),
@@ -469,6 +475,16 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         ts_offset_formats="['%Y-%m-%dT%H:%M:%S.%f%z', '%Y-%m-%dT%H:%M:%S%z']",
         ts_glob="[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]",
     )
+
+
+def phase_order(phases) -> tuple[str, ...]:
+    """The phases a staged row's `phase` number counts in (1-based): sorted, so any path that
+    knows the policy's phases numbers them alike."""
+    return tuple(sorted(phases))
+
+
+def _sql_list(values) -> str:
+    return "[" + ", ".join(map(sql_string, values)) + "]"
 
 
 def _prepare_session(con) -> None:
@@ -492,27 +508,28 @@ def check_event_keys(con) -> None:
 # ---- storing rows ------------------------------------------------------------------------------
 
 _STAGE_TABLE = """create temp table if not exists _ingest_stage (
-    clean BOOLEAN, event_key UBIGINT, ts TIMESTAMP, window_start TIMESTAMP, phase VARCHAR,
-    kind VARCHAR, latency_ms DOUBLE, ok BOOLEAN, conflict BOOLEAN, tenant VARCHAR,
+    clean BOOLEAN, event_key UBIGINT, ts TIMESTAMP, phase USMALLINT, kind event_kind,
+    latency_ms DOUBLE, ok BOOLEAN, conflict BOOLEAN, tenant VARCHAR,
     environment VARCHAR, observed_only BOOLEAN, dry_run BOOLEAN, line_no BIGINT)"""
 
 
-def _stage_python_rows(con, parsed: ParsedChunk) -> int:
-    """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed)."""
+def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int:
+    """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed);
+    `phases` is the `phase_order` the stage numbers phases in."""
     con.execute(_STAGE_TABLE)
     valid = len(parsed.columns["event_id"])
     if not valid:
         return 0
     df = pd.DataFrame({c: parsed.columns[c] for c in ("event_id", *_STAGE_COLUMNS)})
     df["ts"] = pd.to_datetime(df["ts"])
-    df["window_start"] = pd.to_datetime(df["window_start"])
     df["latency_ms"] = df["latency_ms"].astype("float64")
     df["ok"] = df["ok"].astype("boolean")
     con.register("_ingest_py_rows", df)
     try:
-        con.execute(f"insert into _ingest_stage by name select true as clean, "
-                    f"{', '.join(_STAGE_COLUMNS)}, hash(event_id) as event_key "
-                    "from _ingest_py_rows")
+        columns = ", ".join(f"list_position({_sql_list(phases)}, phase)::USMALLINT as phase"
+                            if c == "phase" else c for c in _STAGE_COLUMNS)
+        con.execute(f"insert into _ingest_stage by name select true as clean, {columns}, "
+                    "hash(event_id) as event_key from _ingest_py_rows")
     finally:
         con.unregister("_ingest_py_rows")
     return valid
@@ -532,12 +549,18 @@ def _insert_quarantine(con, rows: list[tuple[int, str, str]], rel: str, now: dat
         con.unregister("_ingest_q_rows")
 
 
-def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: datetime) -> int:
+def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: datetime,
+                 phases: tuple[str, ...]) -> int:
     """Insert the staged valid rows whose event_key is neither stored already nor held by an
     earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
     lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
-    labels = con.execute(f"select distinct {', '.join(LABEL_COLUMNS)} from _ingest_stage "
-                         "where clean").fetchall()
+    phase = f"{_sql_list(phases)}[phase]"
+    exprs = {"phase": phase, "batch_id": "$batch",
+             "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
+    labels = con.execute(
+        "select distinct " + ", ".join(f"{phase} as phase" if c == "phase" else c
+                                       for c in LABEL_COLUMNS)
+        + " from _ingest_stage where clean").fetchall()
     for column, values in zip(LABEL_COLUMNS, zip(*labels, strict=True) if labels else (),
                               strict=False):
         grow_labels(con, column, set(values))
@@ -553,7 +576,7 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
                 and e.clean and e.line_no < s.line_no
             where s.clean
         )
-        select {', '.join("$batch" if c == "batch_id" else c for c in EVENT_TABLE_COLUMNS)}
+        select {', '.join(exprs.get(c, c) for c in EVENT_TABLE_COLUMNS)}
         from _ingest_stage
         where clean and event_key not in (select event_key from stored)
             and line_no not in (select line_no from later)
@@ -600,12 +623,12 @@ def _commit_counts(stats: FileIngest, cur: _Cursor, lines: int, loaded: int, val
 # ---- the strict path -----------------------------------------------------------------------
 
 def _store_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor,
-                  now: datetime) -> tuple[int, int]:
+                  now: datetime, phases: tuple[str, ...]) -> tuple[int, int]:
     """Store one chunk the Python validator read; returns (valid, kept)."""
     con.execute("drop table if exists _ingest_stage")
-    valid = _stage_python_rows(con, parsed)
+    valid = _stage_python_rows(con, parsed, phases)
     _insert_quarantine(con, parsed.quarantine, rel, now)
-    kept = _store_stage(con, rel, cur, parsed.lines_read, nbytes, now)
+    kept = _store_stage(con, rel, cur, parsed.lines_read, nbytes, now, phases)
     con.execute("drop table _ingest_stage")
     return valid, kept
 
@@ -622,14 +645,14 @@ def _ingest_strict(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
             data = _pread(fd, cut, cur.offset, path)
         chunk = data[:cut]
         _commit_parsed(con, parse_chunk(chunk, cur.lines + 1, rel, phases, now), len(chunk),
-                       rel, cur, st, now, stats)
+                       rel, cur, st, now, stats, phases)
 
 
 def _commit_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor, st,
-                   now: datetime, stats: FileIngest) -> None:
+                   now: datetime, stats: FileIngest, phases: frozenset[str]) -> None:
     """Store a chunk the Python validator read, with the file's cursor, in one transaction."""
     with transaction(con):
-        valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now)
+        valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now, phase_order(phases))
         _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
                        nbytes)
         _save_cursor(con, rel, cur, st, now)
@@ -838,9 +861,10 @@ class _Staged:
                     col.append(value)
         n_lines = rng.lines
         with transaction(con):
-            _stage_python_rows(con, parsed)
+            order = phase_order(self.policy.phase_names)
+            _stage_python_rows(con, parsed, order)
             _insert_quarantine(con, parsed.quarantine, job.rel, self.now)
-            kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now)
+            kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now, order)
             _commit_counts(stats, job.cur, n_lines, kept, n_lines - len(parsed.quarantine),
                            len(parsed.quarantine), rng.size)
             _save_cursor(con, job.rel, job.cur, job.st, self.now)
@@ -957,7 +981,7 @@ def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
         return
     parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
                          for n, raw, reason in parsed.quarantine]
-    _commit_parsed(con, parsed, len(tail), rel, cur, st, now, stats)
+    _commit_parsed(con, parsed, len(tail), rel, cur, st, now, stats, phases)
 
 
 def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
