@@ -113,10 +113,11 @@ def step_backfill(home: Path, hours: float) -> dict:
     from rollout_assets.home import RolloutHome
     from rollout_assets.runner import run_range
 
-    t = time.perf_counter()
+    since, t = time.time(), time.perf_counter()
     summary = run_range(RolloutHome(home), DAY, DAY + timedelta(hours=hours), log=lambda m: None)
-    return {"seconds": time.perf_counter() - t, "windows": len(summary.windows),
-            "success": summary.success, **_table_counts(home)}
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "windows": len(summary.windows), "success": summary.success,
+            **_time_split(since, seconds), **_table_counts(home)}
 
 
 def step_window(home: Path, events: int, hours: float) -> dict:
@@ -140,13 +141,15 @@ def step_window(home: Path, events: int, hours: float) -> dict:
     write_phase(con, path, "B-1", nxt, nxt + timedelta(minutes=15), events, seed=8,
                 id_prefix="inc-")
     con.close()
+    os.sync()  # the junk's write-back must not run during the measured window
     appended = _canary_bytes(home) - before
-    r0, t = _rchar(), time.perf_counter()
+    r0, since, t = _rchar(), time.time(), time.perf_counter()
     summary = run_range(RolloutHome(home), nxt, nxt + timedelta(minutes=15), log=lambda m: None)
     seconds = time.perf_counter() - t
     read = _rchar() - r0
     counts = _table_counts(home)
     return {"seconds": seconds, "success": summary.success, "appended_bytes": appended,
+            **_time_split(since, seconds),
             "canary_bytes_before": before, "bytes_read": read,
             "new_quarantine": counts["quarantine"] - quarantined_before,
             "expected_new_quarantine": events // 1000, **counts}
@@ -160,6 +163,31 @@ def _scramble(path: Path) -> None:
         for pos in range(0, size - size % 64, len(block)):
             f.write(block[:min(len(block), size - size % 64 - pos)])
         f.write(b"#" * (size % 64))
+
+
+def _time_split(since: float, total: float) -> dict:
+    """Where a step's seconds went, from the Dagster runs it made (their records and step
+    stats on the home's instance): the Collector's ingest (`canary_events`), the window run's
+    other steps, the daily SLA run, and everything outside runs (imports, instance,
+    definitions, the breach sensor tick)."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    ingest = other = daily = 0.0
+    for rec in instance.get_run_records(limit=50):  # newest first; a step makes a few runs
+        if rec.start_time is None or rec.end_time is None or rec.start_time < since:
+            continue
+        run_s = rec.end_time - rec.start_time
+        if rec.dagster_run.job_name == "rollout_window_job":
+            steps = {s.step_key: s for s in instance.get_run_step_stats(rec.dagster_run.run_id)}
+            s = steps.get("canary_events")
+            step_s = (s.end_time - s.start_time) if s and s.end_time and s.start_time else 0.0
+            ingest += step_s
+            other += run_s - step_s
+        elif rec.dagster_run.job_name == "rollout_daily_job":
+            daily += run_s
+    return {"ingest_s": ingest, "window_run_other_s": other, "daily_run_s": daily,
+            "outside_runs_s": total - ingest - other - daily}
 
 
 def _table_counts(home: Path) -> dict:
@@ -256,6 +284,14 @@ def verdicts(rows: list[dict], sizes: list[int]) -> list[str]:
                    f"overwritten with junk before the run; {d['new_quarantine']} new quarantine "
                    f"rows = the window's own junk lines "
                    f"({'RE-READ' if reread else 'earlier bytes not re-read'})")
+    for r in rows:
+        d = r["detail"]
+        if "ingest_s" in d:
+            out.append(f"{r['step']} ({r['events']:,}): {d['ingest_s']:.2f} s ingest "
+                       f"(canary_events), {d['window_run_other_s']:.2f} s the window run's other "
+                       f"steps, {d['daily_run_s']:.2f} s the daily SLA run, "
+                       f"{d['outside_runs_s']:.2f} s outside runs (imports, instance, "
+                       "definitions, sensor tick)")
     if len(back) >= 2:
         lo, hi = min(back), max(back)
         g = back[hi]["seconds"] / back[lo]["seconds"]

@@ -39,3 +39,11 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     # would have quarantined them; only the new window's own junk lines are new
     assert w["new_quarantine"] == w["expected_new_quarantine"] == 5
     assert "earlier bytes not re-read" in proc.stdout
+    # where the seconds went, read back from the runs each step made on the home's instance:
+    # only that step's runs (the window step's split would go negative outside runs if it
+    # counted the backfill's)
+    for r in (back, win):
+        split = r["detail"]
+        assert all(split[p] > 0 for p in ("ingest_s", "window_run_other_s", "daily_run_s",
+                                          "outside_runs_s")), split
+    assert "s ingest (canary_events)" in proc.stdout
