@@ -1,4 +1,8 @@
-"""Assembles the code location; computes nothing."""
+"""Assembles the code location; computes nothing.
+
+`defs` is built when Dagster loads the code location (`@dg.definitions`), not when this module is
+imported: `rollout run` builds its own for the home it was given, and importing the module
+costs no policy parse or check assembly."""
 
 from __future__ import annotations
 
@@ -42,4 +46,8 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
     return with_slot_freshness(defs, policy)
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location of the home `RolloutHome.resolve()` finds (`ROLLOUT_HOME`, else the
+    repository root): what `dagster dev`, the webserver and the daemon load."""
+    return build_definitions()

@@ -76,7 +76,7 @@ def graph_of(defs: dg.Definitions, policy) -> dict:
 def test_the_code_location_loads(home):
     import rollout_assets.definitions as module
 
-    dg.Definitions.validate_loadable(module.defs)
+    dg.Definitions.validate_loadable(module.defs())
     defs = build_definitions(home)
     dg.Definitions.validate_loadable(defs)
     assert defs.resolve_job_def("rollout_window_job") is not None
