@@ -71,8 +71,9 @@ MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
 # staged rows spill to the database's temp directory instead of growing the process. A staged
 # 2M-line file holds ~217 MB and three are in flight; on the 10M-event benchmark day, 448 MB
-# kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB) at no cost in time, and
-# 320 MB ran out of memory and fell back to one file at a time (~1.7x slower).
+# kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB) at no cost in time. Lower
+# limits also held (320 MB: 689 MB), but leave less room for the store's joins on machines
+# with more threads; past the limit the files are read one at a time.
 MEMORY_LIMIT_ENV = "ROLLOUT_INGEST_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "448MB"
 STAGING_AHEAD = 2  # files parsed while one is stored
