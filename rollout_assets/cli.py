@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rollout_assets.home import RolloutHome
+from rollout_assets.startup import paused_gc
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -124,7 +125,8 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
 
 
 def cmd_run(args, home: RolloutHome) -> int:
-    from rollout_assets.runner import BadRange, RunError, run_range
+    with paused_gc():  # Dagster's import: see rollout_assets/startup.py
+        from rollout_assets.runner import BadRange, RunError, run_range
 
     _policy(home)
     start, end = _time(args.from_, "--from"), _time(args.to, "--to")
@@ -244,10 +246,11 @@ def reset_demo_home(home: RolloutHome) -> None:
 def cmd_demo(args, home: RolloutHome) -> int:
     import time
 
-    from rollout_assets import flags
-    from rollout_assets.runner import RunError, run_range
-    from rollout_assets.simulate import phase_schedule, simulate
-    from rollout_assets.warehouse import connect
+    with paused_gc():
+        from rollout_assets import flags
+        from rollout_assets.runner import RunError, run_range
+        from rollout_assets.simulate import phase_schedule, simulate
+        from rollout_assets.warehouse import connect
 
     t0 = time.monotonic()
     policy = _policy(home)

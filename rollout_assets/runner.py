@@ -26,6 +26,7 @@ from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import partition_key, window_partitions, windows_between
 from rollout_assets.progress import PROGRESS_RUN_CONFIG
 from rollout_assets.run_health import REAPED_TAG, instance_lock, reap_dead_runs
+from rollout_assets.startup import frozen_heap, paused_gc
 
 SENSOR_NAME = "breach_sensor"
 CURSOR_KEY = "rollout/cli/breach_sensor_cursor"
@@ -152,9 +153,17 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
             f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
             f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
             "has not closed yet cannot be judged")
-    instance = prepare_instance(home)
-    reap_dead_runs(instance, log)  # a killed run must not hold the pool or a run key forever
-    defs = _defs(home)
+    with paused_gc():  # the lazy imports (storage, pandas, the assets) and the definitions
+        instance = prepare_instance(home)
+        reap_dead_runs(instance, log)  # a killed run must not hold the pool or a run key forever
+        defs = _defs(home)
+    with frozen_heap():
+        return _run_windows(instance, defs, windows, keys, log, progress)
+
+
+def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions, windows: list[datetime],
+                 keys: list[str], log: Callable[[str], None], progress: bool) -> RunSummary:
+    """The window run, the breach sensor's rollbacks, then the daily SLA run of its days."""
     job = defs.resolve_job_def("rollout_window_job")
     log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
     result = job.execute_in_process(

@@ -4,6 +4,7 @@ same range that changes no row count and sends nothing twice."""
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ def runs(tmp_path_factory):
 
 def test_a_range_is_one_successful_dagster_run(runs):
     assert runs.first.success and runs.second.success
+    # run_range pauses and freezes the garbage collector (startup.py) only while it runs
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     assert runs.first.windows == WINDOWS
     instance = dg.DagsterInstance.from_config(str(runs.home.dagster_home))
     window_runs = instance.get_runs(dg.RunsFilter(job_name="rollout_window_job"))
