@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
 from rollout_assets.ingest import ingest_canary
+from rollout_assets.partitions import floor_window
 from rollout_assets.policy import load_policy
 from rollout_assets.warehouse import connect
 from rollout_assets_tests.conftest import DAY, event, stored_events
@@ -210,6 +211,42 @@ def test_trap_corpus_is_stored_identically(twin):
     assert a1.fallbacks == [] and a1.fast_lines > 0 and a1.python_lines > 0
     assert a1.lines_read == len(trap_corpus()) + 1
     assert counts["quarantined"] > 40 and counts["events"] > 30
+
+
+EDGE_TIMES = (
+    "2000-01-01T00:07:00Z",  # before time_bucket's origin (2000-01-03)
+    "2000-01-02T23:59:59.999999Z",
+    "2025-01-18T09:14:59.999999Z", "2025-01-18T09:15:00Z", "2025-01-18T09:15:00.000001Z",
+    "2025-01-18T18:14:59.5+09:00",  # 09:14:59.5 UTC
+    "2025-01-18T18:15:00+09:00",  # 09:15 UTC
+    "2025-01-18T03:44:59.999-05:30",  # 09:14:59.999 UTC
+    "2025-01-18T23:59:59.999999Z", "2025-01-19T00:00:00Z",
+)
+
+
+def test_window_start_is_the_validators_window_on_every_path(twin):
+    """The insert computes `window_start` from `ts` for rows decided in SQL and rows the Python
+    validator accepted alike: it must be the window `partitions.floor_window` gives."""
+    minified, spaced = [], []
+    for i, ts in enumerate(EDGE_TIMES):
+        minified.append(compact(ev(event_id=f"sql-{i}", ts=ts)))  # decided in SQL
+        # "100.0" could be a re-spelt "1E2": a suspect, validated in Python
+        minified.append(compact(ev(event_id=f"py-{i}", ts=ts, latency_ms=100.0)))
+        spaced.append(json.dumps(ev(event_id=f"spaced-{i}", ts=ts, phase="A-2")))
+    twin.write("phase-A-1.jsonl", lines(*minified))
+    twin.write("phase-A-2.jsonl", lines(*spaced))
+    fast = {s.source_file.split("/")[-1]: s for s in twin.ingest()["fast"]}
+    canonical, general = fast["phase-A-1.jsonl"], fast["phase-A-2.jsonl"]
+    assert canonical.canonical_lines == len(EDGE_TIMES) == canonical.python_lines
+    assert general.canonical_lines == 0 and general.fast_lines == len(EDGE_TIMES)
+    twin.assert_same()
+    rows = minified + spaced
+    for mode in ("fast", "strict"):
+        stored = stored_events(twin.cons[mode], "ts, window_start",
+                               [json.loads(r)["event_id"] for r in rows])
+        assert len(stored) == len(rows), mode
+        for eid, (ts, window_start) in stored.items():
+            assert window_start == floor_window(ts), (mode, eid, ts, window_start)
 
 
 def test_generated_traffic_is_mostly_decided_in_sql(twin):
