@@ -96,7 +96,7 @@ ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
 # is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
-# narrowed while it waits in memory: `phase` as its number in `phase_order`, `kind` as the
+# narrowed while it waits in memory: `phase` as its number in `_phase_order`, `kind` as the
 # `event_kind` ENUM; `window_start` is computed from `ts` by the insert, which adds `batch_id`.
 _STAGE_COLUMNS = ("ts", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
@@ -460,7 +460,7 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         source=source,
         extensions_ok=extensions_ok,
         known_len_out="known_len::INTEGER as known_len," if canonical else "",
-        phase_list=_sql_list(phase_order(policy.phase_names)),
+        phase_list=_sql_list(_phase_order(policy.phase_names)),
         line_no="$first_line - 1 + " + ("o" if canonical else "rel_line"),
         e_len_ok=_short_enough("e"),
         sid_ok=_optional_string("sid_j"),
@@ -478,7 +478,7 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
     )
 
 
-def phase_order(phases) -> tuple[str, ...]:
+def _phase_order(phases) -> tuple[str, ...]:
     """The phases a staged row's `phase` number counts in (1-based): sorted, so any path that
     knows the policy's phases numbers them alike."""
     return tuple(sorted(phases))
@@ -516,7 +516,7 @@ _STAGE_TABLE = """create temp table if not exists _ingest_stage (
 
 def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int:
     """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed);
-    `phases` is the `phase_order` the stage numbers phases in."""
+    `phases` is the `_phase_order` the stage numbers phases in."""
     con.execute(_STAGE_TABLE)
     valid = len(parsed.columns["event_id"])
     if not valid:
@@ -653,7 +653,7 @@ def _commit_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor
                    now: datetime, stats: FileIngest, phases: frozenset[str]) -> None:
     """Store a chunk the Python validator read, with the file's cursor, in one transaction."""
     with transaction(con):
-        valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now, phase_order(phases))
+        valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now, _phase_order(phases))
         _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
                        nbytes)
         _save_cursor(con, rel, cur, st, now)
@@ -862,7 +862,7 @@ class _Staged:
                     col.append(value)
         n_lines = rng.lines
         with transaction(con):
-            order = phase_order(self.policy.phase_names)
+            order = _phase_order(self.policy.phase_names)
             _stage_python_rows(con, parsed, order)
             _insert_quarantine(con, parsed.quarantine, job.rel, self.now)
             kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now, order)
