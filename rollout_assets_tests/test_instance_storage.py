@@ -421,6 +421,88 @@ def test_log_events_with_another_storage_logs_one_by_one():
         assert [h.status.value for h in history] == ["SUCCEEDED"]
 
 
+# ---- kept connections ------------------------------------------------------------------------
+def _count_connects(storage: BatchingSqliteEventLogStorage, shard: str) -> list[int]:
+    """A list that grows by one for every SQLite connection the shard's engine opens."""
+    from sqlalchemy import event
+
+    opened: list[int] = []
+    event.listen(storage._engine(shard), "connect",  # noqa: SLF001
+                 lambda *_: opened.append(1))
+    return opened
+
+
+def test_events_written_one_by_one_share_one_kept_connection(instance):
+    storage = instance.event_log_storage
+    storage.store_event(_mat("a", run_id="run-a"))  # the shard exists from here on
+    opened = {s: _count_connects(storage, s) for s in ("run-a", "index")}
+    for i in range(20):
+        storage.store_event(_mat("a", f"p{i}", run_id="run-a"))
+    # SQLite closing a shard's last connection checkpoints its WAL: that cost must not recur
+    assert (len(opened["run-a"]), len(opened["index"])) == (0, 0)
+    assert _raw_count(storage, "run-a", "event_logs") == 21
+    assert _raw_count(storage, "index", "event_logs") == 21
+
+
+def test_another_thread_writes_while_the_kept_connection_is_in_use(instance):
+    storage = instance.event_log_storage
+    storage.store_event(_mat("a"))
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(10):
+                storage.store_event(_mat("a", f"t{n}-{i}"))
+                instance.fetch_materializations(dg.AssetKey("a"), limit=5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert _raw_count(storage, "run-a", "event_logs") == 41
+
+
+def test_wipe_closes_kept_connections_before_deleting_the_shard_files(instance):
+    storage = instance.event_log_storage
+    storage.store_event(_mat("a", run_id="run-a"))
+    shard = Path(storage.path_for_shard("run-a"))
+    assert shard.exists()
+    instance.wipe()
+    assert not shard.exists()
+    # a connection still open on the deleted file would write there, and not to a new file
+    storage.store_event(_mat("b", run_id="run-a"))
+    assert shard.exists()
+    assert _raw_count(storage, "run-a", "event_logs") == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_connections(instance):
+    storage = instance.event_log_storage
+    storage.store_event(_mat("a", run_id="run-a"))  # the parent now holds kept connections
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its write is stored
+        code = 1
+        try:
+            opened = _count_connects(storage, "run-a")
+            storage.store_event(_mat("a", "child", run_id="run-a"))
+            code = 0 if opened == [1] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    storage.store_event(_mat("a", "parent", run_id="run-a"))  # the parent's connection still works
+    assert _raw_count(storage, "run-a", "event_logs") == 3
+    con = sqlite3.connect(storage.path_for_shard("run-a"))
+    try:
+        assert con.execute("pragma integrity_check").fetchone() == ("ok",)
+    finally:
+        con.close()
+
+
 # ---- the home's dagster.yaml -----------------------------------------------------------------
 def test_an_old_rollout_home_is_upgraded_in_place_and_keeps_its_history(home: RolloutHome):
     home.dagster_home.mkdir(parents=True)
