@@ -157,8 +157,11 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         instance = prepare_instance(home)
         reap_dead_runs(instance, log)  # a killed run must not hold the pool or a run key forever
         defs = _defs(home)
-    with frozen_heap():
-        return _run_windows(instance, defs, windows, keys, log, progress)
+    try:
+        with frozen_heap():
+            return _run_windows(instance, defs, windows, keys, log, progress)
+    finally:
+        instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
 
 
 def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions, windows: list[datetime],

@@ -198,6 +198,16 @@ def test_run_range_on_a_simulated_home_succeeds_with_its_check_history(pair):
     assert all(h[4] is not None and "policy_version" in h[5] for h in slo_history)
 
 
+def test_run_range_leaves_every_shard_merged_and_a_template_of_its_dagster(pair):
+    runs_dir = pair["batching"].home.dagster_home / "history" / "runs"
+    assert len(list(runs_dir.glob("*.db"))) >= 3  # index, the window run, the daily run
+    # the run closed its kept connections: no shard's writes wait in a WAL file
+    assert list(runs_dir.glob("*-wal")) == list(runs_dir.glob("*-shm")) == []
+    # (Dagster's own `.db` is the shard of run id "", where runless events go)
+    assert [p.name for p in runs_dir.glob(".*.sqlite3")] == [
+        f".run-shard-template-dagster-{dg.__version__}.sqlite3"]  # no scratch copy left
+
+
 @pytest.mark.parametrize("part", ["index", "ASSET_MATERIALIZATION",
                                   "ASSET_MATERIALIZATION_PLANNED", "ASSET_CHECK_EVALUATION",
                                   "ASSET_CHECK_EVALUATION_PLANNED", "latest_materialization",
@@ -503,6 +513,55 @@ def test_a_forked_child_opens_its_own_connections(instance):
         con.close()
 
 
+# ---- new run shards from the template ------------------------------------------------------
+def _schema(path: str) -> dict:
+    con = sqlite3.connect(path)
+    try:
+        return {
+            "objects": sorted(con.execute(
+                "select type, name, tbl_name, sql from sqlite_master").fetchall()),
+            "alembic": con.execute("select version_num from alembic_version").fetchall(),
+            "journal_mode": con.execute("pragma journal_mode").fetchone()[0],
+            "mode": os.stat(path).st_mode & 0o777,
+        }
+    finally:
+        con.close()
+
+
+def test_a_new_run_shard_is_the_file_dagsters_initdb_writes(instance, tmp_path):
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    storage = instance.event_log_storage
+    storage.store_event(_mat("a", run_id="run-new"))
+    reference = SqliteEventLogStorage(str(tmp_path / "plain"))
+    reference.store_event(_mat("a", run_id="run-new"))
+    reference.dispose()
+    ours, theirs = (_schema(s.path_for_shard("run-new")) for s in (storage, reference))
+    assert ours["alembic"] and ours["journal_mode"] == "wal"
+    assert ours == theirs
+    # the template is no run: Dagster lists run shards by their `.db` suffix
+    assert storage.get_all_run_ids() == ["run-new"]
+
+
+def test_the_template_is_made_once_and_existing_shards_are_checked_as_before(instance,
+                                                                             monkeypatch):
+    storage = instance.event_log_storage
+    initdb = []
+    real = storage._initdb  # noqa: SLF001
+    monkeypatch.setattr(storage, "_initdb", lambda engine, **kw: (
+        initdb.append(str(engine.url)), real(engine, **kw))[1])
+    for run in ("run-a", "run-b", "run-c"):
+        storage.store_event(_mat("a", run_id=run))
+    assert len(initdb) == 1 and "template" in initdb[0]  # one build, three copies
+
+    # a shard that already exists (another process made it) is never replaced
+    other = BatchingSqliteEventLogStorage(storage._base_dir)  # noqa: SLF001
+    other.store_event(_mat("a", run_id="run-z"))
+    other.dispose()
+    storage.store_event(_mat("b", run_id="run-z"))
+    assert _raw_count(storage, "run-z", "event_logs") == 2
+    assert initdb[-1].endswith("run-z.db")  # checked by Dagster's _initdb, as before
+    assert _raw_count(storage, "run-a", "event_logs") == 1
 # ---- the home's dagster.yaml -----------------------------------------------------------------
 def test_an_old_rollout_home_is_upgraded_in_place_and_keeps_its_history(home: RolloutHome):
     home.dagster_home.mkdir(parents=True)
