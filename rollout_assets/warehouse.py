@@ -255,12 +255,21 @@ def grow_labels(con, column: str, values) -> None:
     else:
         grown = f"event_{column}_{version + 1}"
         con.execute(f"create type {grown} as enum (select unnest(?::VARCHAR[]))", [labels])
-        con.execute(f"alter table canary_events alter {column} type {grown}")
+        # Named with its database: DuckDB (1.5) cannot replay from its WAL an ALTER to a type
+        # named without one ("GetDefaultDatabase with no default database set"), and a file
+        # whose WAL holds one no longer opens after a crash (test_warehouse_labels.py).
+        catalog = con.execute("select current_database()").fetchone()[0]
+        con.execute(f"alter table canary_events alter {column} type "
+                    f"{sql_identifier(catalog)}.main.{grown}")
     con.execute(f"drop type {name}")
 
 
 def sql_string(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def sql_identifier(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
 
 
 def _schema_is_current(con) -> bool:

@@ -58,3 +58,43 @@ def test_a_column_with_too_many_labels_becomes_text(home, policy, con, monkeypat
     assert _tenants(con) == ["qa", "t2", "t3", "t4", "t5"]
     write_canary(home, "A-1", [event(event_id="9", tenant="later")])
     assert ingest_canary(con, home, policy, now=NOW)[0].loaded == 1
+
+
+_CRASH_AFTER_NEW_LABELS = """
+import os, sys
+from datetime import datetime
+from pathlib import Path
+from rollout_assets.home import RolloutHome
+from rollout_assets.ingest import ingest_canary
+from rollout_assets.policy import load_policy
+from rollout_assets.warehouse import connect
+home = RolloutHome(Path(sys.argv[1]))
+con = connect(Path(sys.argv[2]))
+con.execute("checkpoint")  # the schema is in the file; what follows is only in the WAL
+(s,) = ingest_canary(con, home, load_policy(home.policy_path), now=datetime.fromisoformat(sys.argv[3]))
+print(s.loaded, flush=True)
+os._exit(0)  # dies without closing: no checkpoint, the committed ranges are in the WAL only
+"""
+
+
+def test_new_labels_survive_a_crash_before_any_checkpoint(home, tmp_path):
+    """Replaying the WAL must reopen the file: DuckDB cannot replay an ALTER to an ENUM named
+    without its database, so `grow_labels` names it with one. The file name needs quoting."""
+    import subprocess
+    import sys
+
+    db = tmp_path / 'odd "name" dir' / 'rollout "x".duckdb'
+    write_canary(home, "A-1", [event(event_id="1", tenant="qa"),
+                               event(event_id="2", tenant="zeta", environment="canary-eu")])
+    proc = subprocess.run([sys.executable, "-c", _CRASH_AFTER_NEW_LABELS, str(home.root),
+                           str(db), NOW.isoformat()], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["2"], proc.stderr
+    assert db.with_name(db.name + ".wal").stat().st_size > 0
+    con = warehouse.connect(db)
+    try:
+        assert _tenants(con) == ["qa", "zeta"]
+        assert con.execute("select environment from canary_events order by line_no"
+                           ).fetchall() == [("production",), ("canary-eu",)]
+    finally:
+        con.close()
