@@ -74,7 +74,8 @@ def execute_rollback(
     validate_phase(policy, config.rollback_to)
     ws = window_from_stamp(config.window)
     rollback_id = rollback_run_key(ws, config.phase)
-    # The DuckDB file is closed while the command runs: it opens the flag store itself.
+    # The DuckDB file is closed while the command runs: it opens the flag store itself
+    # (released below, after this block).
     with warehouse.connect() as con:
         before = current_state(con, policy)
         incident = incident_for(con, config.phase, ws)
@@ -115,6 +116,7 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
+    warehouse.release()  # the command opens the file itself
     started = now_utc()
     outcome = rollback_runner.run(policy, config.rollback_to)
     status = "succeeded" if outcome.exit_code == 0 else (
