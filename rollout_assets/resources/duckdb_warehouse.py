@@ -19,9 +19,9 @@ class DuckDBWarehouse(dg.ConfigurableResource):
     In a run, the steps share one read-write connection: the first `connect()` opens it and
     Dagster's teardown of the run's resources closes it (with the in-process executor the
     jobs use, once per run). Opening the file and closing it after writes (DuckDB then
-    checkpoints) cost ~50 ms each time: per step, that was a fifth of one window's run. So a
+    checkpoints) cost ~50 ms each time: per step, that was a third of one window's run. So a
     run holds DuckDB's single-writer lock from its first warehouse step to its end, as its
-    Dagster pool (`warehouse`, one run at a time) already reserves the file for it.
+    Dagster pool (`rollout_warehouse`, one run at a time) already reserves the file for it.
 
     * A block that raises closes the connection (an open transaction is discarded); the next
       `connect()` opens a new one.
