@@ -56,6 +56,7 @@ process-wide: another instance in the same process (with the default storage) th
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import threading
@@ -223,6 +224,10 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
             finally:
                 engine.dispose()  # the last connection closed: the WAL is merged and removed
             os.replace(tmp, template)
+            for old in glob.glob(os.path.join(self._base_dir, ".run-shard-template-*.sqlite3")):
+                if old != template:  # another Dagster version's
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(old)
         finally:
             for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
                 with contextlib.suppress(FileNotFoundError):

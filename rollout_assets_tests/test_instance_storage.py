@@ -546,6 +546,8 @@ def test_a_new_run_shard_is_the_file_dagsters_initdb_writes(instance, tmp_path):
 def test_the_template_is_made_once_and_existing_shards_are_checked_as_before(instance,
                                                                              monkeypatch):
     storage = instance.event_log_storage
+    stale = Path(storage._base_dir) / ".run-shard-template-dagster-0.0.1.sqlite3"  # noqa: SLF001
+    stale.write_bytes(b"another Dagster version's template")
     initdb = []
     real = storage._initdb  # noqa: SLF001
     monkeypatch.setattr(storage, "_initdb", lambda engine, **kw: (
@@ -553,6 +555,7 @@ def test_the_template_is_made_once_and_existing_shards_are_checked_as_before(ins
     for run in ("run-a", "run-b", "run-c"):
         storage.store_event(_mat("a", run_id=run))
     assert len(initdb) == 1 and "template" in initdb[0]  # one build, three copies
+    assert not stale.exists()  # replaced by this version's
 
     # a shard that already exists (another process made it) is never replaced
     other = BatchingSqliteEventLogStorage(storage._base_dir)  # noqa: SLF001

@@ -71,7 +71,8 @@ from rollout_assets.warehouse import connect
 home = RolloutHome(Path(sys.argv[1]))
 con = connect(Path(sys.argv[2]))
 con.execute("checkpoint")  # the schema is in the file; what follows is only in the WAL
-(s,) = ingest_canary(con, home, load_policy(home.policy_path), now=datetime.fromisoformat(sys.argv[3]))
+now = datetime.fromisoformat(sys.argv[3])
+(s,) = ingest_canary(con, home, load_policy(home.policy_path), now=now)
 print(s.loaded, flush=True)
 os._exit(0)  # dies without closing: no checkpoint, the committed ranges are in the WAL only
 """
