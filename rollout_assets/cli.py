@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -330,7 +329,13 @@ def cmd_ui(args, home: RolloutHome) -> int:
             "--port", str(args.port)]
     print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home.dagster_home}); "
           "Ctrl-C stops it", flush=True)
-    return subprocess.call(argv, cwd=str(home.root))
+    # `dagster dev` replaces this process rather than running under it: Ctrl-C then reaches it
+    # alone, and it stops the webserver and daemon it started (by a message, not a signal).
+    # As a child of ours it was killed 0.25 s after Ctrl-C (`subprocess.call`), and a slow
+    # shutdown left the webserver running without it.
+    os.chdir(home.root)
+    sys.stderr.flush()
+    os.execv(dagster, argv)
 
 
 # ---- parser -----------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def ui(demo_home: Path, browser) -> Iterator[str]:
-    """`rollout ui` on a free port; stopped with Ctrl-C (SIGINT to its group), never leaked."""
+    """`rollout ui` on a free port; stopped by SIGINT to its process alone (`kill -INT`; a
+    terminal's Ctrl-C reaches the whole group), never leaked: `dagster dev` must stop the
+    webserver and daemon it started itself."""
     port = _free_port()
     log = open(ARTIFACTS / "rollout-ui.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -147,7 +149,7 @@ def ui(demo_home: Path, browser) -> Iterator[str]:
             time.sleep(0.5)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGINT)
         clean = True
         try:
             proc.wait(timeout=45)
@@ -161,7 +163,7 @@ def ui(demo_home: Path, browser) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
-        assert clean, "rollout ui left processes behind after Ctrl-C; killed its group"
+        assert clean, "rollout ui left processes behind after SIGINT; killed its group"
 
 
 def _dismiss_dialogs(page, wait_ms: int = 0) -> None:
