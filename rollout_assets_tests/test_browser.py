@@ -133,6 +133,9 @@ def ui(demo_home: Path, browser) -> Iterator[str]:
         [str(ROLLOUT), "--home", str(demo_home), "ui", "--port", str(port)],
         env=_env(demo_home), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: dagster dev, webserver, daemon, gRPC
+        # as from a terminal: a shell starts background jobs (`cmd &`, how CI may run this
+        # suite) with SIGINT ignored, and the ignored disposition would pass on to dagster dev
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     base = f"http://127.0.0.1:{port}"
     try:
