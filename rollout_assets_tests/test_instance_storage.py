@@ -502,8 +502,14 @@ def test_a_forked_child_opens_its_own_connections(instance):
             code = 0 if opened == [1] else 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    deadline = time.monotonic() + 60  # a child stuck on a lock it inherited fails, not hangs
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish its write in 60 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
     storage.store_event(_mat("a", "parent", run_id="run-a"))  # the parent's connection still works
     assert _raw_count(storage, "run-a", "event_logs") == 3
     con = sqlite3.connect(storage.path_for_shard("run-a"))
