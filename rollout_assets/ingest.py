@@ -558,13 +558,11 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     phase = f"{_sql_list(phases)}[phase]"
     exprs = {"phase": phase, "batch_id": "$batch",
              "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
-    labels = con.execute(
-        "select distinct " + ", ".join(f"{phase} as phase" if c == "phase" else c
-                                       for c in LABEL_COLUMNS)
-        + " from _ingest_stage where clean").fetchall()
-    for column, values in zip(LABEL_COLUMNS, zip(*labels, strict=True) if labels else (),
-                              strict=False):
-        grow_labels(con, column, set(values))
+    labels = con.execute("select " + ", ".join(
+        f"list(distinct {phase if c == 'phase' else c}) filter (where clean)"
+        for c in LABEL_COLUMNS) + " from _ingest_stage").fetchone()
+    for column, values in zip(LABEL_COLUMNS, labels, strict=True):
+        grow_labels(con, column, values or ())
     batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
