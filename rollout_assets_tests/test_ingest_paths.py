@@ -550,3 +550,43 @@ def test_a_line_longer_than_duckdbs_object_limit_is_stored_like_any_other(twin):
     s = stats["fast"][0]
     assert (s.lines_read, s.loaded, s.quarantined) == (len(body) + 1,) * 2 + (0,)
     assert set(stored_events(twin.cons["fast"], "line_no", ["big"])) == {"big"}
+
+
+def test_parsing_files_side_by_side_leaves_no_core_oversubscribed_and_restores_settings(
+        twin, monkeypatch):
+    """Each parse and the store run on their own calling thread, which works on its query too:
+    while they run at once DuckDB's pool keeps only the workers that fill its `threads`, the
+    last store has them all, and every setting the ingest changed is as it was afterwards,
+    also when a store fails."""
+    from rollout_assets import ingest
+
+    for phase in PHASES:
+        twin.write(f"phase-{phase}.jsonl", lines(*(compact(ev(event_id=f"{phase}-{i}",
+                                                               phase=phase))
+                                                   for i in range(20))))
+    con = twin.cons["fast"]
+    settings = "select current_setting('threads'), current_setting('memory_limit')"
+    con.execute("set threads = 4")
+    default_limit = con.execute(settings).fetchone()[1]
+    real_store = ingest._Staged.store
+    seen, fail = [], []
+
+    def store(self, stats):
+        seen.append(con.execute("select current_setting('threads')").fetchone()[0])
+        if fail:
+            raise RuntimeError("store failed")
+        return real_store(self, stats)
+
+    monkeypatch.setattr(ingest._Staged, "store", store)
+    twin.ingest()
+    # 4 threads, 3 queries at once (two parses and a store): 2; the last store, alone: 4
+    assert seen == [2, 2, 2, 2, 4]
+    assert con.execute(settings).fetchone() == (4, default_limit)
+    twin.write("phase-A-0.jsonl", lines(compact(ev(event_id="late-1")),
+                                        compact(ev(event_id="late-2"))))
+    twin.write("phase-B-0.jsonl", lines(compact(ev(event_id="late-3", phase="B-0"))))
+    fail.append(True)
+    with pytest.raises(RuntimeError):
+        ingest.ingest_canary(con, twin.homes["fast"], POLICY, now=NOW, mode="fast")
+    assert seen[5:] == [3]  # two files with new lines: two queries at once
+    assert con.execute(settings).fetchone() == (4, default_limit)
