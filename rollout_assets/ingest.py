@@ -93,6 +93,12 @@ SKIPPED_WS = b" \t\r\x0b\x0c"
 DEEP_LINE_BYTES = 800
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
+# the `ts` spelling SQL decides (inside the JSON string's quotes): digits pinned, every field in
+# its range, 1-6 fraction digits (longer ones are suspects; both readers truncate them), Z or
+# an offset within +-23:59. test_ingest_paths.py holds it to the validator over a grid.
+TS_PATTERN = (r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+              r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+              r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
 # is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
@@ -329,7 +335,7 @@ _SOURCE_CANONICAL = """src as (
         with ordinality
         as r(e, ts_j, phase_j, kind_j, lat_j, ok_j, conflict_j, sid_j, tenant_j, env_j, tags_j, o)
 ), v as (
-    select *, {known_len} as known_len, {ts_s} as ts_s
+    select *, {known_len} as known_len
     from src
 )"""
 
@@ -341,7 +347,7 @@ _SOURCE_LINES = """src as (
 ), {shifted}v as (
     select rel_line, raw, f[1] as e, f[2] as ts_j, f[3] as phase_j, f[4] as kind_j,
         f[5] as lat_j, f[6] as ok_j, f[7] as conflict_j, f[8] as sid_j, f[9] as tenant_j,
-        f[10] as env_j, f[11] as tags_j, {known_len} as known_len, {ts_s} as ts_s
+        f[10] as env_j, f[11] as tags_j, {known_len} as known_len
     from {lines}
 )"""
 
@@ -351,12 +357,11 @@ with {source}, p as (
     select v.*,
         case when lat_j is null or lat_j = 'null' then null
              else try_cast(lat_j as DOUBLE) end as lat,
-        -- DuckDB's strptime takes 1-6 fraction digits like Python; the glob below pins the
-        -- date and time digits (strptime alone would take "09:03:1.5")
-        case when right(ts_s, 1) = 'Z' then try_strptime(ts_s, {ts_utc_formats})
-             when ts_s[-6] in ('+', '-') and ts_s[-3] = ':' and ts_s[-5:-4] <= '23'
-                  and ts_s[-2:] <= '59'
-             then make_timestamp(epoch_us(try_strptime(ts_s, {ts_offset_formats})))
+        -- the pattern pins the one spelling whose every instance DuckDB's cast reads as
+        -- Python's fromisoformat does (the cast alone takes 24:00, +24:00 and 23:60 in an
+        -- offset, which Python refuses; it refuses Feb 30 itself); the rest is a suspect
+        case when regexp_full_match(ts_j, {ts_re})
+             then make_timestamp(epoch_us(try_cast(ts_j[2:-2] as TIMESTAMPTZ)))
         end as ts_utc,
         coalesce(lat_j like '%0.0' or lat_j like '0.0%', false) as short_lat
     from v  -- no join: the canonical path's line numbers rely on DuckDB keeping file order
@@ -368,7 +373,6 @@ with {source}, p as (
         and ascii(e[2]) between 33 and 126
         and {e_len_ok}
         -- ts: YYYY-MM-DDTHH:MM:SS[.f{{1,6}}](Z|+HH:MM|-HH:MM), a real instant in range
-        and left(ts_s, 19) glob '{ts_glob}'
         and ts_utc >= {min_ts} and ts_utc <= $max_ts
         and phase_j in ({phases}) and kind_j in ({kinds})
         and (case when lat is null then (lat_j is null or lat_j = 'null')
@@ -441,17 +445,15 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
     # the braces, minus the last comma
     known_len = " + ".join(f"coalesce(strlen({col}) + {len(name) + 4}, 0)"
                            for col, name in zip(_COLUMN_NAMES, _FIELDS, strict=True)) + " + 1"
-    ts_s = ("case when ts_j like '\"%' and not contains(ts_j, '\\') and strlen(ts_j) >= 22 "
-            "then ts_j[2:-2] end")
     if canonical:
         source = _SOURCE_CANONICAL.format(
-            max_object=MAX_OBJECT_BYTES, known_len=known_len, ts_s=ts_s,
+            max_object=MAX_OBJECT_BYTES, known_len=known_len,
             json_columns="{" + ", ".join(f"{f}: 'JSON'" for f in _FIELDS) + "}")
         extensions_ok = "not short_lat"  # the rest is proven for the whole range
     else:
         source = _SOURCE_LINES.format(
             paths="[" + ", ".join(f"'$.{f}'" for f in _FIELDS) + "]",
-            max_object=MAX_OBJECT_BYTES, known_len=known_len, ts_s=ts_s,
+            max_object=MAX_OBJECT_BYTES, known_len=known_len,
             shifted=_SHIFTED if with_skips else "",
             lines="shifted" if with_skips else "(select *, o as rel_line from src)")
         extensions_ok = _EXTENSIONS_BY_LINE.format(lenient_re=_LENIENT_RE,
@@ -472,9 +474,7 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         needs_ok=_json_texts(sorted(NEEDS_OK)),
         tag_forms=", ".join(map(sql_string, _tag_forms())),
         max_latency=repr(MAX_LATENCY_MS),
-        ts_utc_formats="['%Y-%m-%dT%H:%M:%S.%fZ', '%Y-%m-%dT%H:%M:%SZ']",
-        ts_offset_formats="['%Y-%m-%dT%H:%M:%S.%f%z', '%Y-%m-%dT%H:%M:%S%z']",
-        ts_glob="[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]",
+        ts_re=sql_string(f'"{TS_PATTERN}"'),
     )
 
 

@@ -249,6 +249,40 @@ def test_window_start_is_the_validators_window_on_every_path(twin):
             assert window_start == floor_window(ts), (mode, eid, ts, window_start)
 
 
+TS_DATES = ("2025-01-18", "2024-02-29", "2025-02-29", "2025-02-30", "2025-04-31", "2025-00-10",
+            "2025-13-01", "2025-01-00", "2025-01-32", "2000-01-01", "1999-12-31", "2025-01-19",
+            "2025-01-20", "0000-01-01", "9999-12-31")
+TS_TIMES = ("00:00:00", "09:03:12", "23:59:59", "24:00:00", "23:60:00", "23:59:60", "9:03:12",
+            "09:03")
+TS_FRACTIONS = ("", ".5", ".123456", ".000000", ".1234567", ".9999999", ".")
+TS_ZONES = ("Z", "z", "+00:00", "-00:00", "+09:00", "-05:30", "+23:59", "-23:59", "+24:00",
+            "+23:60", "+00:60", "+0900", "+09", " Z", "")
+
+
+def test_every_ts_spelling_at_the_edges_is_stored_identically(twin):
+    """SQL decides one `ts` spelling (a pattern, then DuckDB's cast); every value of it must be
+    the instant Python's validator reads, and every spelling beyond it (24:00, offsets of 24 h,
+    7 fraction digits, Feb 30, a lowercase z, no colon, dates out of range...) must reach the
+    validator. A grid of dates, times, fractions and zones, on both fast paths."""
+    import itertools
+
+    spellings = ["".join((d, "T", t, f, z)) for d, t, f, z in
+                 itertools.product(TS_DATES, TS_TIMES, TS_FRACTIONS, TS_ZONES)]
+    twin.write("phase-A-1.jsonl", lines(*(compact(ev(event_id=f"m{i}", ts=ts))
+                                          for i, ts in enumerate(spellings))))
+    twin.write("phase-A-2.jsonl", lines(*(json.dumps(ev(event_id=f"s{i}", ts=ts, phase="A-2"))
+                                          for i, ts in enumerate(spellings))))
+    fast = {s.source_file.split("/")[-1]: s for s in twin.ingest()["fast"]}
+    counts = twin.assert_same()
+    canonical, general = fast["phase-A-1.jsonl"], fast["phase-A-2.jsonl"]
+    assert canonical.fallbacks == [] == general.fallbacks
+    # both paths decided hundreds in SQL; Python took the rest and accepted some of them
+    assert canonical.canonical_lines == general.fast_lines > 300
+    assert canonical.python_lines == general.python_lines > 9000
+    assert canonical.loaded == general.loaded > canonical.canonical_lines
+    assert counts["events"] + counts["quarantined"] == 2 * len(spellings)
+
+
 def test_generated_traffic_is_mostly_decided_in_sql(twin):
     import numpy as np
 
