@@ -361,7 +361,7 @@ with {source}, p as (
         -- Python's fromisoformat does (the cast alone takes 24:00, +24:00 and 23:60 in an
         -- offset, which Python refuses; it refuses Feb 30 itself); the rest is a suspect
         case when regexp_full_match(ts_j, {ts_re})
-             then make_timestamp(epoch_us(try_cast(ts_j[2:-2] as TIMESTAMPTZ)))
+             then make_timestamp(epoch_us(try_cast({ts_text} as TIMESTAMPTZ)))
         end as ts_utc,
         coalesce(lat_j like '%0.0' or lat_j like '0.0%', false) as short_lat
     from v  -- no join: the canonical path's line numbers rely on DuckDB keeping file order
@@ -389,15 +389,15 @@ with {source}, p as (
 select  -- values of unclean rows are never read: no CASE per column
     coalesce(clean, false) as clean,
     {known_len_out}
-    hash(e[2:-2]) as event_key,
+    hash({id_text}) as event_key,
     ts_utc as ts,
-    list_position({phase_list}, phase_j[2:-2])::USMALLINT as phase,
-    try_cast(kind_j[2:-2] as event_kind) as kind,
+    list_position({phase_list}, phase_j)::USMALLINT as phase,
+    try_cast({kind_text} as event_kind) as kind,
     lat as latency_ms,
     case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
     coalesce(conflict_j = 'true', false) as conflict,
-    case when tenant_j like '"%' then tenant_j[2:-2] end as tenant,
-    case when env_j like '"%' then env_j[2:-2] end as environment,
+    case when tenant_j like '"%' then {tenant_text} end as tenant,
+    case when env_j like '"%' then {env_text} end as environment,
     coalesce(contains(tags_j, '"observed_only":true'), false) as observed_only,
     coalesce(contains(tags_j, '"dry_run":true'), false) as dry_run,
     {line_no} as line_no
@@ -426,6 +426,13 @@ def _short_enough(col: str) -> str:
     is slower, and CASE, unlike OR, evaluates the second test only where it is needed)."""
     return (f"(case when strlen({col}) <= {MAX_ID_LEN + 2} then true "
             f"else length({col}) <= {MAX_ID_LEN + 2} end)")
+
+
+def _unquoted(col: str) -> str:
+    """The characters between the quotes of a JSON string text `col` (its value, when it holds
+    no escape). `col[2:-2]` says the same but counts the characters from the end: half the
+    speed (0.22 vs 0.11 s per 4M strings)."""
+    return f"substring({col}, 2, length({col}) - 2)"
 
 
 def _optional_string(col: str) -> str:
@@ -462,7 +469,9 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         source=source,
         extensions_ok=extensions_ok,
         known_len_out="known_len::INTEGER as known_len," if canonical else "",
-        phase_list=_sql_list(_phase_order(policy.phase_names)),
+        phase_list="[" + _json_texts(_phase_order(policy.phase_names)) + "]",
+        ts_text=_unquoted("ts_j"), id_text=_unquoted("e"), kind_text=_unquoted("kind_j"),
+        tenant_text=_unquoted("tenant_j"), env_text=_unquoted("env_j"),
         line_no="$first_line - 1 + " + ("o" if canonical else "rel_line"),
         e_len_ok=_short_enough("e"),
         sid_ok=_optional_string("sid_j"),
