@@ -355,8 +355,7 @@ _STAGE_SQL = """
 create or replace temp table _ingest_stage as
 with {source}, p as (
     select v.*,
-        case when lat_j is null or lat_j = 'null' then null
-             else try_cast(lat_j as DOUBLE) end as lat,
+        try_cast(lat_j as DOUBLE) as lat,  -- NULL for null too
         -- the pattern pins the one spelling whose every instance DuckDB's cast reads as
         -- Python's fromisoformat does (the cast alone takes 24:00, +24:00 and 23:60 in an
         -- offset, which Python refuses; it refuses Feb 30 itself); the rest is a suspect
@@ -441,6 +440,7 @@ def _optional_string(col: str) -> str:
             f"and not contains({col}, '\\') and {_short_enough(col)}))")
 
 
+_REQUIRED = ("event_id", "ts", "phase", "kind")  # a clean row has each (see `clean` below)
 _COLUMN_NAMES = ("e", "ts_j", "phase_j", "kind_j", "lat_j", "ok_j", "conflict_j", "sid_j",
                  "tenant_j", "env_j", "tags_j")
 
@@ -449,9 +449,11 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
     """The stage query of one path for this policy. General: `with_skips` maps row numbers
     past the blank lines listed in `_ingest_skips` (only needed when the range has any)."""
     # a minified object made only of the known keys: each present key's `"key":value,`, plus
-    # the braces, minus the last comma
-    known_len = " + ".join(f"coalesce(strlen({col}) + {len(name) + 4}, 0)"
-                           for col, name in zip(_COLUMN_NAMES, _FIELDS, strict=True)) + " + 1"
+    # the braces, minus the last comma (NULL without a required key: such a row is not clean)
+    known_len = " + ".join(
+        f"strlen({col}) + {len(name) + 4}" if name in _REQUIRED
+        else f"coalesce(strlen({col}) + {len(name) + 4}, 0)"
+        for col, name in zip(_COLUMN_NAMES, _FIELDS, strict=True)) + " + 1"
     if canonical:
         source = _SOURCE_CANONICAL.format(
             max_object=MAX_OBJECT_BYTES, known_len=known_len,
