@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pandas as pd
 
 from rollout_assets.collector_faults import apply_faults, load_faults
-from rollout_assets.compare import compare_window, needs_comparison
+from rollout_assets.compare import compare_windows, needs_comparison, no_comparison
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
@@ -64,6 +64,7 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
         "order by window_start, phase", [first, end]
     ).df()
     scores: list[SloScore] = []
+    compared: dict[str, dict] = {}  # phase -> window -> comparison values, one query a phase
     for rec in metrics.to_dict("records"):
         if rec["phase"] not in policy.phase_names:
             continue  # a phase the current policy no longer knows is not judged
@@ -71,7 +72,9 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
         ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
         baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
         if needs_comparison(phase):
-            rec = {**rec, **compare_window(con, policy, ws, phase.name)}
+            if phase.name not in compared:
+                compared[phase.name] = compare_windows(con, policy, phase.name, first, end)
+            rec = {**rec, **(compared[phase.name].get(ws) or no_comparison())}
         scores.extend(score_window(phase, ws, rec, baseline))
         if phase.burn_rate_alerts:
             scores.extend(burn_scores(con, phase, ws))

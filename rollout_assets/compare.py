@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rollout_assets.collect import exclusion_case_sql
+from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
 
 Z95 = 1.959963984540054
@@ -39,39 +40,87 @@ def mann_whitney_z(canary: np.ndarray, baseline: np.ndarray) -> float | None:
         return None
     values = np.concatenate([canary, baseline])
     ranks = pd.Series(values).rank(method="average").to_numpy()
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
-    n = n1 + n2
     _, counts = np.unique(values, return_counts=True)
-    tie = float((counts**3 - counts).sum())
+    return _mw_z(n1, n2, float(ranks[:n1].sum()), float((counts**3 - counts).sum()))
+
+
+def _mw_z(n1: int, n2: int, rank_sum: float, tie: float) -> float | None:
+    """z from the canary's rank sum (ties averaged) and the tie term sum(t^3 - t). The ranks
+    are halves and the terms integers, exact in a double: any exact way of summing them
+    gives the same z."""
+    if n1 == 0 or n2 == 0:
+        return None
+    u = rank_sum - n1 * (n1 + 1) / 2
+    n = n1 + n2
     var = n1 * n2 / 12 * ((n + 1) - tie / (n * (n - 1))) if n > 1 else 0.0
     if var <= 0:
         return 0.0
     return float((u - n1 * n2 / 2) / math.sqrt(var))
 
 
+_COMPARE_SQL = """
+with cohorts as (  -- the canary (judged) and the baseline cohort, restores and AutoSaves
+    select window_start, kind, ok, latency_ms, excluded_reason is null as canary
+    from (select window_start, kind, ok, latency_ms, {exclusion} as excluded_reason
+          from canary_events
+          where phase = ? and window_start >= ? and window_start < ?
+              and kind in ('restore', 'autosave'))
+    where excluded_reason is null or excluded_reason = ?
+), restores as (
+    select window_start,
+        count(*) filter (where canary) as n_c, count(*) filter (where canary and ok) as ok_c,
+        count(*) filter (where not canary) as n_b,
+        count(*) filter (where not canary and ok) as ok_b
+    from cohorts where kind = 'restore' group by all
+), ties as (  -- one row per distinct latency of a window: t values, t_c of them the canary's
+    select window_start, latency_ms, count(*) as t, count(*) filter (where canary) as t_c
+    from cohorts where kind = 'autosave' group by all
+), ranked as (  -- a tie group holds ranks cum - t + 1 .. cum: its average is cum - (t - 1) / 2
+    select window_start, t, t_c,
+        sum(t) over (partition by window_start order by latency_ms
+                     rows between unbounded preceding and current row) - (t - 1) / 2 as rank
+    from ties
+), saves as (
+    select window_start, sum(t_c) as n1, sum(t - t_c) as n2, sum(t_c * rank) as rank_sum,
+        sum(t * t * t - t) as tie
+    from ranked group by all
+)
+select window_start, coalesce(n_c, 0), coalesce(ok_c, 0), coalesce(n_b, 0), coalesce(ok_b, 0),
+    coalesce(n1, 0)::BIGINT, coalesce(n2, 0)::BIGINT, coalesce(rank_sum, 0)::DOUBLE,
+    coalesce(tie, 0)::DOUBLE
+from restores full join saves using (window_start)
+"""
+
+
+def no_comparison() -> dict:
+    out: dict = {m: None for m in COMPARISON_METRICS}
+    out.update(baseline_restore_count=0, baseline_autosave_count=0)
+    return out
+
+
+def compare_windows(con, policy: Policy, phase: str, first: datetime,
+                    end: datetime) -> dict[datetime, dict]:
+    """Values and sample sizes of the comparison metrics for every window of `phase` in
+    [first, end) that has restores or AutoSaves, from one query (ranks included)."""
+    cohort = policy.baseline.cohort_exclusion
+    if not cohort:
+        return {}
+    rows = con.execute(_COMPARE_SQL.format(exclusion=exclusion_case_sql(policy)),
+                       [phase, first, end, cohort]).fetchall()
+    out = {}
+    for ws, n_c, ok_c, n_b, ok_b, n1, n2, rank_sum, tie in rows:
+        got = no_comparison()
+        got["baseline_restore_count"] = int(min(n_c, n_b))
+        got["restore_success_vs_baseline"] = two_proportion_upper(ok_c, n_c, ok_b, n_b)
+        got["baseline_autosave_count"] = int(min(n1, n2))
+        got["autosave_latency_vs_baseline"] = _mw_z(n1, n2, rank_sum, tie)
+        out[ws] = got
+    return out
+
+
 def compare_window(con, policy: Policy, ws: datetime, phase: str) -> dict:
     """Values and sample sizes for the comparison metrics of one (window, phase)."""
-    cohort = policy.baseline.cohort_exclusion
-    out = {m: None for m in COMPARISON_METRICS}
-    out.update(baseline_restore_count=0, baseline_autosave_count=0)
-    if not cohort:
-        return out
-    excl = exclusion_case_sql(policy)
-    rows = con.execute(
-        f"""select kind, ok, latency_ms, {excl} as excluded_reason from canary_events
-            where window_start = ? and phase = ? and kind in ('restore', 'autosave')""",
-        [ws, phase]).df()
-    canary = rows[rows["excluded_reason"].isna()]
-    base = rows[rows["excluded_reason"] == cohort]
-    rc, rb = canary[canary["kind"] == "restore"], base[base["kind"] == "restore"]
-    out["baseline_restore_count"] = int(min(len(rc), len(rb)))
-    out["restore_success_vs_baseline"] = two_proportion_upper(
-        int(rc["ok"].sum()), len(rc), int(rb["ok"].sum()), len(rb))
-    ac, ab = canary[canary["kind"] == "autosave"], base[base["kind"] == "autosave"]
-    out["baseline_autosave_count"] = int(min(len(ac), len(ab)))
-    out["autosave_latency_vs_baseline"] = mann_whitney_z(
-        ac["latency_ms"].to_numpy(dtype=float), ab["latency_ms"].to_numpy(dtype=float))
-    return out
+    return compare_windows(con, policy, phase, ws, ws + WINDOW).get(ws) or no_comparison()
 
 
 def needs_comparison(phase) -> bool:

@@ -57,3 +57,58 @@ def test_a_slower_canary_fails_the_shadow_rule_without_a_breach(con, home, polic
         "select slo, passed from slo_scores where shadow").fetchall())
     assert shadow == {"latency_vs_baseline": False, "restore_vs_baseline": True}
     assert verdict.breach is False and verdict.failed_slos == []  # shadow never breaches
+
+
+def test_all_windows_in_one_query_give_each_windows_statistics(con, home, policy):
+    """`compare_windows` ranks every window's AutoSaves in SQL: each window's z and restore
+    bound equal the array formulas on that window's own cohorts (latencies with many ties;
+    windows with one cohort only, restores only, nothing to compare)."""
+    from datetime import timedelta
+
+    from rollout_assets.compare import compare_windows
+
+    rng = np.random.default_rng(7)
+    lines, expected = [], {}
+    shapes = ["both", "canary_only", "baseline_only", "restores_only", "both", "excluded_only"]
+    for w, shape in enumerate(shapes):
+        ws = W0 + timedelta(minutes=15 * w)
+        ts = (ws + timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cohorts = {"canary": [], "baseline": []}
+        restores = {"canary": [0, 0], "baseline": [0, 0]}
+        for i in range(int(rng.integers(20, 60))):
+            who = ("canary" if shape == "canary_only" else "baseline"
+                   if shape == "baseline_only" else ("canary", "baseline")[i % 2])
+            extra = {"tenant": "standard"} if who == "baseline" else {}
+            if shape == "excluded_only":
+                extra = {"environment": "staging"}
+            if shape != "restores_only":
+                lat = float(rng.integers(1, 8)) * 100.0  # seven values: ties everywhere
+                lines.append(event(event_id=f"a{w}-{i}", ts=ts, latency_ms=lat, **extra))
+                if shape != "excluded_only":
+                    cohorts[who].append(lat)
+            ok = bool(rng.random() < 0.9)
+            lines.append(event(event_id=f"r{w}-{i}", ts=ts, kind="restore", ok=ok,
+                               drop=("latency_ms",), **extra))
+            if shape != "excluded_only":
+                restores[who][0] += 1
+                restores[who][1] += ok
+        expected[ws] = (
+            mann_whitney_z(np.array(cohorts["canary"]), np.array(cohorts["baseline"])),
+            min(len(cohorts["canary"]), len(cohorts["baseline"])),
+            two_proportion_upper(restores["canary"][1], restores["canary"][0],
+                                 restores["baseline"][1], restores["baseline"][0]),
+            min(restores["canary"][0], restores["baseline"][0]))
+    write_canary(home, "A-1", lines)
+    ingest_canary(con, home, policy)
+    got = compare_windows(con, policy, "A-1", W0, W0 + timedelta(hours=2))
+    for ws, (z, n_saves, upper, n_restores) in expected.items():
+        if shapes[(ws - W0) // timedelta(minutes=15)] == "excluded_only":
+            assert ws not in got
+            continue
+        g = got[ws]
+        assert g["autosave_latency_vs_baseline"] == z  # exact: ranks are halves
+        assert g["baseline_autosave_count"] == n_saves
+        assert g["restore_success_vs_baseline"] == upper
+        assert g["baseline_restore_count"] == n_restores
+        assert g == compare_window(con, policy, ws, "A-1")
+    assert any(v is not None for v, *_ in expected.values())
