@@ -73,34 +73,22 @@ with ev as (
 ), p95 as (
     select window_start, phase, quantile_cont(latency_ms, 0.95) as autosave_p95_ms
     from ev where judged and kind = 'autosave' group by all
-), agg as (
+), agg as (  -- a sum over no group is NULL: zero events
     select window_start, phase,
-        sum(n) filter (where judged) as events,
-        sum(n) filter (where judged and kind = 'autosave') as autosave_count,
-        sum(n) filter (where judged and kind = 'autosave' and not ok) as autosave_error_count,
-        sum(n) filter (where judged and kind = 'restore') as restore_count,
-        sum(n) filter (where judged and kind = 'restore' and ok) as restore_ok,
-        sum(n) filter (where judged and kind = 'merge') as merge_count,
-        sum(n) filter (where judged and kind = 'merge' and ok) as merge_ok,
-        sum(n) filter (where judged and kind = 'merge' and conflict) as merge_conflicts,
-        sum(n) filter (where judged and kind = 'session') as session_count,
-        sum(n) filter (where judged and kind = 'crash') as crash_count,
-        sum(n) filter (where not judged) as excluded_events
+        coalesce(sum(n) filter (where judged), 0)::BIGINT as events,
+        coalesce(sum(n) filter (where judged and kind = 'autosave'), 0)::BIGINT as autosave_count,
+        coalesce(sum(n) filter (where judged and kind = 'autosave' and not ok), 0)::BIGINT
+            as autosave_error_count,
+        coalesce(sum(n) filter (where judged and kind = 'restore'), 0)::BIGINT as restore_count,
+        coalesce(sum(n) filter (where judged and kind = 'restore' and ok), 0)::BIGINT as restore_ok,
+        coalesce(sum(n) filter (where judged and kind = 'merge'), 0)::BIGINT as merge_count,
+        coalesce(sum(n) filter (where judged and kind = 'merge' and ok), 0)::BIGINT as merge_ok,
+        coalesce(sum(n) filter (where judged and kind = 'merge' and conflict), 0)::BIGINT
+            as merge_conflicts,
+        coalesce(sum(n) filter (where judged and kind = 'session'), 0)::BIGINT as session_count,
+        coalesce(sum(n) filter (where judged and kind = 'crash'), 0)::BIGINT as crash_count,
+        coalesce(sum(n) filter (where not judged), 0)::BIGINT as excluded_events
     from g group by all
-), counted as (  -- a sum over no group is NULL: zero events
-    select window_start, phase,
-        coalesce(events, 0)::BIGINT as events,
-        coalesce(autosave_count, 0)::BIGINT as autosave_count,
-        coalesce(autosave_error_count, 0)::BIGINT as autosave_error_count,
-        coalesce(restore_count, 0)::BIGINT as restore_count,
-        coalesce(restore_ok, 0)::BIGINT as restore_ok,
-        coalesce(merge_count, 0)::BIGINT as merge_count,
-        coalesce(merge_ok, 0)::BIGINT as merge_ok,
-        coalesce(merge_conflicts, 0)::BIGINT as merge_conflicts,
-        coalesce(session_count, 0)::BIGINT as session_count,
-        coalesce(crash_count, 0)::BIGINT as crash_count,
-        coalesce(excluded_events, 0)::BIGINT as excluded_events
-    from agg
 )
 select window_start, window_start + interval 15 minute as window_end, phase, events,
     autosave_count, autosave_p95_ms, autosave_error_count,
@@ -109,7 +97,7 @@ select window_start, window_start + interval 15 minute as window_end, phase, eve
     merge_conflicts / nullif(merge_count, 0)::DOUBLE as merge_conflict_rate,
     session_count, crash_count, crash_count / nullif(session_count, 0)::DOUBLE as crash_rate,
     excluded_events, ?::TIMESTAMP as computed_at, ?::VARCHAR as policy_version
-from counted left join p95 using (window_start, phase)
+from agg left join p95 using (window_start, phase)
 order by window_start, phase
 """
 

@@ -36,8 +36,6 @@ def two_proportion_upper(ok_c: int, n_c: int, ok_b: int, n_b: int) -> float | No
 def mann_whitney_z(canary: np.ndarray, baseline: np.ndarray) -> float | None:
     """z of the Mann-Whitney U statistic for canary > baseline (tie-corrected variance)."""
     n1, n2 = len(canary), len(baseline)
-    if n1 == 0 or n2 == 0:
-        return None
     values = np.concatenate([canary, baseline])
     ranks = pd.Series(values).rank(method="average").to_numpy()
     _, counts = np.unique(values, return_counts=True)
