@@ -569,11 +569,15 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     phase = f"{_sql_list(phases)}[phase]"
     exprs = {"phase": phase, "batch_id": "$batch",
              "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
-    labels = con.execute("select " + ", ".join(
-        f"list(distinct {phase if c == 'phase' else c}) filter (where clean)"
-        for c in LABEL_COLUMNS) + " from _ingest_stage").fetchone()
-    for column, values in zip(LABEL_COLUMNS, labels, strict=True):
-        grow_labels(con, column, values or ())
+    # the label combinations (one grouping: cheaper than a distinct list per column); staged
+    # phases are numbers in `phases`
+    combos = con.execute(f"select distinct {', '.join(LABEL_COLUMNS)} from _ingest_stage "
+                         "where clean").fetchall()
+    for i, column in enumerate(LABEL_COLUMNS):
+        values = {row[i] for row in combos}
+        if column == "phase":
+            values = {phases[v - 1] for v in values if v is not None}
+        grow_labels(con, column, values)
     batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
