@@ -210,3 +210,33 @@ def test_window_verdict_materializations_carry_the_rollbacks(runs):
         required = rec.asset_materialization.metadata["rollbacks_required"].value
         assert [(r["phase"], r["rollback_to"], r["level"]) for r in required] == [
             ("A-1", "A-0", "P2")]
+
+
+def test_the_tables_columns_ride_once_per_run_on_the_last_windows_materialization(runs):
+    """Run-wide metadata (the table's column schema, per-file stats, the latest reports) is on
+    the last window's event of each run, not copied onto every window's: the UI shows an asset's
+    columns from its latest materialization, which is that one."""
+    instance = prepare_instance(runs.home)
+    tables = {t: [r[0] for r in query(
+        runs.home, "select column_name from information_schema.columns where table_name = ? "
+        "order by ordinal_position", [t])]
+        for t in ("canary_events", "window_metrics", "slo_scores", "window_verdicts",
+                  "alert_reports")}
+    run_wide = {"canary_events": {"files", "collector_fault_details"},
+                "alert_reports": {"latest_reports"}}
+    for table, columns in tables.items():
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(table)), limit=100).records
+        by_window: dict[str, list] = {}
+        for rec in records:
+            by_window.setdefault(rec.partition_key, []).append(rec.asset_materialization.metadata)
+        assert sorted(by_window) == [partition_key(w) for w in WINDOWS], table
+        assert all(len(mds) == 2 for mds in by_window.values()), table  # one per run
+        for key, mds in by_window.items():
+            for md in mds:
+                carried = {"dagster/column_schema", *run_wide.get(table, ())} & md.keys()
+                if key == partition_key(WINDOWS[-1]):
+                    assert carried == {"dagster/column_schema", *run_wide.get(table, ())}
+                    assert [c.name for c in md["dagster/column_schema"].schema.columns] == columns
+                else:
+                    assert carried == set(), (table, key)

@@ -9,6 +9,7 @@ from rollout_assets.assets.common import (
     WINDOW_ASSET_KWARGS,
     column_schema,
     log_events,
+    on_last_window,
     run_windows,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
@@ -49,10 +50,11 @@ def slo_scores(
              "not_judged": sum(1 for s in ws if s.passed is None)},
             partition_key=partition_key(w),
         )
+    on_last_window(context, {"dagster/column_schema": schema})
     return dg.MaterializeResult(metadata={
         "scores": len(scores), "passed": sum(1 for s in scores if s.passed),
         "failed": len(failed), "not_judged": sum(1 for s in scores if s.passed is None),
-        "policy_version": policy.version, "dagster/column_schema": schema,
+        "policy_version": policy.version,
     })
 
 
@@ -88,8 +90,9 @@ def window_verdicts(
         }, partition_key=partition_key(w))
     log_events(context, slot_evaluations(policy, "analyzer", windows, now_utc()))
     breaches = [v for v in verdicts if v.breach]
+    on_last_window(context, {"dagster/column_schema": schema})
     return dg.MaterializeResult(metadata={
         "verdicts": len(verdicts), "breaches": len(breaches),
         "rollbacks_required": sum(1 for v in verdicts if v.rollback_required),
-        "policy_version": policy.version, "dagster/column_schema": schema,
+        "policy_version": policy.version,
     })

@@ -7,6 +7,7 @@ from rollout_assets.assets.common import (
     WINDOW_ASSET_KWARGS,
     column_schema,
     log_events,
+    on_last_window,
     run_windows,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
@@ -81,12 +82,14 @@ def canary_events(
         f"ingested {len(stats)} file(s): {read} lines read = {loaded} loaded + {dups} duplicates "
         f"+ {quarantined} quarantined"
     )
+    on_last_window(context, {
+        "files": dg.MetadataValue.json([s.as_dict() for s in stats]),
+        "collector_fault_details": dg.MetadataValue.json([f.__dict__ for f in faults]),
+        "dagster/column_schema": schema,
+    })
     return dg.MaterializeResult(metadata={
         "lines_read": read, "loaded": loaded, "duplicates": dups, "quarantined": quarantined,
-        "files": dg.MetadataValue.json([s.as_dict() for s in stats]),
-        "collector_faults": dg.MetadataValue.json([f.__dict__ for f in faults]),
         "stored_events_total": totals[0], "quarantine_total": totals[1],
-        "dagster/column_schema": schema,
     })
 
 
@@ -123,8 +126,8 @@ def window_metrics(
                     md[f"{rec['phase']}/{col}"] = md[col] = float(v)
         context.add_asset_metadata(md, partition_key=partition_key(w))
     log_events(context, slot_evaluations(policy, "collector", windows, now_utc()))
+    on_last_window(context, {"dagster/column_schema": schema})
     return dg.MaterializeResult(metadata={
         "rows": len(df), "windows": len(windows), "monitoring_files": len(files),
-        "policy_version": policy.version, "dagster/column_schema": schema,
-        "dagster/row_count": len(df),
+        "policy_version": policy.version, "dagster/row_count": len(df),
     })

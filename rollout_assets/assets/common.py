@@ -40,6 +40,15 @@ def column_schema(con, table: str) -> dg.TableSchema:
         for name, dtype in cols])
 
 
+def on_last_window(context, metadata: dict) -> None:
+    """Metadata about the run's output as a whole (the table's column schema, per-file stats):
+    on the materialization of the run's last window only. A `MaterializeResult`'s metadata is
+    copied onto every partition's event, so a day's backfill stored and serialized a 3-4 KB
+    column schema 96 times per asset. The UI shows an asset's columns from its latest
+    materialization, which is the last window's."""
+    context.add_asset_metadata(metadata, partition_key=context.partition_keys[-1])
+
+
 def log_events(context, events: Iterable) -> int:
     """`context.log_event` for each event (e.g. a step's asset-check evaluations), all inside one
     event-log batch when the instance's storage batches (`BatchingSqliteEventLogStorage`): one

@@ -8,6 +8,7 @@ from rollout_assets.assets.common import (
     WINDOW_ASSET_KWARGS,
     column_schema,
     log_events,
+    on_last_window,
     run_windows,
 )
 from rollout_assets.assets.governance import incidents
@@ -89,11 +90,11 @@ def alert_reports(
         schema = column_schema(con, "alert_reports")
     log_events(context, slot_evaluations(home.policy(), "reporter", windows, now_utc()))
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
+    on_last_window(context, {"latest_reports": dg.MetadataValue.json(reports[-10:]),
+                             "dagster/column_schema": schema})
     return dg.MaterializeResult(metadata={
         "reports": len(reports), "messages_queued": totals["queued"],
         "messages_sent": totals["sent"], "messages_failed": totals["failed"],
         "messages_already_sent": totals["duplicate"],
         "resolves_delivered": resolves["queued"] + resolves["sent"],
-        "latest_reports": dg.MetadataValue.json(reports[-10:]),
-        "dagster/column_schema": schema,
     })
