@@ -1,7 +1,8 @@
 """`benchmarks/bench.py --quick` runs end to end, so the issue-6 benchmark never rots.
 
 It generates ~50k events, runs the bare DuckDB query, a backfill through Dagster on an on-disk
-instance and one appended window, each in its own process, and prints the table. Timings are
+instance, stores 20k events of earlier days, then runs one appended window, each step in its own
+process, and prints the table. Timings are
 not asserted (other work shares the machine); what the benchmark claims is: every step
 succeeds, the Collector stored exactly the valid, de-duplicated events, and the appended
 window was read without reading the earlier bytes again.
@@ -20,7 +21,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench.py"), "--quick",
-         "--workdir", str(tmp_path / "work"), "--json", str(out_json)],
+         "--workdir", str(tmp_path / "work"), "--json", str(out_json), "--history", "20000"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| step | events | MB | seconds | events/s | MB/s | peak RSS MB |" in proc.stdout
@@ -34,7 +35,10 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert 40 <= d["quarantine"] <= 50
     assert d["window_metrics"] > 0 and back["ratio"] > 1
     w = win["detail"]
-    assert w["success"] and w["canary_events"] == d["canary_events"] + 5_000
+    # --history: 20k events of earlier days stored before the window, which is deduplicated
+    # against them and adds its own 5k
+    assert "1 window, " + f"{d['canary_events'] + 20_000:,} stored" in win["step"]
+    assert w["success"] and w["canary_events"] == d["canary_events"] + 20_000 + 5_000
     # the day's bytes were overwritten with junk before the window ran: reading them again
     # would have quarantined them; only the new window's own junk lines are new
     assert w["new_quarantine"] == w["expected_new_quarantine"] == 5
