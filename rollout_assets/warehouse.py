@@ -172,10 +172,23 @@ DDL: dict[str, str] = {
 }
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+# A new DuckDB file is created, then its headers (3 blocks of 4 KiB) are written: a process that
+# opens it in between is told it "is not a valid DuckDB database file". Shorter than the
+# headers, the file is being created; a longer file that does not open is really not one.
+NOT_A_DATABASE = "not a valid DuckDB database file"
+HEADER_BYTES = 3 * 4096
 
 
-def _is_lock_error(exc: Exception) -> bool:
-    return any(m in str(exc) for m in LOCK_MARKERS)
+def _is_transient(exc: Exception, path: Path) -> bool:
+    """Another process holds the lock, or is creating the file right now."""
+    if any(m in str(exc) for m in LOCK_MARKERS):
+        return True
+    if NOT_A_DATABASE in str(exc):
+        try:
+            return path.stat().st_size < HEADER_BYTES
+        except OSError:
+            return False
+    return False
 
 
 def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
@@ -183,7 +196,8 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
 
     DuckDB allows one process to open the file for writing, and a read-only open fails while it
     does (and a writer's open fails while a reader has it): both sides retry with back-off until
-    `wait_seconds` have passed. Any other error is raised at once."""
+    `wait_seconds` have passed, as they do while the first writer is still writing a new file's
+    headers. Any other error is raised at once."""
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
@@ -193,7 +207,7 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as exc:
-            if not _is_lock_error(exc) or time.monotonic() > deadline:
+            if not _is_transient(exc, path) or time.monotonic() > deadline:
                 raise
             # jitter: two waiting processes must not retry in lockstep
             time.sleep(delay * random.uniform(0.5, 1.5))

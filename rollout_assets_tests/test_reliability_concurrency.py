@@ -3,15 +3,19 @@ Two `rollout run`s for different windows at the same time, and a read-only reade
 they write, never fail on that lock (writers and readers wait with back-off; a run holds the
 writer from its first warehouse step to its end). A run killed while
 holding the `rollout_warehouse` pool slot does not block the next run forever: its dead process
-is detected, the run is marked failed and the slot freed."""
+is detected, the run is marked failed and the slot freed. A file whose headers the first writer
+has not written yet is waited for, not reported corrupt."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
 
 import dagster as dg
+import duckdb
+import pytest
 
 from rollout_assets.home import RolloutHome
 from rollout_assets.run_health import REAPED_TAG
@@ -101,6 +105,44 @@ def test_two_runs_and_a_reader_at_the_same_time(home):
     runs = instance.get_runs(dg.RunsFilter(job_name="rollout_window_job"))
     assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     instance.dispose()
+
+
+def test_a_file_still_being_created_is_waited_for_not_reported_corrupt(tmp_path):
+    """DuckDB creates a new file, then writes its headers: a reader (or a second writer) that
+    opens it in between is told the file "is not a valid DuckDB database file". That is
+    waited out like the lock; a file as long as the headers that does not open is not."""
+    path = tmp_path / "rollout.duckdb"
+    path.touch()  # created, headers not written yet
+    opened: list = []
+    reader = threading.Thread(target=lambda: opened.append(connect(path, read_only=True,
+                                                                   wait_seconds=30)))
+    reader.start()
+    time.sleep(0.5)
+    assert reader.is_alive() and opened == []  # waiting, not failed
+    made = tmp_path / "made.duckdb"
+    con = duckdb.connect(str(made))
+    con.execute("create table t as select 42 as x")
+    con.close()
+    os.replace(made, path)  # the writer's headers and data land
+    reader.join(timeout=30)
+    assert opened and opened[0].execute("select x from t").fetchall() == [(42,)]
+    opened[0].close()
+
+    # an empty file nobody finishes: the caller's wait, then the error
+    stuck = tmp_path / "stuck.duckdb"
+    stuck.touch()
+    t0 = time.monotonic()
+    with pytest.raises(duckdb.IOException, match="not a valid DuckDB database file"):
+        connect(stuck, read_only=True, wait_seconds=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 5
+    # as long as the headers and still not a database: raised at once, for readers and writers
+    junk = tmp_path / "junk.duckdb"
+    junk.write_bytes(os.urandom(3 * 4096))
+    for read_only in (True, False):
+        t0 = time.monotonic()
+        with pytest.raises(duckdb.IOException, match="not a valid DuckDB database file"):
+            connect(junk, read_only=read_only, wait_seconds=30)
+        assert time.monotonic() - t0 < 1
 
 
 def test_a_killed_run_does_not_hold_the_pool_slot_forever(home, tmp_path):
