@@ -240,3 +240,7 @@ def test_the_tables_columns_ride_once_per_run_on_the_last_windows_materializatio
                     assert [c.name for c in md["dagster/column_schema"].schema.columns] == columns
                 else:
                     assert carried == set(), (table, key)
+        # the latest materialization, where the UI looks for an asset's columns, carries them
+        latest = instance.get_latest_materialization_event(dg.AssetKey(table))
+        assert latest.asset_materialization.partition == partition_key(WINDOWS[-1])
+        assert "dagster/column_schema" in latest.asset_materialization.metadata
