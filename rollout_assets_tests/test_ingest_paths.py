@@ -128,6 +128,9 @@ def trap_corpus() -> list:
         compact(ev(event_id="x" * 256)),
         compact(ev(event_id="x" * 257)),
         compact(ev(event_id="é" * 200)),
+        # the first character's bounds, written raw (no \u escape): 33..126 is decided in SQL
+        *(json.dumps(ev(event_id=f"{c}first"), separators=(",", ":"), ensure_ascii=False)
+          for c in ("!", "~", "\x7f", "é", "\u3000")),
         compact(ev(event_id="esc\"q")),
         '{"event_id":"esc\\u0041\\/","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session"}',
         '{"event_id":"sur\\ud800","ts":"2025-01-18T09:03:12Z","phase":"A-1","kind":"session"}',
@@ -281,6 +284,32 @@ def test_every_ts_spelling_at_the_edges_is_stored_identically(twin):
     assert canonical.python_lines == general.python_lines > 9000
     assert canonical.loaded == general.loaded > canonical.canonical_lines
     assert counts["events"] + counts["quarantined"] == 2 * len(spellings)
+
+
+def test_event_ids_first_character_is_decided_alike_on_both_fast_paths(twin):
+    """SQL decides an event_id whose first byte is printable ASCII (33..126) itself, in byte
+    comparisons; any other first character (space, DEL, a multibyte one, written raw) goes to
+    the validator, which accepts what is not all whitespace. Both fast paths, the same rows."""
+    in_sql = ["!", "~", "0", "A"]
+    in_python = [" ", "\x7f", "\x1f", "é", "\u3000", "\U0001f600"]
+    firsts = [*in_sql, *in_python]
+
+    def raw(phase: str, spaced: bool) -> list[str]:
+        ids = [f"{c}{phase}-{i}" for i, c in enumerate(firsts)] + ["\u3000", " "]
+        sep = (", ", ": ") if spaced else (",", ":")
+        return [json.dumps(ev(event_id=e, phase=phase), separators=sep, ensure_ascii=False)
+                for e in ids]
+
+    twin.write("phase-A-1.jsonl", lines(*raw("A-1", spaced=False)))
+    twin.write("phase-A-2.jsonl", lines(*raw("A-2", spaced=True)))
+    fast = {s.source_file.split("/")[-1]: s for s in twin.ingest()["fast"]}
+    counts = twin.assert_same()
+    canonical, general = fast["phase-A-1.jsonl"], fast["phase-A-2.jsonl"]
+    assert canonical.canonical_lines == general.fast_lines == len(in_sql)
+    assert canonical.python_lines == general.python_lines == len(in_python) + 2
+    # only the two all-whitespace ids are refused
+    assert canonical.quarantined == general.quarantined == 2
+    assert counts["events"] == 2 * len(firsts)
 
 
 def test_generated_traffic_is_mostly_decided_in_sql(twin):
