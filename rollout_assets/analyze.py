@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import pandas as pd
-
 from rollout_assets.collector_faults import apply_faults, load_faults
 from rollout_assets.compare import compare_windows, needs_comparison, no_comparison
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
 from rollout_assets.scoring import SloScore, Verdict, decide, score_burn, score_window
-from rollout_assets.warehouse import transaction
+from rollout_assets.warehouse import insert_columns, records, transaction
 
 SCORE_COLUMNS = (
     "window_start", "phase", "slo", "metric", "value", "comparator", "threshold", "sample_size",
@@ -59,17 +57,15 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
                 now: datetime) -> list[SloScore]:
     """Replace `slo_scores` for windows in [first, last] from `window_metrics`."""
     end = last + WINDOW
-    metrics = con.execute(
-        "select * from window_metrics where window_start >= ? and window_start < ? "
-        "order by window_start, phase", [first, end]
-    ).df()
+    metrics = records(con, "select * from window_metrics where window_start >= ? "
+                      "and window_start < ? order by window_start, phase", [first, end])
     scores: list[SloScore] = []
     compared: dict[str, dict] = {}  # phase -> window -> comparison values, one query a phase
-    for rec in metrics.to_dict("records"):
+    for rec in metrics:
         if rec["phase"] not in policy.phase_names:
             continue  # a phase the current policy no longer knows is not judged
         phase = policy.phase(rec["phase"])
-        ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
+        ws = rec["window_start"]
         baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
         if needs_comparison(phase):
             if phase.name not in compared:
@@ -82,38 +78,16 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
         con.execute("delete from slo_scores where window_start >= ? and window_start < ?",
                     [first, end])
         if scores:
-            df = pd.DataFrame([s.as_row() for s in scores], columns=list(SCORE_COLUMNS))
-            df["value"] = df["value"].astype("float64")
-            df["baseline"] = df["baseline"].astype("float64")
-            df["passed"] = df["passed"].astype("boolean")
-            con.register("score_batch", df)
-            con.execute(
-                f"insert into slo_scores select {', '.join(SCORE_COLUMNS)}, ?, ? from score_batch",
-                [policy.version, now],
-            )
-            con.unregister("score_batch")
+            insert_columns(con, "slo_scores", SCORE_COLUMNS,
+                           [[getattr(s, c) for s in scores] for c in SCORE_COLUMNS],
+                           policy_version=policy.version, scored_at=now)
     return scores
 
 
-def _nullable(v):
-    return None if v is None or (isinstance(v, float) and v != v) or v is pd.NA else v
-
-
 def load_scores(con, first: datetime, last: datetime) -> list[SloScore]:
-    df = con.execute(
-        f"select {', '.join(SCORE_COLUMNS)} from slo_scores "
-        "where window_start >= ? and window_start < ? order by window_start, phase, slo",
-        [first, last + WINDOW],
-    ).df()
-    out = []
-    for rec in df.to_dict("records"):
-        rec = {k: _nullable(v) for k, v in rec.items()}
-        rec["window_start"] = pd.Timestamp(rec["window_start"]).to_pydatetime()
-        rec["sample_size"] = int(rec["sample_size"])
-        rec["min_sample"] = int(rec["min_sample"])
-        rec["passed"] = None if rec["passed"] is None else bool(rec["passed"])
-        out.append(SloScore(**rec))
-    return out
+    return [SloScore(**rec) for rec in records(
+        con, f"select {', '.join(SCORE_COLUMNS)} from slo_scores where window_start >= ? "
+        "and window_start < ? order by window_start, phase, slo", [first, last + WINDOW])]
 
 
 def judge_range(con, policy: Policy, first: datetime, last: datetime,

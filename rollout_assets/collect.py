@@ -12,8 +12,6 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
-
 from rollout_assets.home import RolloutHome
 from rollout_assets.ingest import (  # noqa: F401  (the Collector's ingest API, re-exported)
     FileIngest,
@@ -23,7 +21,7 @@ from rollout_assets.ingest import (  # noqa: F401  (the Collector's ingest API, 
 )
 from rollout_assets.partitions import WINDOW, window_stamp
 from rollout_assets.policy import Policy
-from rollout_assets.warehouse import transaction
+from rollout_assets.warehouse import records, transaction
 
 
 def now_utc() -> datetime:
@@ -120,8 +118,9 @@ METRIC_COLUMNS = (
 
 
 def compute_window_metrics(con, policy: Policy, first: datetime, last: datetime,
-                           now: datetime | None = None) -> pd.DataFrame:
-    """Replace `window_metrics` (and per-reason exclusions) for windows in [first, last]."""
+                           now: datetime | None = None) -> list[dict]:
+    """Replace `window_metrics` (and per-reason exclusions) for windows in [first, last];
+    returns the new rows, by window then phase."""
     now = now or now_utc()
     end = last + WINDOW
     excl = exclusion_case_sql(policy)
@@ -134,10 +133,8 @@ def compute_window_metrics(con, policy: Policy, first: datetime, last: datetime,
                     [first, end, now, policy.version])
         con.execute("insert into window_exclusions "
                     + WINDOW_EXCLUSIONS_SQL.format(exclusion=excl), [first, end])
-    return con.execute(
-        "select * from window_metrics where window_start >= ? and window_start < ? "
-        "order by window_start, phase", [first, end]
-    ).df()
+    return records(con, "select * from window_metrics where window_start >= ? "
+                   "and window_start < ? order by window_start, phase", [first, end])
 
 
 def exclusions_by_window(con, first: datetime, last: datetime) -> dict[tuple, dict[str, int]]:
@@ -153,21 +150,19 @@ def exclusions_by_window(con, first: datetime, last: datetime) -> dict[tuple, di
 def _json_value(v):
     if v is None or (isinstance(v, float) and v != v):
         return None
-    if isinstance(v, (pd.Timestamp, datetime)):
-        return pd.Timestamp(v).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if hasattr(v, "item"):
-        return v.item()
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%dT%H:%M:%SZ")
     return v
 
 
-def export_monitoring(home: RolloutHome, metrics: pd.DataFrame, exclusions: dict,
+def export_monitoring(home: RolloutHome, metrics: list[dict], exclusions: dict,
                       windows: list[datetime], policy: Policy) -> list[Path]:
     """Write `reports/monitoring/<window>.jsonl`: one line per phase, a fixed schema."""
     home.monitoring_dir.mkdir(parents=True, exist_ok=True)
     written = []
     by_window: dict[datetime, list[dict]] = {}
-    for rec in metrics.to_dict("records"):
-        ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
+    for rec in metrics:
+        ws = rec["window_start"]
         line = {c: _json_value(rec[c]) for c in METRIC_COLUMNS}
         line["excluded_by_reason"] = exclusions.get((ws, rec["phase"]), {})
         line["policy_version"] = policy.version

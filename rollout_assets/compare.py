@@ -14,7 +14,6 @@ import math
 from datetime import datetime
 
 import numpy as np
-import pandas as pd
 
 from rollout_assets.collect import exclusion_case_sql
 from rollout_assets.partitions import WINDOW
@@ -37,8 +36,9 @@ def mann_whitney_z(canary: np.ndarray, baseline: np.ndarray) -> float | None:
     """z of the Mann-Whitney U statistic for canary > baseline (tie-corrected variance)."""
     n1, n2 = len(canary), len(baseline)
     values = np.concatenate([canary, baseline])
-    ranks = pd.Series(values).rank(method="average").to_numpy()
-    _, counts = np.unique(values, return_counts=True)
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    # the t values of a tie group hold ranks cum - t + 1 .. cum: each gets their average
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group]
     return _mw_z(n1, n2, float(ranks[:n1].sum()), float((counts**3 - counts).sum()))
 
 

@@ -12,12 +12,10 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import pandas as pd
-
 from rollout_assets.collect import WINDOW_METRICS_SQL, exclusion_case_sql, now_utc
 from rollout_assets.policy import Policy
 from rollout_assets.scoring import Verdict, decide, score_window
-from rollout_assets.warehouse import transaction
+from rollout_assets.warehouse import records, transaction
 
 REPLAY_DDL = """
 create table if not exists replay_diffs (
@@ -49,25 +47,22 @@ class Diff:
         return "changed"
 
 
-def candidate_baseline(metrics: pd.DataFrame, policy: Policy, ws: datetime) -> float:
+def candidate_baseline(metrics: list[dict], policy: Policy, ws: datetime) -> float:
     """The candidate's crash-rate baseline from the recomputed metrics (same rule as production)."""
     b = policy.baseline
     lo = ws - timedelta(hours=b.lookback_hours)
-    rows = metrics[(metrics["phase"] == b.phase) & (metrics["window_start"] >= lo)
-                   & (metrics["window_start"] < ws)]
-    sessions = int(rows["session_count"].sum())
+    rows = [r for r in metrics if r["phase"] == b.phase and lo <= r["window_start"] < ws]
+    sessions = sum(r["session_count"] for r in rows)
     if sessions >= b.min_sessions:
-        return float(rows["crash_count"].sum()) / sessions
+        return sum(r["crash_count"] for r in rows) / sessions
     return b.pinned_crash_rate
 
 
 def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str, list[Diff], int]:
     """Returns (replay_id, diffs, windows compared). Writes only `replay_diffs`."""
     lookback = start - timedelta(hours=candidate.baseline.lookback_hours)
-    metrics = con.execute(
-        WINDOW_METRICS_SQL.format(exclusion=exclusion_case_sql(candidate)),
-        [lookback, end, now_utc(), candidate.version],
-    ).df()
+    metrics = records(con, WINDOW_METRICS_SQL.format(exclusion=exclusion_case_sql(candidate)),
+                      [lookback, end, now_utc(), candidate.version])
     production = {
         (ws, ph): (b, lv, rb, list(f), pv)
         for ws, ph, b, lv, rb, f, pv in con.execute(
@@ -77,8 +72,8 @@ def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str,
     }
     diffs: list[Diff] = []
     compared = 0
-    for rec in metrics.to_dict("records"):
-        ws = pd.Timestamp(rec["window_start"]).to_pydatetime()
+    for rec in metrics:
+        ws = rec["window_start"]
         if ws < start or rec["phase"] not in candidate.phase_names:
             continue
         compared += 1

@@ -8,7 +8,7 @@ a sample below the rule's minimum is not judged.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from rollout_assets.metrics_catalog import METRICS
@@ -36,9 +36,6 @@ class SloScore:
     shadow: bool
     baseline: float | None = None
 
-    def as_row(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -59,7 +56,7 @@ def _num(v) -> float | None:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return None if f != f else f  # NaN from pandas means NULL
+    return None if f != f else f  # a NaN is no value, as NULL is
 
 
 def metric_value(rule: SloRule, metrics: Mapping,

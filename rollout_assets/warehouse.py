@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -276,6 +276,25 @@ def grow_labels(con, column: str, values) -> None:
         con.execute(f"alter table canary_events alter {column} type "
                     f"{sql_identifier(catalog)}.main.{grown}")
     con.execute(f"drop type {name}")
+
+
+def records(con, sql: str, params=()) -> list[dict]:
+    """A query's rows as dicts by column name, in plain Python values (None for NULL,
+    `datetime` for TIMESTAMP): what the assets pass around, without a DataFrame per call."""
+    cur = con.execute(sql, list(params))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def insert_columns(con, table: str, names: Sequence[str], columns: Sequence[Sequence],
+                   **constants) -> None:
+    """Insert rows given column by column (`columns[i]` holds column `names[i]` of every row) in
+    one statement: each list is bound as a DuckDB list of its column's type and unnested beside
+    the others; `constants` give further columns one value for all the rows."""
+    types = dict(con.execute("select name, type from pragma_table_info(?)", [table]).fetchall())
+    exprs = [f"unnest(?::{types[n]}[])" for n in names] + ["?"] * len(constants)
+    con.execute(f"insert into {table} ({', '.join([*names, *constants])}) "
+                f"select {', '.join(exprs)}", [*map(list, columns), *constants.values()])
 
 
 def sql_string(s: str) -> str:

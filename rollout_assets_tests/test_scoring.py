@@ -138,7 +138,7 @@ def test_empty_denominator_is_null_not_a_pass(policy):
 
 @pytest.mark.parametrize("value", [None, float("nan")])
 def test_null_value_with_enough_sample_is_no_data(policy, value):
-    # pandas hands NULL over as NaN: still no data, never a pass and never a breach
+    # NULL, or a NaN: still no data, never a pass and never a breach
     r = rule(policy, "A-1", "autosave_p95")
     s = score_rule(r, WS, "A-1", metrics(autosave_count=40, autosave_p95_ms=value))
     assert (s.value, s.passed, s.status) == (None, None, NO_DATA)

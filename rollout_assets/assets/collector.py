@@ -107,27 +107,30 @@ def window_metrics(
     windows = run_windows(context)
     first, last = windows[0], windows[-1]
     with warehouse.connect() as con:
-        df = compute_window_metrics(con, policy, first, last, now_utc())
+        metrics = compute_window_metrics(con, policy, first, last, now_utc())
         excl = exclusions_by_window(con, first, last)
         schema = column_schema(con, "window_metrics")
-    files = export_monitoring(home.home, df, excl, windows, policy)
+    files = export_monitoring(home.home, metrics, excl, windows, policy)
+    by_window: dict = {}
+    for rec in metrics:
+        by_window.setdefault(rec["window_start"], []).append(rec)
     for w in windows:
-        rows = df[df["window_start"] == w]
-        md: dict = {"phases": ", ".join(rows["phase"]) or "none"}
+        rows = by_window.get(w, [])
+        md: dict = {"phases": ", ".join(r["phase"] for r in rows) or "none"}
         # policy order: the furthest phase (the rollout's stage) writes the unprefixed keys last,
         # so the UI's plots of e.g. `autosave_p95_ms` run across phase changes
-        for rec in sorted(rows.to_dict("records"), key=lambda r: policy.phase_names.index(
+        for rec in sorted(rows, key=lambda r: policy.phase_names.index(
                 r["phase"]) if r["phase"] in policy.phase_names else -1):
             for col in ("events", "autosave_p95_ms", "autosave_error_count",
                         "restore_success_rate", "merge_auto_success_rate", "merge_conflict_rate",
                         "crash_rate", "excluded_events"):
                 v = rec[col]
-                if v is not None and v == v:
+                if v is not None:
                     md[f"{rec['phase']}/{col}"] = md[col] = float(v)
         context.add_asset_metadata(md, partition_key=partition_key(w))
     log_events(context, slot_evaluations(policy, "collector", windows, now_utc()))
     on_last_window(context, {"dagster/column_schema": schema})
     return dg.MaterializeResult(metadata={
-        "rows": len(df), "windows": len(windows), "monitoring_files": len(files),
-        "policy_version": policy.version, "dagster/row_count": len(df),
+        "rows": len(metrics), "windows": len(windows), "monitoring_files": len(files),
+        "policy_version": policy.version, "dagster/row_count": len(metrics),
     })
