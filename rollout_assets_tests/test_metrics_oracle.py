@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from rollout_assets.collect import compute_window_metrics, ingest_canary
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
 from rollout_assets.policy import Policy, load_policy
-from rollout_assets.warehouse import connect
+from rollout_assets.warehouse import connect, records
 from rollout_assets_tests.conftest import DAY, stored_events
 
 NOW = DAY + timedelta(days=1)  # the Collector's clock: every generated ts is in its past
@@ -277,10 +277,8 @@ def test_window_metrics_match_the_contract_oracle(case):
                 ingest_canary(con, home, POLICY, now=NOW, mode=case["mode"])
             compute_window_metrics(con, POLICY, DAY + WINDOW * (FIRST_WINDOW - 1),
                                    DAY + WINDOW * (LAST_WINDOW + 1), now=NOW)
-            cur = con.execute("select * from window_metrics")
-            names = [d[0] for d in cur.description]
             got = {(r["window_start"], r["phase"]): r
-                   for r in (dict(zip(names, row, strict=True)) for row in cur.fetchall())}
+                   for r in records(con, "select * from window_metrics")}
             stored = con.execute("select count(*), count(distinct event_key) from canary_events"
                                  ).fetchone()
             sources = stored_events(con, "source_file, line_no", list(first))

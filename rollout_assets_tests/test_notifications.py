@@ -26,7 +26,7 @@ from rollout_assets.resources.notifier import (
 from rollout_assets.resources.pagerduty import PagerDutyEvents
 from rollout_assets.resources.slack import RolloutSlackResource
 from rollout_assets.runner import RunError, run_range
-from rollout_assets.warehouse import transaction
+from rollout_assets.warehouse import records, transaction
 from rollout_assets_tests.conftest import DAY, event, write_canary
 from rollout_assets_tests.fake_endpoints import (
     PD_ENQUEUE,
@@ -108,9 +108,7 @@ def alert(ws: datetime = W0900, channel: str = "#launch-autosave", level: str = 
 
 
 def ledger(con) -> dict[str, dict]:
-    cur = con.execute("select * from notifications")
-    cols = [d[0] for d in cur.description]
-    return {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
+    return {r["idempotency_key"]: r for r in records(con, "select * from notifications")}
 
 
 def assert_no_secret(where: str, text: str | bytes) -> None:

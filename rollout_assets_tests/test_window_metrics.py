@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rollout_assets.collect import compute_window_metrics, ingest_canary
-from rollout_assets.warehouse import connect
+from rollout_assets.warehouse import connect, records
 from rollout_assets_tests.conftest import DAY, event, stored_events, write_canary
 
 NOW = DAY + timedelta(days=1)
@@ -112,12 +112,6 @@ def loaded(home, policy, con):
     return stats, df
 
 
-def rows(con, sql: str, params=()) -> list[dict]:
-    cur = con.execute(sql, list(params))
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-
-
 NULL = None
 EXPECTED = {
     # (window, phase): events, autosave_count, p95, autosave errors, restore n, restore rate,
@@ -135,7 +129,7 @@ COLS = ("events", "autosave_count", "autosave_p95_ms", "autosave_error_count", "
 
 def test_window_metrics_match_hand_computed_values(loaded, con):
     got = {(r["window_start"], r["phase"]): tuple(r[c] for c in COLS)
-           for r in rows(con, "select * from window_metrics")}
+           for r in records(con, "select * from window_metrics")}
     # windows with no (stored) events have no row at all
     assert set(got) == set(EXPECTED)
     for key, want in EXPECTED.items():
@@ -143,7 +137,7 @@ def test_window_metrics_match_hand_computed_values(loaded, con):
             assert (g is None) == (w is None), (key, col, g, w)
             if w is not None:
                 assert g == pytest.approx(w, rel=1e-12), (key, col, g, w)
-    for r in rows(con, "select * from window_metrics"):
+    for r in records(con, "select * from window_metrics"):
         assert r["window_end"] - r["window_start"] == timedelta(minutes=15)
 
 
@@ -187,7 +181,7 @@ def test_duplicates_count_once_first_occurrence_wins(loaded, con):
 
 def test_exclusions_are_stored_counted_and_never_judged(loaded, con):
     by_reason = {(r["window_start"], r["phase"], r["reason"]): r["events"]
-                 for r in rows(con, "select * from window_exclusions")}
+                 for r in records(con, "select * from window_exclusions")}
     assert by_reason == {
         (W0900, "A-1", "outside_canary"): 2,  # tenant=standard only in A-1 ...
         (W0900, "A-1", "observed_only"): 2,   # x6 is staging too: counted once, first rule
@@ -309,7 +303,7 @@ def test_alert_evidence_sql_reproduces_every_metric(loaded, policy, con):
     for (ws, phase) in EXPECTED:
         sql = evidence_sql(policy, ws, phase, names, baseline)
         got = dict(zip(names, con.execute(sql).fetchone(), strict=True))
-        row = rows(con, "select * from window_metrics where window_start = ? and phase = ?",
+        row = records(con, "select * from window_metrics where window_start = ? and phase = ?",
                    [ws, phase])[0]
         for m in names:
             want = row[m] if m in row else (

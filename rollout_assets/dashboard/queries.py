@@ -16,6 +16,7 @@ from rollout_assets.home import RolloutHome
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
 from rollout_assets.policy import Policy
+from rollout_assets.warehouse import records
 
 ISO = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -221,12 +222,6 @@ INCIDENT_COLUMNS = (
 )
 
 
-def _records(con, sql: str, params: list | tuple = ()) -> list[dict]:
-    cur = con.execute(sql, list(params))
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-
-
 def _columns(con, sql: str, params: list | tuple = ()) -> dict[str, list]:
     """A result as columns (what the chart script wants), not rows."""
     cur = con.execute(sql, list(params))
@@ -399,7 +394,7 @@ def incidents_table(con, start: datetime, end: datetime) -> dict | None:
     if "opened_window" in cols:
         where, params = "where opened_window >= ? and opened_window < ?", [start, end]
     order = "order by opened_window" if "opened_window" in cols else ""
-    rows = _records(con, f"select {', '.join(shown)} from incidents {where} {order} limit 200",
+    rows = records(con, f"select {', '.join(shown)} from incidents {where} {order} limit 200",
                     params)
     return {"columns": shown, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
 
@@ -429,18 +424,18 @@ def dashboard_data(con, home: RolloutHome, policy: Policy, days: float = 7.0,
     start, end = rng
     span = [start, end]
     phase_order = list(policy.phase_names)
-    bands = _records(con, PHASE_BANDS_SQL, [phase_order, *span])
+    bands = records(con, PHASE_BANDS_SQL, [phase_order, *span])
     rows = {k: [_jsonable(x) for x in v]
             for k, v in _columns(con, METRIC_ROWS_SQL, span).items()}
     breaches = [{k: _jsonable(v) for k, v in r.items()}
-                for r in _records(con, BREACHES_SQL, span)]
+                for r in records(con, BREACHES_SQL, span)]
     rollbacks = [{k: _jsonable(v) for k, v in r.items()}
-                 for r in _records(con, ROLLBACKS_SQL, span)]
-    required = _records(con, ROLLBACK_REQUIRED_SQL, span)
+                 for r in records(con, ROLLBACKS_SQL, span)]
+    required = records(con, ROLLBACK_REQUIRED_SQL, span)
     checks = [{k: _jsonable(v) for k, v in r.items()}
-              for r in _records(con, CHECK_RESULTS_SQL, [*span, phase_order])]
-    phase_sla = _records(con, PHASE_SLA_SQL, [*span, *span, phase_order])
-    faults = (_records(con, FAULTS_SQL, span) if table_columns(con, "collector_faults")
+              for r in records(con, CHECK_RESULTS_SQL, [*span, phase_order])]
+    phase_sla = records(con, PHASE_SLA_SQL, [*span, *span, phase_order])
+    faults = (records(con, FAULTS_SQL, span) if table_columns(con, "collector_faults")
               else None)
     incidents = incidents_table(con, start, end)
     latest = None
@@ -455,15 +450,15 @@ def dashboard_data(con, home: RolloutHome, policy: Policy, days: float = 7.0,
         "rows": rows,
         "bands": bands,
         "failed_scores": [{k: _jsonable(v) for k, v in r.items()}
-                          for r in _records(con, FAILED_SCORES_SQL, span)],
+                          for r in records(con, FAILED_SCORES_SQL, span)],
         "breaches": breaches,
         "rollback_required": required,
         "rollbacks": rollbacks,
         "phase_sla": phase_sla,
         "hourly": _columns(con, HOURLY_ATTAINMENT_SQL, span),
         "checks": checks,
-        "quarantine": {"by_reason": _records(con, QUARANTINE_SQL),
-                       "ingest": _records(con, INGEST_SQL)[0]},
+        "quarantine": {"by_reason": records(con, QUARANTINE_SQL),
+                       "ingest": records(con, INGEST_SQL)[0]},
         "faults": faults,
         "incidents": incidents,
         "signoff": signoff(home, policy, checks, breaches, rollbacks, required, phase_sla,
