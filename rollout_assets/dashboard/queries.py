@@ -395,7 +395,7 @@ def incidents_table(con, start: datetime, end: datetime) -> dict | None:
         where, params = "where opened_window >= ? and opened_window < ?", [start, end]
     order = "order by opened_window" if "opened_window" in cols else ""
     rows = records(con, f"select {', '.join(shown)} from incidents {where} {order} limit 200",
-                    params)
+                   params)
     return {"columns": shown, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
 
 
