@@ -173,6 +173,17 @@ def trap_corpus() -> list:
             "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00", "1999-12-31T23:59:59Z",
             "2025-01-20T00:00:01Z", "2025-01-19T23:59:59Z", "2025-W03-6T09:03:12Z",
         ])),
+        # ts, phase and kind are read as their string's value: a non-string reads as its own
+        # text, an escaped string as the unescaped value
+        compact(ev(event_id="v1", kind=1)), compact(ev(event_id="v2", kind=True)),
+        compact(ev(event_id="v3", kind=["session"])), compact(ev(event_id="v4", phase={"A": 1})),
+        compact(ev(event_id="v5", ts=20250118)), compact(ev(event_id="v6", phase=None)),
+        compact(ev(event_id="v7")).replace('"phase":"A-1"', '"phase":NaN'),
+        compact(ev(event_id="v8")).replace('"kind":"autosave"', '"kind":"autos\\u0061ve"'),
+        compact(ev(event_id="v9")).replace('"phase":"A-1"', '"phase":"A\\u002d1"'),
+        compact(ev(event_id="v10", ts="2025-01-18T09:03:12Z")).replace('Z"', '\\u005a"'),
+        compact(ev(event_id="v11", ts="2025-01-18T09:03:12Z")).replace('Z"', 'Z\\u0000"'),
+        compact(ev(event_id="v12")).replace('"kind":"autosave"', '"kind":"autosave\\n"'),
         # kinds, phases and tags
         compact(ev(event_id="k1", kind="Autosave")),
         compact(ev(event_id="k2", phase="Z-9")),
@@ -312,6 +323,17 @@ def test_event_ids_first_character_is_decided_alike_on_both_fast_paths(twin):
     assert counts["events"] == 2 * len(firsts)
 
 
+def test_values_read_as_strings_must_not_spell_a_non_string():
+    """ts, phase and kind are read as their string's value, which a number, literal, object or
+    array also has (its own text): a value SQL accepts must not be one of those texts."""
+    from rollout_assets.ingest import _only_strings_spell
+
+    assert _only_strings_spell(("A-1", "autosave", "Inf-1")) == ["A-1", "autosave", "Inf-1"]
+    for v in ("1", "-2.5e3", "true", "null", "NaN", "-Infinity", "inf", '{"a":1}', "[]"):
+        with pytest.raises(ValueError, match="non-string"):
+            _only_strings_spell(("A-1", v))
+
+
 def test_generated_traffic_is_mostly_decided_in_sql(twin):
     import numpy as np
 
@@ -363,6 +385,12 @@ GOOD = compact(ev(event_id="odd"))
     (GOOD + "\r", False, True),  # CRLF
     ("", False, False),  # a blank line: DuckDB skips it
     ("not json", True, False),  # a suspect: its own bytes are counted
+    # ts/phase/kind are read as values: a non-string is a suspect (2 bytes shorter than the
+    # string `known_len` counts), an escaped string is longer than its value: not provable
+    (GOOD.replace('"phase":"A-1"', '"phase":1'), True, False),
+    (GOOD.replace('"kind":"autosave"', '"kind":true'), True, False),
+    (GOOD.replace('"phase":"A-1"', '"phase":"A\\u002d1"'), False, True),
+    (GOOD.replace('"kind":"autosave"', '"kind":"autos\\u0061ve"'), False, True),
     (GOOD.replace('"odd"', '"c3"'), True, True),  # a duplicate id: still provable
 ])
 def test_canonical_proof_holds_only_for_minified_ranges(twin, odd, canonical, stored):
