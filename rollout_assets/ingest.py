@@ -1111,6 +1111,11 @@ def ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime | None =
     mode = ingest_mode(mode)
     check_event_keys(con)
     _prepare_session(con)
+    # Every phase a stored event can have is in the policy: give the phase ENUM all of them now,
+    # while it costs nothing, rather than one at a time as files bring them (each new label
+    # rewrites the column over every stored event: ~0.8 s of a fresh 10M-event day's ingest).
+    with transaction(con):
+        grow_labels(con, "phase", policy.phase_names)
     with _setting(con, "memory_limit", os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT):
         return _ingest_canary(con, home, policy, now, retries, retry_delay, mode)
 
