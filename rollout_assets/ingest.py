@@ -369,7 +369,11 @@ with {source}, p as (
         case when regexp_full_match(ts_s, {ts_re})
              then make_timestamp(epoch_us(try_cast(ts_s as TIMESTAMPTZ)))
         end as ts_utc,
-        coalesce(lat_j like '%0.0' or lat_j like '0.0%', false) as short_lat
+        coalesce(lat_j like '%0.0' or lat_j like '0.0%', false) as short_lat,
+        -- NULL unless a known kind / a policy phase: the checks below and the staged values
+        -- (one lookup each; `in` lists cost a hash join per row on top)
+        try_cast(kind_s as event_kind) as kind_e,
+        list_position({phase_list}, phase_s)::USMALLINT as phase_n
     from v  -- no join: the canonical path's line numbers rely on DuckDB keeping file order
 ), c as (
     select *,
@@ -381,7 +385,7 @@ with {source}, p as (
         and {e_len_ok}
         -- ts: YYYY-MM-DDTHH:MM:SS[.f{{1,6}}](Z|+HH:MM|-HH:MM), a real instant in range
         and ts_utc >= {min_ts} and ts_utc <= $max_ts
-        and phase_s in ({phases}) and kind_s in ({kinds})
+        and phase_n is not null and kind_e is not null
         and (case when lat is null then (lat_j is null or lat_j = 'null')
                   and kind_s <> 'autosave'
              else isfinite(lat) and lat >= 0 and lat <= {max_latency} end)
@@ -398,8 +402,8 @@ select  -- values of unclean rows are never read: no CASE per column
     {known_len_out}
     hash({id_text}) as event_key,
     ts_utc as ts,
-    list_position({phase_list}, phase_s)::USMALLINT as phase,
-    try_cast(kind_s as event_kind) as kind,
+    phase_n as phase,
+    kind_e as kind,
     lat as latency_ms,
     case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
     coalesce(conflict_j = 'true', false) as conflict,
@@ -471,9 +475,11 @@ def _only_strings_spell(values) -> list[str]:
 def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> str:
     """The stage query of one path for this policy. General: `with_skips` maps row numbers
     past the blank lines listed in `_ingest_skips` (only needed when the range has any)."""
+    # the values SQL accepts for `phase` and `kind` (`event_kind` is KINDS)
+    _only_strings_spell((*policy.phase_names, *KINDS))
     # a minified object made only of the known keys: each present key's `"key":value,`, plus
-    # the braces, minus the last comma (NULL without a required key: such a row is not clean)
-    # (an `_AS_STRING` field's text is its value plus two quotes)
+    # the braces, minus the last comma (NULL without a required key: such a row is not clean;
+    # an `_AS_STRING` field's text is its value plus two quotes)
     known_len = " + ".join(
         f"strlen({col}) + {len(name) + 4 + 2 * (name in _AS_STRING)}" if name in _REQUIRED
         else f"coalesce(strlen({col}) + {len(name) + 4}, 0)"
@@ -505,8 +511,6 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         tenant_ok=_optional_string("tenant_j"),
         env_ok=_optional_string("env_j"),
         min_ts=f"TIMESTAMP '{MIN_TS:%Y-%m-%d %H:%M:%S}'",
-        phases=", ".join(map(sql_string, _only_strings_spell(policy.phase_names))),
-        kinds=", ".join(map(sql_string, _only_strings_spell(KINDS))),
         needs_ok=", ".join(map(sql_string, sorted(NEEDS_OK))),
         tag_forms=", ".join(map(sql_string, _tag_forms())),
         max_latency=repr(MAX_LATENCY_MS),
