@@ -298,9 +298,8 @@ def _tag_forms() -> list[str]:
 # with only the escapes JSON requires), NULL when the key is absent (`_AS_STRING` fields: their
 # string's value, below), and decide in SQL whether a line is *provably* accepted by the Python
 # validator with the same values (`clean`). Every other line is validated in Python by its line
-# number. Rows are staged in a temp table first: deleting
-# rows a transaction has just inserted makes DuckDB's commit rewrite them all, so duplicates are
-# left out of the insert instead.
+# number. Rows are staged in a temp table first: deleting rows a transaction has just inserted
+# makes DuckDB's commit rewrite them all, so duplicates are left out of the insert instead.
 #
 # DuckDB's JSON reader also accepts NaN/Infinity, trailing commas and any nesting depth, which
 # Python's json does not; those could hide in keys the fast path does not read. A line whose

@@ -227,8 +227,9 @@ VIEWS: dict[str, str] = {
 
 # Low-cardinality strings of `canary_events`, stored as ENUMs named `event_<column>_<version>`.
 # DuckDB cannot add a value to an ENUM, so a value never seen before makes a new version of the
-# type and the column is converted to it (~0.3 s for 10M rows, once per new value). A column that
-# passes MAX_LABELS distinct values becomes VARCHAR for good.
+# type and the column is converted to it (~0.3 s for 10M rows, once per new value; the ingest
+# gives `phase` every policy phase before it stores anything). A column that passes MAX_LABELS
+# distinct values becomes VARCHAR for good.
 LABEL_COLUMNS = ("phase", "tenant", "environment")
 MAX_LABELS = 1000
 
