@@ -46,6 +46,25 @@ def test_new_labels_are_stored_and_sort_like_text(home, policy, con):
     assert values == ["", "Alpha", "beta", "qa", "zeta"]
 
 
+def test_the_phase_enum_holds_every_policy_phase_before_any_is_stored(home, policy, con):
+    """A file per phase would otherwise add one label per file, and each new label converts
+    the column over every event stored before it: the first ingest gives the ENUM them all."""
+    write_canary(home, "A-1", [event(event_id="1")])
+    ingest_canary(con, home, policy, now=NOW)
+    (phase_type,) = con.execute(
+        "select data_type from duckdb_columns() where table_name = 'canary_events' "
+        "and column_name = 'phase'").fetchone()
+    (values,) = con.execute(f"select enum_range(NULL::{phase_type})").fetchone()
+    assert set(policy.phase_names) <= set(values)
+    write_canary(home, "B-1", [event(event_id="2", phase="B-1")])
+    ingest_canary(con, home, policy, now=NOW)
+    # no new version of the type: B-1 was already a label
+    assert con.execute("select data_type from duckdb_columns() where table_name = "
+                       "'canary_events' and column_name = 'phase'").fetchone() == (phase_type,)
+    assert con.execute("select phase, count(*) from canary_events group by 1 order by 1"
+                       ).fetchall() == [("A-1", 1), ("B-1", 1)]
+
+
 def test_a_column_with_too_many_labels_becomes_text(home, policy, con, monkeypatch):
     monkeypatch.setattr(warehouse, "MAX_LABELS", 3)
     write_canary(home, "A-1", [event(event_id="1", tenant="qa")])
