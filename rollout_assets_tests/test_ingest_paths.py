@@ -470,9 +470,11 @@ EVENT = st.fixed_dictionaries(
                            st.integers(0, 3))},
     optional={
         "ts": TS,
-        "phase": st.one_of(st.sampled_from(PHASES), st.sampled_from(["Z-9", "a-1", 1])),
+        # ts, phase and kind are read as their values: non-strings must still be told apart
+        "phase": st.one_of(st.sampled_from(PHASES), st.sampled_from(
+            ["Z-9", "a-1", 1, True, float("nan"), ["A-1"], {"A": 1}])),
         "kind": st.one_of(st.sampled_from(["autosave", "restore", "merge", "session", "crash"]),
-                          st.sampled_from(["Crash", "", None])),
+                          st.sampled_from(["Crash", "", None, 0, False, ["merge"], {}])),
         "latency_ms": NUM, "ok": BOOL, "conflict": BOOL, "session_id": STR, "tenant": STR,
         "environment": STR,
         "tags": st.one_of(st.none(), st.fixed_dictionaries(
@@ -490,15 +492,17 @@ def rendered(draw) -> bytes:
     order = draw(st.permutations(range(len(items))))
     obj = {items[i][0]: items[i][1] for i in order}
     style = draw(st.sampled_from(["compact", "default", "ascii"]))
-    if style == "compact":
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    elif style == "default":
-        text = json.dumps(obj, ensure_ascii=False)
-    else:
-        text = json.dumps(obj)
+
+    def dump(o) -> str:
+        if style == "compact":
+            return json.dumps(o, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(o, ensure_ascii=style == "ascii")
+
+    text = dump(obj)
     mutation = draw(st.sampled_from(
         ["none"] * 6 + ["trailing_comma", "nan_extra", "inf_value", "dup_key", "bom", "cr",
-                        "exponent", "truncate", "space_before_brace", "lone_surrogate"]))
+                        "exponent", "truncate", "space_before_brace", "lone_surrogate",
+                        "escaped_value"]))
     if mutation == "trailing_comma":
         text = text[:-1] + ",}"
     elif mutation == "nan_extra":
@@ -513,6 +517,15 @@ def rendered(draw) -> bytes:
         text = text[: draw(st.integers(0, max(0, len(text) - 1)))]
     elif mutation == "space_before_brace":
         text = text[:-1] + " }"
+    elif mutation == "escaped_value":  # a string value whose first character is escaped
+        keys = [k for k in ("ts", "phase", "kind", "event_id", "tenant")
+                if isinstance(obj.get(k), str) and obj[k]]
+        if keys:
+            key = draw(st.sampled_from(keys))
+            v = obj[key]
+            escaped = f"\\u{ord(v[0]):04x}" + dump(v[1:])[1:-1] if ord(v[0]) < 0x10000 \
+                else dump(v)[1:-1]
+            text = dump({**obj, key: "PLACEHOLDER"}).replace('"PLACEHOLDER"', f'"{escaped}"', 1)
     elif mutation == "lone_surrogate":
         text = text.replace('"event_id"', '"event_id":"\\udc00","event_id_was"', 1)
     data = text.encode("utf-8", "surrogatepass")
@@ -530,7 +543,7 @@ LINE = st.one_of(
 )
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=int(os.environ.get("ROLLOUT_HYPOTHESIS_EXAMPLES", "30")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(files=st.lists(st.lists(LINE, min_size=1, max_size=25), min_size=1, max_size=2),
        split=st.integers(0, 25), tail=st.booleans())
