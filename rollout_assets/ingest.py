@@ -327,7 +327,7 @@ def _tag_forms() -> list[str]:
 # text (`12`, `true`, `NaN`, `{"a":1}`), an escaped string as its unescaped value. Neither can
 # pass as clean: the values these fields accept (a time stamp of TS_PATTERN's shape, with a `T`
 # and colons; a phase name, `^[A-Z]-[0-9]+$`; a kind) are none of them the text of a non-string
-# (`_stage_sql` asserts it), and an escaped string is longer than the value plus its two quotes
+# (`_stage_sql` checks it), and an escaped string is longer than the value plus its two quotes
 # that `known_len` counts, so its line fails the canonical proof and the general path's
 # length test, which then checks it textually like any line with more than its known keys.
 _AS_STRING = ("ts", "phase", "kind")
@@ -456,10 +456,9 @@ _COLUMN_NAMES = ("e", "ts_s", "phase_s", "kind_s", "lat_j", "ok_j", "conflict_j"
                  "tenant_j", "env_j", "tags_j")
 
 
-def _only_strings_spell(values) -> list[str]:
-    """`values` (accepted as `_AS_STRING` field values), unless one of them is the text a
-    non-string JSON value reads as in VARCHAR: a number (also NaN/Infinity), a literal, an
-    object or an array."""
+def _check_only_strings_spell(values) -> None:
+    """Raise if a value accepted for an `_AS_STRING` field is also the text a non-string JSON
+    value reads as in VARCHAR: a number (also NaN/Infinity), a literal, an object or an array."""
     for v in values:
         for parse in (json.loads, float):
             try:
@@ -468,14 +467,13 @@ def _only_strings_spell(values) -> list[str]:
                 continue
             raise ValueError(f"{v!r} is also the text of a non-string JSON value: the fast "
                              "path could not tell that value from the string")
-    return list(values)
 
 
 def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> str:
     """The stage query of one path for this policy. General: `with_skips` maps row numbers
     past the blank lines listed in `_ingest_skips` (only needed when the range has any)."""
     # the values SQL accepts for `phase` and `kind` (`event_kind` is KINDS)
-    _only_strings_spell((*policy.phase_names, *KINDS))
+    _check_only_strings_spell((*policy.phase_names, *KINDS))
     # a minified object made only of the known keys: each present key's `"key":value,`, plus
     # the braces, minus the last comma (NULL without a required key: such a row is not clean;
     # an `_AS_STRING` field's text is its value plus two quotes)

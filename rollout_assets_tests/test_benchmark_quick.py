@@ -3,10 +3,9 @@
 It generates ~50k events, runs the bare DuckDB query and a backfill through Dagster on an
 on-disk instance twice, alternated (the second backfill on a fresh home), stores 20k events of
 earlier days, then runs one appended window, each step in its own process, and prints the
-table. Timings are
-not asserted (other work shares the machine); what the benchmark claims is: every step
-succeeds, the Collector stored exactly the valid, de-duplicated events, and the appended
-window was read without reading the earlier bytes again.
+table. Timings are not asserted (other work shares the machine); what the benchmark claims is:
+every step succeeds, the Collector stored exactly the valid, de-duplicated events, and the
+appended window was read without reading the earlier bytes again.
 """
 
 from __future__ import annotations
