@@ -694,3 +694,43 @@ def test_parsing_files_side_by_side_leaves_no_core_oversubscribed_and_restores_s
         ingest.ingest_canary(con, twin.homes["fast"], POLICY, now=NOW, mode="fast")
     assert seen[5:] == [3]  # two files with new lines: two queries at once
     assert con.execute(settings).fetchone() == (4, default_limit)
+
+
+# ---- finding suspect lines by number ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lines_are_found_by_number_across_block_and_read_boundaries(tmp_path, monkeypatch, seed):
+    """The newline index (counts per BLOCK, gathered READ_BUF bytes at a time) finds every line
+    of a range by its number: lines ending exactly on a block edge, lines spanning many blocks,
+    blank and whitespace-only lines, a range that starts inside a file and ends in a partial
+    block."""
+    import random
+
+    from rollout_assets import ingest
+
+    monkeypatch.setattr(ingest, "READ_BUF", 3 * ingest.BLOCK)  # several reads per range
+    rnd = random.Random(seed)
+    block = ingest.BLOCK
+    lengths = [block - 1, block, 0, 2 * block + 5, 1, block - 2, 0, 3]  # edges first
+    lengths += [rnd.choice((0, 1, rnd.randrange(block // 2), rnd.randrange(5 * block)))
+                for _ in range(200)]
+    lines = [(b" \t" if rnd.random() < 0.1 else b"x" * n)[:n] if n else b"" for n in lengths]
+    data = b"".join(line + b"\n" for line in lines)
+    prefix = b"skipped\n" * rnd.randrange(1, 50)  # bytes before the range
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(prefix + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        counts = ingest._scan_range(fd, path, len(prefix), len(prefix) + len(data), None)
+        rng = ingest._Range(path, fd, len(prefix), len(data), counts)
+        assert rng.lines == len(lines)
+        assert len(counts) == -(-len(data) // block)
+        finder = ingest._LineFinder(rng)
+        order = list(range(1, len(lines) + 1))
+        rnd.shuffle(order)  # any order: the block cache must not matter
+        for k in order:
+            assert finder.line(k) == lines[k - 1], k
+        assert finder.skipped_lines() == [k for k, line in enumerate(lines, 1)
+                                          if not line.strip(b" \t")]
+    finally:
+        os.close(fd)
