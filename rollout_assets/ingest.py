@@ -70,10 +70,12 @@ from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, tra
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
 # staged rows spill to the database's temp directory instead of growing the process. A staged
-# 2M-line file holds ~217 MB and three are in flight; on the 10M-event benchmark day, 448 MB
-# kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB) at no cost in time. Lower
-# limits also held (320 MB: 689 MB), but leave less room for the store's joins on machines
-# with more threads; past the limit the files are read one at a time.
+# 2M-line file holds ~177 MB and three are in flight; on the 10M-event benchmark day, 448 MB
+# kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB; 640 MB: up to 1,046 MB).
+# Spilling costs time (the 10M ingest alone: 13.1-14.4 s at 448 MB, 12.5-13.3 s at 2 GB), so
+# staged rows are kept narrow (`flags`). Lower limits also held (320 MB: 689 MB), but leave
+# less room for the store's joins on machines with more threads; past the limit the files
+# are read one at a time.
 MEMORY_LIMIT_ENV = "ROLLOUT_INGEST_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "448MB"
 STAGING_AHEAD = 2  # files parsed while one is stored
@@ -108,12 +110,40 @@ TS_PATTERN = (r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
 # is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
-# narrowed while it waits in memory: `phase` as its number in `_phase_order`, `kind` as the
-# `event_kind` ENUM; `window_start` is computed from `ts` by the insert, which adds `batch_id`.
+# narrowed while it waits in memory: `kind` as the `event_kind` ENUM, and the small fields in
+# one INTEGER (`flags`, below); `window_start` is computed from `ts` by the insert, which adds
+# `batch_id`.
 _STAGE_COLUMNS = ("ts", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
 EVENT_TABLE_COLUMNS = ("event_key", "ts", "window_start", *_STAGE_COLUMNS[1:-1], "batch_id",
                        "line_no")
+# `flags` of a staged row: bit 0 `clean`; bits 1-2 `ok` (0 NULL, 1 false, 2 true); bit 3
+# `conflict`; 4 `observed_only`; 5 `dry_run`; from bit 16 the phase's number in `_phase_order`.
+# DuckDB's in-memory temp table gives every column a 256 KB block per 122,880-row group for its
+# values and another for its validity mask, however narrow the column: those six took 12 blocks
+# a row group (53 MB of a staged 2M-line file's 217), one INTEGER takes 3 (177 MB a file).
+_PHASE_SHIFT = 16
+_FROM_FLAGS = {  # a staged field's value, from `flags`
+    "phase": f"flags >> {_PHASE_SHIFT}",
+    "ok": "case (flags >> 1) & 3 when 2 then true when 1 then false end",
+    "conflict": "flags & 8 <> 0",
+    "observed_only": "flags & 16 <> 0",
+    "dry_run": "flags & 32 <> 0",
+}
+
+
+def _clean(table: str = "") -> str:
+    """SQL: the staged row (of `table`, e.g. "s.") is clean."""
+    return f"{table}flags & 1 = 1"
+
+
+def _flags(clean: str, ok_code: str, conflict: str, observed_only: str, dry_run: str,
+           phase: str) -> str:
+    """SQL for `flags` from SQL for its fields: booleans, `ok_code` 0/1/2 (NULL/false/true)
+    and `phase` a number (NULL counts as 0: only unclean rows have none)."""
+    return (f"(({clean})::INTEGER | (({ok_code}) << 1) | (({conflict})::INTEGER << 3)"
+            f" | (({observed_only})::INTEGER << 4) | (({dry_run})::INTEGER << 5)"
+            f" | (coalesce({phase}, 0)::INTEGER << {_PHASE_SHIFT}))")
 # hash() of this string in the DuckDB the stored event keys were made with (1.5.6)
 EVENT_KEY_PROBE = ("rollout-assets", 16095674715432161642)
 
@@ -407,19 +437,14 @@ with {source}, p as (
     from p
 )
 select  -- values of unclean rows are never read: no CASE per column
-    coalesce(clean, false) as clean,
+    {flags} as flags,
     {known_len_out}
     hash({id_text}) as event_key,
     ts_utc as ts,
-    phase_n as phase,
     kind_e as kind,
     lat as latency_ms,
-    case when ok_j in ('true', 'false') then ok_j = 'true' end as ok,
-    coalesce(conflict_j = 'true', false) as conflict,
     case when tenant_j like '"%' then {tenant_text} end as tenant,
     case when env_j like '"%' then {env_text} end as environment,
-    coalesce(contains(tags_j, '"observed_only":true'), false) as observed_only,
-    coalesce(contains(tags_j, '"dry_run":true'), false) as dry_run,
     {line_no} as line_no
 from c
 """
@@ -509,6 +534,11 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
     return _STAGE_SQL.format(
         source=source,
         extensions_ok=extensions_ok,
+        flags=_flags("coalesce(clean, false)",
+                     "case ok_j when 'true' then 2 when 'false' then 1 else 0 end",
+                     "coalesce(conflict_j = 'true', false)",
+                     "coalesce(contains(tags_j, '\"observed_only\":true'), false)",
+                     "coalesce(contains(tags_j, '\"dry_run\":true'), false)", "phase_n"),
         known_len_out="known_len::INTEGER as known_len," if canonical else "",
         phase_list=_sql_list(_phase_order(policy.phase_names)),
         id_text=_unquoted("e"), tenant_text=_unquoted("tenant_j"), env_text=_unquoted("env_j"),
@@ -528,6 +558,8 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
 def _phase_order(phases) -> tuple[str, ...]:
     """The phases a staged row's `phase` number counts in (1-based): sorted, so any path that
     knows the policy's phases numbers them alike."""
+    if len(phases) >= 1 << (31 - _PHASE_SHIFT):
+        raise ValueError(f"at most {(1 << (31 - _PHASE_SHIFT)) - 1} phases fit a staged row")
     return tuple(sorted(phases))
 
 
@@ -556,9 +588,8 @@ def check_event_keys(con) -> None:
 # ---- storing rows ------------------------------------------------------------------------------
 
 _STAGE_TABLE = """create temp table if not exists _ingest_stage (
-    clean BOOLEAN, event_key UBIGINT, ts TIMESTAMP, phase USMALLINT, kind event_kind,
-    latency_ms DOUBLE, ok BOOLEAN, conflict BOOLEAN, tenant VARCHAR,
-    environment VARCHAR, observed_only BOOLEAN, dry_run BOOLEAN, line_no BIGINT)"""
+    flags INTEGER, event_key UBIGINT, ts TIMESTAMP, kind event_kind, latency_ms DOUBLE,
+    tenant VARCHAR, environment VARCHAR, line_no BIGINT)"""
 
 
 def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int:
@@ -574,9 +605,10 @@ def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int
     df["ok"] = df["ok"].astype("boolean")
     con.register("_ingest_py_rows", df)
     try:
-        columns = ", ".join(f"list_position({_sql_list(phases)}, phase)::USMALLINT as phase"
-                            if c == "phase" else c for c in _STAGE_COLUMNS)
-        con.execute(f"insert into _ingest_stage by name select true as clean, {columns}, "
+        flags = _flags("true", "case when ok then 2 when not ok then 1 else 0 end", "conflict",
+                       "observed_only", "dry_run", f"list_position({_sql_list(phases)}, phase)")
+        columns = ", ".join(c for c in _STAGE_COLUMNS if c not in _FROM_FLAGS)
+        con.execute(f"insert into _ingest_stage by name select {flags} as flags, {columns}, "
                     "hash(event_id) as event_key from _ingest_py_rows")
     finally:
         con.unregister("_ingest_py_rows")
@@ -602,13 +634,13 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     """Insert the staged valid rows whose event_key is neither stored already nor held by an
     earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
     lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
-    phase = f"{_sql_list(phases)}[phase]"
-    exprs = {"phase": phase, "batch_id": "$batch",
-             "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
+    exprs = {**_FROM_FLAGS, "phase": f"{_sql_list(phases)}[{_FROM_FLAGS['phase']}]",
+             "batch_id": "$batch", "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
     # the label combinations (one grouping: cheaper than a distinct list per column); staged
     # phases are numbers in `phases`
-    combos = con.execute(f"select distinct {', '.join(LABEL_COLUMNS)} from _ingest_stage "
-                         "where clean").fetchall()
+    labels = ", ".join(f"{_FROM_FLAGS.get(c, c)} as {c}" for c in LABEL_COLUMNS)
+    combos = con.execute(f"select distinct {labels} from _ingest_stage "
+                         f"where {_clean()}").fetchall()
     for i, column in enumerate(LABEL_COLUMNS):
         values = {row[i] for row in combos}
         if column == "phase":
@@ -619,16 +651,16 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
         with stored as (  -- built on the (smaller) stage, probing the stored keys
             select distinct s.event_key from _ingest_stage s
-            join canary_events c on c.event_key = s.event_key where s.clean
+            join canary_events c on c.event_key = s.event_key where {_clean('s.')}
         ), later as (
             select s.line_no from _ingest_stage s
             join _ingest_stage e on e.event_key = s.event_key
-                and e.clean and e.line_no < s.line_no
-            where s.clean
+                and {_clean('e.')} and e.line_no < s.line_no
+            where {_clean('s.')}
         )
         select {', '.join(exprs.get(c, c) for c in EVENT_TABLE_COLUMNS)}
         from _ingest_stage
-        where clean and event_key not in (select event_key from stored)
+        where {_clean()} and event_key not in (select event_key from stored)
             and line_no not in (select line_no from later)
     """, {"batch": batch}).fetchone()[0]
     con.execute("insert into ingest_batches values (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -812,7 +844,7 @@ class _Staged:
         except _Inconsistent:
             return False  # read_json rejects some malformed lines read_ndjson_objects skips
         rows, known = con.execute(
-            "select count(*), coalesce(sum(known_len) filter (where clean), 0) "
+            f"select count(*), coalesce(sum(known_len) filter (where {_clean()}), 0) "
             "from _ingest_stage").fetchone()
         if rows != n_lines:
             if rng.path == job.path and rows > n_lines:
@@ -820,7 +852,8 @@ class _Staged:
             return False  # blank lines, which DuckDB skips: the general path maps them
         first = job.cur.lines
         suspects = [r[0] - first for r in con.execute(
-            "select line_no from _ingest_stage where not clean order by line_no").fetchall()]
+            f"select line_no from _ingest_stage where not ({_clean()}) order by line_no"
+        ).fetchall()]
         raw: dict[int, bytes] = {}
         cached = suspect_bytes = 0
         for k in suspects:
@@ -846,7 +879,7 @@ class _Staged:
         first = self.job.cur.lines
         step = max(1, n_lines // ORDER_PROBES)
         probes = self.con.execute(
-            "select line_no - ?, event_key from _ingest_stage where clean "
+            f"select line_no - ?, event_key from _ingest_stage where {_clean()} "
             "and ((line_no - ?) % ? = 0 or line_no - ? = ?)",
             [first, first, step, first, n_lines]).fetchall()
         ids = []
@@ -874,8 +907,9 @@ class _Staged:
             self._execute_stage(_stage_sql(self.policy, canonical=False,
                                            with_skips=bool(skipped)),
                                 {"first_line": job.cur.lines + 1})
-            rows, bad = con.execute("select count(*), list(line_no) filter (where not clean) "
-                                    "from _ingest_stage").fetchone()
+            rows, bad = con.execute(
+                f"select count(*), list(line_no) filter (where not ({_clean()})) "
+                "from _ingest_stage").fetchone()
             if rows + len(skipped) == n_lines:
                 first = job.cur.lines
                 self.suspects = sorted({n - first for n in bad or ()}.union(skipped))
