@@ -70,7 +70,7 @@ from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, tra
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
 # staged rows spill to the database's temp directory instead of growing the process. A staged
-# 2M-line file holds ~177 MB and three are in flight; on the 10M-event benchmark day, 448 MB
+# 2M-line file holds ~156 MB and three are in flight; on the 10M-event benchmark day, 448 MB
 # kept the backfill's peak RSS at 780-940 MB (560 MB: 910-1,060 MB; 640 MB: up to 1,046 MB).
 # Spilling costs time (the 10M ingest alone: 13.1-14.4 s at 448 MB, 12.5-13.3 s at 2 GB), so
 # staged rows are kept narrow (`flags`). Lower limits also held (320 MB: 689 MB), but leave
@@ -101,6 +101,7 @@ SKIPPED_WS = b" \t\r\x0b\x0c"
 DEEP_LINE_BYTES = 800
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
+MAX_RANGE_LINES = 2**31 - 1  # a staged row's `range_line` is an INTEGER; longer: strict path
 # the `ts` spelling SQL decides (the JSON string's value): digits pinned, every field in
 # its range, 1-6 fraction digits (longer ones are suspects; both readers truncate them), Z or
 # an offset within +-23:59. test_ingest_paths.py holds it to the validator over a grid.
@@ -110,9 +111,9 @@ TS_PATTERN = (r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
 # is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
-# narrowed while it waits in memory: `kind` as the `event_kind` ENUM, and the small fields in
-# one INTEGER (`flags`, below); `window_start` is computed from `ts` by the insert, which adds
-# `batch_id`.
+# narrowed while it waits in memory: `kind` as the `event_kind` ENUM, the small fields in one
+# INTEGER (`flags`, below), `line_no` as `range_line`, the line's number in its range (INTEGER,
+# 1-based); `window_start` is computed from `ts` by the insert, which adds `batch_id`.
 _STAGE_COLUMNS = ("ts", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
 EVENT_TABLE_COLUMNS = ("event_key", "ts", "window_start", *_STAGE_COLUMNS[1:-1], "batch_id",
@@ -121,7 +122,8 @@ EVENT_TABLE_COLUMNS = ("event_key", "ts", "window_start", *_STAGE_COLUMNS[1:-1],
 # `conflict`; 4 `observed_only`; 5 `dry_run`; from bit 16 the phase's number in `_phase_order`.
 # DuckDB's in-memory temp table gives every column a 256 KB block per 122,880-row group for its
 # values and another for its validity mask, however narrow the column: those six took 12 blocks
-# a row group (53 MB of a staged 2M-line file's 217), one INTEGER takes 3 (177 MB a file).
+# a row group (53 MB of a staged 2M-line file's 217), one INTEGER takes 3. With `range_line` an
+# INTEGER, and `known_len` dropped once the range is proven, a file waits in 156 MB.
 _PHASE_SHIFT = 16
 _FROM_FLAGS = {  # a staged field's value, from `flags`
     "phase": f"flags >> {_PHASE_SHIFT}",
@@ -445,7 +447,7 @@ select  -- values of unclean rows are never read: no CASE per column
     lat as latency_ms,
     case when tenant_j like '"%' then {tenant_text} end as tenant,
     case when env_j like '"%' then {env_text} end as environment,
-    {line_no} as line_no
+    {range_line}::INTEGER as range_line
 from c
 """
 
@@ -542,7 +544,7 @@ def _stage_sql(policy: Policy, *, canonical: bool, with_skips: bool = False) -> 
         known_len_out="known_len::INTEGER as known_len," if canonical else "",
         phase_list=_sql_list(_phase_order(policy.phase_names)),
         id_text=_unquoted("e"), tenant_text=_unquoted("tenant_j"), env_text=_unquoted("env_j"),
-        line_no="$first_line - 1 + " + ("o" if canonical else "rel_line"),
+        range_line="o" if canonical else "rel_line",
         e_len_ok=_short_enough("e"),
         sid_ok=_optional_string("sid_j"),
         tenant_ok=_optional_string("tenant_j"),
@@ -589,12 +591,13 @@ def check_event_keys(con) -> None:
 
 _STAGE_TABLE = """create temp table if not exists _ingest_stage (
     flags INTEGER, event_key UBIGINT, ts TIMESTAMP, kind event_kind, latency_ms DOUBLE,
-    tenant VARCHAR, environment VARCHAR, line_no BIGINT)"""
+    tenant VARCHAR, environment VARCHAR, range_line INTEGER)"""
 
 
-def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int:
+def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...], before: int) -> int:
     """Add rows the Python validator accepted to `_ingest_stage` (creating it if needed);
-    `phases` is the `_phase_order` the stage numbers phases in."""
+    `phases` is the `_phase_order` the stage numbers phases in, `before` the file's lines
+    before the range."""
     con.execute(_STAGE_TABLE)
     valid = len(parsed.columns["event_id"])
     if not valid:
@@ -607,9 +610,10 @@ def _stage_python_rows(con, parsed: ParsedChunk, phases: tuple[str, ...]) -> int
     try:
         flags = _flags("true", "case when ok then 2 when not ok then 1 else 0 end", "conflict",
                        "observed_only", "dry_run", f"list_position({_sql_list(phases)}, phase)")
-        columns = ", ".join(c for c in _STAGE_COLUMNS if c not in _FROM_FLAGS)
+        columns = ", ".join(c for c in _STAGE_COLUMNS if c not in _FROM_FLAGS and c != "line_no")
         con.execute(f"insert into _ingest_stage by name select {flags} as flags, {columns}, "
-                    "hash(event_id) as event_key from _ingest_py_rows")
+                    "(line_no - $before)::INTEGER as range_line, "
+                    "hash(event_id) as event_key from _ingest_py_rows", {"before": before})
     finally:
         con.unregister("_ingest_py_rows")
     return valid
@@ -635,7 +639,8 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
     lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
     exprs = {**_FROM_FLAGS, "phase": f"{_sql_list(phases)}[{_FROM_FLAGS['phase']}]",
-             "batch_id": "$batch", "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)"}
+             "batch_id": "$batch", "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)",
+             "line_no": "$before + range_line"}
     # the label combinations (one grouping: cheaper than a distinct list per column); staged
     # phases are numbers in `phases`
     labels = ", ".join(f"{_FROM_FLAGS.get(c, c)} as {c}" for c in LABEL_COLUMNS)
@@ -653,16 +658,16 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
             select distinct s.event_key from _ingest_stage s
             join canary_events c on c.event_key = s.event_key where {_clean('s.')}
         ), later as (
-            select s.line_no from _ingest_stage s
+            select s.range_line from _ingest_stage s
             join _ingest_stage e on e.event_key = s.event_key
-                and {_clean('e.')} and e.line_no < s.line_no
+                and {_clean('e.')} and e.range_line < s.range_line
             where {_clean('s.')}
         )
         select {', '.join(exprs.get(c, c) for c in EVENT_TABLE_COLUMNS)}
         from _ingest_stage
         where {_clean()} and event_key not in (select event_key from stored)
-            and line_no not in (select line_no from later)
-    """, {"batch": batch}).fetchone()[0]
+            and range_line not in (select range_line from later)
+    """, {"batch": batch, "before": cur.lines}).fetchone()[0]
     con.execute("insert into ingest_batches values (?, ?, ?, ?, ?, ?, ?, ?)",
                 [batch, rel, cur.lines + 1, lines, cur.offset, nbytes, kept, now])
     return kept
@@ -708,7 +713,7 @@ def _store_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor,
                   now: datetime, phases: tuple[str, ...]) -> tuple[int, int]:
     """Store one chunk the Python validator read; returns (valid, kept)."""
     con.execute("drop table if exists _ingest_stage")
-    valid = _stage_python_rows(con, parsed, phases)
+    valid = _stage_python_rows(con, parsed, phases, cur.lines)
     _insert_quarantine(con, parsed.quarantine, rel, now)
     kept = _store_stage(con, rel, cur, parsed.lines_read, nbytes, now, phases)
     con.execute("drop table _ingest_stage")
@@ -819,6 +824,8 @@ class _Staged:
         job = self.job
         self.rng = rng = _open_range(self.stack, job.path, job.fd, job.cur.offset, job.end,
                                      job.st, snapshot)
+        if rng.lines > MAX_RANGE_LINES:
+            raise _Inconsistent(f"{rng.lines} lines: more than a staged INTEGER line number holds")
         self.finder = _LineFinder(rng)
         self.raw = {}
         if not self._canonical():
@@ -826,10 +833,9 @@ class _Staged:
         if rng.path == job.path and os.stat(job.path).st_size != job.st.st_size:
             raise _Grew()
 
-    def _execute_stage(self, sql: str, params: dict) -> None:
+    def _execute_stage(self, sql: str) -> None:
         try:
-            self.con.execute(sql, {"src": str(self.rng.path),
-                                   "max_ts": self.now + FUTURE_SLACK, **params})
+            self.con.execute(sql, {"src": str(self.rng.path), "max_ts": self.now + FUTURE_SLACK})
         except duckdb.Error as exc:
             raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) from None
 
@@ -839,8 +845,7 @@ class _Staged:
         con, rng, job = self.con, self.rng, self.job
         n_lines = rng.lines
         try:
-            self._execute_stage(_stage_sql(self.policy, canonical=True),
-                                {"first_line": job.cur.lines + 1})
+            self._execute_stage(_stage_sql(self.policy, canonical=True))
         except _Inconsistent:
             return False  # read_json rejects some malformed lines read_ndjson_objects skips
         rows, known = con.execute(
@@ -850,9 +855,9 @@ class _Staged:
             if rng.path == job.path and rows > n_lines:
                 raise _Grew()
             return False  # blank lines, which DuckDB skips: the general path maps them
-        first = job.cur.lines
-        suspects = [r[0] - first for r in con.execute(
-            f"select line_no from _ingest_stage where not ({_clean()}) order by line_no"
+        con.execute("alter table _ingest_stage drop column known_len")  # 13 MB a 2M-line file
+        suspects = [r[0] for r in con.execute(
+            f"select range_line from _ingest_stage where not ({_clean()}) order by range_line"
         ).fetchall()]
         raw: dict[int, bytes] = {}
         cached = suspect_bytes = 0
@@ -876,12 +881,10 @@ class _Staged:
         """Spot-check the line numbers (a reader that skipped or reordered a line would shift
         them all): ORDER_PROBES clean rows spread over the range must each carry the event_id
         written on their line."""
-        first = self.job.cur.lines
         step = max(1, n_lines // ORDER_PROBES)
         probes = self.con.execute(
-            f"select line_no - ?, event_key from _ingest_stage where {_clean()} "
-            "and ((line_no - ?) % ? = 0 or line_no - ? = ?)",
-            [first, first, step, first, n_lines]).fetchall()
+            f"select range_line, event_key from _ingest_stage where {_clean()} "
+            "and (range_line % ? = 0 or range_line = ?)", [step, n_lines]).fetchall()
         ids = []
         for k, _ in probes:
             try:
@@ -905,14 +908,12 @@ class _Staged:
                 con.executemany("insert into _ingest_skips values (?, ?)",
                                 [(b - i - 1, i + 1) for i, b in enumerate(skipped)])
             self._execute_stage(_stage_sql(self.policy, canonical=False,
-                                           with_skips=bool(skipped)),
-                                {"first_line": job.cur.lines + 1})
+                                           with_skips=bool(skipped)))
             rows, bad = con.execute(
-                f"select count(*), list(line_no) filter (where not ({_clean()})) "
+                f"select count(*), list(range_line) filter (where not ({_clean()})) "
                 "from _ingest_stage").fetchone()
             if rows + len(skipped) == n_lines:
-                first = job.cur.lines
-                self.suspects = sorted({n - first for n in bad or ()}.union(skipped))
+                self.suspects = sorted(set(bad or ()).union(skipped))
                 self.path_taken = "general"
                 return
             if rng.path == job.path and rows + len(skipped) > n_lines:
@@ -946,7 +947,7 @@ class _Staged:
         n_lines = rng.lines
         with transaction(con):
             order = _phase_order(self.policy.phase_names)
-            _stage_python_rows(con, parsed, order)
+            _stage_python_rows(con, parsed, order, job.cur.lines)
             _insert_quarantine(con, parsed.quarantine, job.rel, self.now)
             kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now, order)
             _commit_counts(stats, job.cur, n_lines, kept, n_lines - len(parsed.quarantine),
