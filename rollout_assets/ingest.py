@@ -110,14 +110,18 @@ TS_PATTERN = (r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
               r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 # What `canary_events` keeps of a validated event (warehouse.py): `event_id` as `event_key`;
 # `session_id` is validated but not stored (no metric, exclusion or report reads it); the file
-# is the batch's. A staged row holds these plus `clean` (and `known_len` on the canonical path),
-# narrowed while it waits in memory: `kind` as the `event_kind` ENUM, the small fields in one
-# INTEGER (`flags`, below), `line_no` as `range_line`, the line's number in its range (INTEGER,
-# 1-based); `window_start` is computed from `ts` by the insert, which adds `batch_id`.
+# is the batch's. A staged row holds these plus whether it is `clean` (and `known_len` on the
+# canonical path until the range is proven), narrowed while it waits in memory: `kind` as the
+# `event_kind` ENUM, the small fields in one INTEGER (`flags`, below), `line_no` as
+# `range_line`, the line's number in its range (INTEGER, 1-based); `window_start` is computed
+# from `ts` by the insert, which adds `batch_id`.
 _STAGE_COLUMNS = ("ts", "phase", "kind", "latency_ms", "ok", "conflict", "tenant",
                   "environment", "observed_only", "dry_run", "line_no")
 EVENT_TABLE_COLUMNS = ("event_key", "ts", "window_start", *_STAGE_COLUMNS[1:-1], "batch_id",
                        "line_no")
+# hash() of this string in the DuckDB the stored event keys were made with (1.5.6)
+EVENT_KEY_PROBE = ("rollout-assets", 16095674715432161642)
+
 # `flags` of a staged row: bit 0 `clean`; bits 1-2 `ok` (0 NULL, 1 false, 2 true); bit 3
 # `conflict`; 4 `observed_only`; 5 `dry_run`; from bit 16 the phase's number in `_phase_order`.
 # DuckDB's in-memory temp table gives every column a 256 KB block per 122,880-row group for its
@@ -146,8 +150,6 @@ def _flags(clean: str, ok_code: str, conflict: str, observed_only: str, dry_run:
     return (f"(({clean})::INTEGER | (({ok_code}) << 1) | (({conflict})::INTEGER << 3)"
             f" | (({observed_only})::INTEGER << 4) | (({dry_run})::INTEGER << 5)"
             f" | (coalesce({phase}, 0)::INTEGER << {_PHASE_SHIFT}))")
-# hash() of this string in the DuckDB the stored event keys were made with (1.5.6)
-EVENT_KEY_PROBE = ("rollout-assets", 16095674715432161642)
 
 
 class RetryableIOError(RuntimeError):
