@@ -68,7 +68,14 @@ from typing import Any
 
 import dagster._check as check
 from dagster._core.errors import DagsterInvariantViolationError
+from dagster._core.events import (
+    ASSET_CHECK_EVENTS,
+    ASSET_EVENTS,
+    BATCH_WRITABLE_EVENTS,
+    EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
+)
 from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     INDEX_SHARD_NAME,
     SqliteEventLogStorage,
@@ -349,8 +356,53 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
         this thread, which it joins), so Dagster's fallback in `handle_new_event`, which then
         stores the events one by one, writes none of them twice."""
         with self.batch():
-            for event in events:
-                self.store_event(event)
+            if _batchable(events):
+                self._store_batch(events)
+            else:
+                for event in events:
+                    self.store_event(event)
+
+    def _store_batch(self, events: Sequence[EventLogEntry]) -> None:
+        """The rows `store_event` writes for each event, written set-wise, as Dagster's Postgres
+        storage stores a batch: each event is serialized once; the run shard gets one
+        multi-row insert; the index shard one insert of the asset and check events, returning
+        their ids in order, then the tags of all asset events in one insert. Ids in every table
+        are assigned in event order, as one by one. An asset key's row in `asset_keys` is
+        written once, from its last event in the batch, when all of that key's events are of one
+        type (each would overwrite the same columns: a day's planned events, or one
+        materialization per window), and event by event otherwise; keys new to the table are
+        added in the order of their first event."""
+        rows = [self._event_to_row(event) for event in events]
+        with self.run_connection(events[0].run_id) as conn:
+            conn.execute(SqlEventLogStorageTable.insert(), rows)
+        mirrored = [i for i, event in enumerate(events)
+                    if event.dagster_event_type in ASSET_CHECK_EVENTS
+                    or (event.dagster_event_type in ASSET_EVENTS and event.dagster_event.asset_key)]
+        if not mirrored:
+            return
+        with self.index_transaction() as conn:
+            inserted = conn.execute(
+                SqlEventLogStorageTable.insert().returning(
+                    SqlEventLogStorageTable.c.id, sort_by_parameter_order=True),
+                [rows[i] for i in mirrored])
+            ids = dict(zip(mirrored, (row[0] for row in inserted), strict=True))
+            if any(v is None for v in ids.values()):
+                raise DagsterInvariantViolationError(
+                    "Cannot store asset event tags for null event id.")
+            assets = [i for i in mirrored if events[i].dagster_event_type in ASSET_EVENTS]
+            self._store_asset_event_tags(conn, [events[i] for i in assets],
+                                         [ids[i] for i in assets])
+            by_key: dict[str, list[int]] = {}
+            for i in assets:
+                by_key.setdefault(rows[i]["asset_key"], []).append(i)
+            for positions in by_key.values():
+                if len({events[i].dagster_event_type for i in positions}) == 1:
+                    positions = positions[-1:]
+                for i in positions:
+                    self._store_asset_event(conn, events[i], ids[i])
+        for i in mirrored:
+            if events[i].dagster_event_type in ASSET_CHECK_EVENTS:
+                self.store_asset_check_event(events[i], ids[i])
 
     def wipe(self) -> None:
         # the parent deletes the run shards' files: close their connections first
@@ -374,6 +426,17 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
         for engine in self._engines.values():
             engine.dispose(close=False)
         self._engines.clear()
+
+
+def _batchable(events: Sequence[EventLogEntry]) -> bool:
+    """Whether `_store_batch` writes these events as `store_event` would: events of one run,
+    each of a type Dagster hands over in batches (asset and check events, never a run status
+    change, which `store_event` also mirrors into the index shard)."""
+    return bool(events) and all(
+        event.is_dagster_event and event.run_id == events[0].run_id
+        and event.dagster_event_type in BATCH_WRITABLE_EVENTS
+        and event.dagster_event_type not in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+        for event in events)
 
 
 def _after_fork_in_child() -> None:

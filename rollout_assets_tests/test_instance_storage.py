@@ -328,8 +328,9 @@ def test_a_failing_store_event_batch_writes_nothing_and_its_retry_writes_once(in
     calls = []
 
     def flaky(conn, event, event_id):
+        # the batch's run-shard and index rows are written by now: they must roll back
         calls.append(event_id)
-        if len(calls) == 3:
+        if len(calls) == 1:
             raise OSError("disk on fire")
         return real(conn, event, event_id)
 
@@ -344,6 +345,81 @@ def test_a_failing_store_event_batch_writes_nothing_and_its_retry_writes_once(in
         storage.store_event(e)
     assert _stored(instance, "a")["materializations"] == 5
     assert _stored(instance, "a")["run_shard"] == 5
+
+
+def _dump_shards(storage: BatchingSqliteEventLogStorage, run_id: str) -> dict:
+    """Every row of every table of the index and run shard files, all columns but the times the
+    database itself stamps on insert (SQL defaults such as CURRENT_TIMESTAMP), without the
+    instance's own records of when its migrations ran."""
+    out = {}
+    for shard in ("index", run_id):
+        con = sqlite3.connect(storage.path_for_shard(shard), timeout=5)
+        try:
+            tables = [r[0] for r in con.execute(
+                "select name from sqlite_master where type = 'table' and name not like "
+                "'sqlite_%' and name not in ('alembic_version', 'secondary_indexes') "
+                "order by name")]
+            for table in tables:
+                cols = [f'"{r[1]}"' for r in con.execute(f"pragma table_info({table})")
+                        if not (r[4] or "").upper().startswith("CURRENT_")]
+                out[f"{shard}.{table}"] = con.execute(
+                    f"select {', '.join(cols)} from {table} order by rowid").fetchall()
+        finally:
+            con.close()
+    return out
+
+
+def test_a_batch_writes_every_row_store_event_writes_one_by_one(home: RolloutHome, tmp_path,
+                                                               monkeypatch):
+    """The set-wise batch against `store_event` per event, on two instances: planned events of
+    several keys (the key written once, from its last event), a check's planned event between
+    them, materializations with an indexed tag (data version), and a key whose events are of two
+    types (written event by event). Every table of both shard files, row for row."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationPlanned,
+    )
+    from dagster._core.events import AssetMaterializationPlannedData, AssetObservationData
+
+    def planned(key, partition):
+        return _entry(DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+                      AssetMaterializationPlannedData(dg.AssetKey(key), partition))
+
+    def mat(key, partition, version):
+        return _entry(DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(
+            dg.AssetMaterialization(asset_key=key, partition=partition,
+                                    tags={"dagster/data_version": version})))
+
+    events = [planned("b", "p0"), planned("a", "p0"), planned("b", "p1"),
+              _entry(DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED, AssetCheckEvaluationPlanned(
+                  asset_key=dg.AssetKey("a"), check_name="c")),
+              planned("a", "p1"), mat("m", "p0", "v0"), mat("m", "p1", "v1"),
+              mat("d", "p0", "w0"),
+              _entry(DagsterEventType.ASSET_OBSERVATION,
+                     AssetObservationData(dg.AssetObservation(asset_key="d", partition="p1"))),
+              mat("n", None, "x")]
+    batched = prepare_instance(home)
+    other = RolloutHome((tmp_path / "one-by-one").resolve())
+    other.root.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(other.root / ".dagster"))
+    one_by_one = prepare_instance(other)
+    try:
+        writes = []
+        real = batched.event_log_storage.store_event
+        batched.event_log_storage.store_event = lambda e: (writes.append(e), real(e))
+        batched.event_log_storage.store_event_batch(events)
+        assert writes == []  # written set-wise, not through store_event
+        for event in events:
+            one_by_one.event_log_storage.store_event(event)
+        got = _dump_shards(batched.event_log_storage, "run-a")
+        want = _dump_shards(one_by_one.event_log_storage, "run-a")
+        assert len(want["index.event_logs"]) == len(events)
+        assert len(want["run-a.event_logs"]) == len(events)
+        assert len(want["index.asset_keys"]) == 5 and want["index.asset_event_tags"]
+        assert want["index.asset_check_executions"]
+        assert got == want
+    finally:
+        batched.dispose()
+        one_by_one.dispose()
 
 
 def test_dagster_hands_multi_partition_materializations_over_as_one_batch(instance,
