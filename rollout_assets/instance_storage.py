@@ -380,9 +380,9 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
         rows = [self._event_to_row(event) for event in events]
         with self.run_connection(events[0].run_id) as conn:
             conn.execute(SqlEventLogStorageTable.insert(), rows)
+        # the events the parent's `store_event` mirrors into the index shard
         mirrored = [i for i, event in enumerate(events)
-                    if event.dagster_event_type in ASSET_CHECK_EVENTS
-                    or (event.dagster_event_type in ASSET_EVENTS and event.dagster_event.asset_key)]
+                    if event.dagster_event_type in ASSET_EVENTS | ASSET_CHECK_EVENTS]
         if not mirrored:
             return
         with self.index_transaction() as conn:
