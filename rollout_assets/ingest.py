@@ -65,7 +65,13 @@ from rollout_assets.events import (
 )
 from rollout_assets.home import RolloutHome
 from rollout_assets.policy import Policy
-from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, transaction
+from rollout_assets.warehouse import (
+    LABEL_COLUMNS,
+    grow_labels,
+    label_type,
+    sql_string,
+    transaction,
+)
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
@@ -653,6 +659,9 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
         if column == "phase":
             values = {phases[v - 1] for v in values if v is not None}
         grow_labels(con, column, values)
+    enum = label_type(con, "phase")
+    if enum is not None:  # the phase's number picks the stored ENUM value: no text cast per row
+        exprs["phase"] = f"({_sql_list(phases)}::{enum}[])[{_FROM_FLAGS['phase']}]"
     batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})

@@ -254,6 +254,13 @@ def _column_type(con, column: str) -> str:
         [column]).fetchone()[0]
 
 
+def label_type(con, column: str) -> str | None:
+    """The ENUM type `canary_events.<column>` holds now, or None once the column is VARCHAR."""
+    if _column_type(con, column) == "VARCHAR":
+        return None
+    return _label_types(con)[column][0]
+
+
 def grow_labels(con, column: str, values) -> None:
     """Make every value in `values` storable in `canary_events.<column>`: a new version of the
     column's ENUM when some are new (in the caller's transaction, before it inserts them)."""
