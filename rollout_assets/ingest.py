@@ -68,7 +68,6 @@ from rollout_assets.policy import Policy
 from rollout_assets.warehouse import (
     LABEL_COLUMNS,
     grow_labels,
-    label_type,
     sql_string,
     transaction,
 )
@@ -658,10 +657,10 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
         values = {row[i] for row in combos}
         if column == "phase":
             values = {phases[v - 1] for v in values if v is not None}
-        grow_labels(con, column, values)
-    enum = label_type(con, "phase")
-    if enum is not None:  # the phase's number picks the stored ENUM value: no text cast per row
-        exprs["phase"] = f"({_sql_list(phases)}::{enum}[])[{_FROM_FLAGS['phase']}]"
+        enum = grow_labels(con, column, values)
+        if column == "phase" and enum is not None:
+            # the phase's number picks the stored ENUM value: no text cast per row
+            exprs["phase"] = f"({_sql_list(phases)}::{enum}[])[{_FROM_FLAGS['phase']}]"
     batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})

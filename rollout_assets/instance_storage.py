@@ -77,7 +77,6 @@ from dagster._core.events import (
     ASSET_CHECK_EVENTS,
     ASSET_EVENTS,
     BATCH_WRITABLE_EVENTS,
-    EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
 )
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
@@ -435,12 +434,11 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
 
 def _batchable(events: Sequence[EventLogEntry]) -> bool:
     """Whether `_store_batch` writes these events as `store_event` would: events of one run,
-    each of a type Dagster hands over in batches (asset and check events, never a run status
+    each of a type Dagster hands over in batches (asset and check events only: no run status
     change, which `store_event` also mirrors into the index shard)."""
     return bool(events) and all(
         event.is_dagster_event and event.run_id == events[0].run_id
         and event.dagster_event_type in BATCH_WRITABLE_EVENTS
-        and event.dagster_event_type not in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
         for event in events)
 
 

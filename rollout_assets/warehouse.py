@@ -254,24 +254,19 @@ def _column_type(con, column: str) -> str:
         [column]).fetchone()[0]
 
 
-def label_type(con, column: str) -> str | None:
-    """The ENUM type `canary_events.<column>` holds now, or None once the column is VARCHAR."""
-    if _column_type(con, column) == "VARCHAR":
-        return None
-    return _label_types(con)[column][0]
-
-
-def grow_labels(con, column: str, values) -> None:
+def grow_labels(con, column: str, values) -> str | None:
     """Make every value in `values` storable in `canary_events.<column>`: a new version of the
-    column's ENUM when some are new (in the caller's transaction, before it inserts them)."""
+    column's ENUM when some are new (in the caller's transaction, before it inserts them).
+    Returns the ENUM type the column holds afterwards, or None when it is VARCHAR."""
     if column not in LABEL_COLUMNS or _column_type(con, column) == "VARCHAR":
-        return
+        return None
     name, version = _label_types(con)[column]
     known = con.execute(f"select enum_range(NULL::{name})").fetchone()[0]
     new = sorted({v for v in values if v is not None} - set(known))
     if not new:
-        return
+        return name
     labels = sorted({*known, *new})  # an ENUM sorts by position: keep VARCHAR's order
+    grown = None
     if len(labels) > MAX_LABELS:
         con.execute(f"alter table canary_events alter {column} type VARCHAR")
     else:
@@ -284,6 +279,7 @@ def grow_labels(con, column: str, values) -> None:
         con.execute(f"alter table canary_events alter {column} type "
                     f"{sql_identifier(catalog)}.main.{grown}")
     con.execute(f"drop type {name}")
+    return grown
 
 
 def records(con, sql: str, params=()) -> list[dict]:
