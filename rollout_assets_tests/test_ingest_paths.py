@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
-from rollout_assets.ingest import ingest_canary
+from rollout_assets.ingest import ingest_canary, ingest_file
 from rollout_assets.partitions import floor_window
 from rollout_assets.policy import load_policy
 from rollout_assets.warehouse import connect
@@ -609,6 +609,24 @@ def test_a_warehouse_from_before_event_keys_is_upgraded(home, policy):
             "new-1": ("A-1", "autosave", "reports/canary/phase-A-1.jsonl", 2, NOW)}
         assert not con.execute("select count(*) from duckdb_tables() "
                                "where table_name = 'canary_events_old'").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("mode", ["fast", "strict"])
+def test_one_file_alone_stores_its_phase_in_a_new_warehouse(home, policy, mode):
+    """`ingest_file` (the Collector's API for a single file) on a warehouse whose phase ENUM
+    has never seen the policy's phases: the store must make every phase storable itself, not
+    rely on `ingest_canary` having grown the ENUM first."""
+    home.canary_dir.mkdir(parents=True)
+    path = home.canary_dir / "phase-B-0.jsonl"
+    path.write_bytes(lines(ev(event_id="b0-1", phase="B-0"), ev(event_id="b0-2", phase="B-0")))
+    con = connect(home.db_path)
+    try:
+        s = ingest_file(con, home, policy, path, NOW, mode)
+        assert (s.loaded, s.quarantined) == (2, 0)
+        assert stored_events(con, "phase", ["b0-1", "b0-2"]) == {
+            "b0-1": ("B-0",), "b0-2": ("B-0",)}
     finally:
         con.close()
 
