@@ -65,12 +65,7 @@ from rollout_assets.events import (
 )
 from rollout_assets.home import RolloutHome
 from rollout_assets.policy import Policy
-from rollout_assets.warehouse import (
-    LABEL_COLUMNS,
-    grow_labels,
-    sql_string,
-    transaction,
-)
+from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, transaction
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
