@@ -61,8 +61,11 @@ class SloRule(_Model):
         return self
 
     def passes(self, value: float) -> bool:
-        """Compare with a relative tolerance so a value computed exactly at the threshold passes."""
-        tol = 1e-9 * max(1.0, abs(self.threshold))
+        """Compare with a tolerance of float rounding only (1e-12 relative, ~4,500 ulps at
+        1.0), so a value computed exactly at the threshold passes: `0.07 - 0.02` is
+        0.05000000000000001. A value truly past it fails, however close: 2500.000002 ms
+        fails `<= 2500` (1e-9, the tolerance before, let it pass)."""
+        tol = 1e-12 * max(1.0, abs(self.threshold))
         if self.comparator == "<=":
             return value <= self.threshold + tol
         if self.comparator == "<":

@@ -5,6 +5,7 @@ delta is absolute, and the baseline comes from A-0 windows or the pinned value."
 from __future__ import annotations
 
 import copy
+import math
 from datetime import datetime, timedelta
 
 import duckdb
@@ -86,6 +87,18 @@ def test_p95_computed_by_duckdb_at_the_threshold_passes(policy):
     assert score_rule(r, WS, "A-1", metrics(autosave_count=11, autosave_p95_ms=mid)).passed
     assert score_rule(r, WS, "A-1",
                       metrics(autosave_count=11, autosave_p95_ms=mid_above)).passed is False
+
+
+def test_only_float_rounding_counts_as_at_the_threshold(policy):
+    r = rule(policy, "A-1", "autosave_p95")
+    one_ulp_above = math.nextafter(2500.0, math.inf)
+    assert score_rule(r, WS, "A-1", metrics(autosave_p95_ms=one_ulp_above)).passed is True
+    # past it by 2 ns (8e-10 relative): a fail, though a 1e-9 tolerance would let it pass
+    for past in (2500.000002, 2500.0000001):
+        assert score_rule(r, WS, "A-1", metrics(autosave_p95_ms=past)).passed is False, past
+    restore = rule(policy, "A-1", "restore_success")
+    assert score_rule(restore, WS, "A-1",
+                      metrics(restore_success_rate=0.995 - 1e-11)).passed is False
 
 
 @pytest.mark.parametrize("ok,n", [(199, 200), (995, 1000), (398, 400), (1990, 2000),
