@@ -1,10 +1,15 @@
 """Analyzer storage: read `window_metrics`, score with `scoring`, replace `slo_scores` and
-`window_verdicts` for a range of windows in one transaction."""
+`window_verdicts` for a range of windows in one transaction. What a window is judged against
+beyond itself (the crash baseline's lookback, burn-rate history) comes from `canary_events`."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from itertools import accumulate
 
+from rollout_assets.collect import exclusion_case_sql, sql_literal
 from rollout_assets.collector_faults import apply_faults, load_faults
 from rollout_assets.compare import compare_windows, needs_comparison, no_comparison
 from rollout_assets.metrics_catalog import METRICS
@@ -19,38 +24,106 @@ SCORE_COLUMNS = (
 )
 
 
-def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[float, str]:
-    """Crash rate of the baseline phase's judged sessions in the lookback, else the pinned value.
-
-    The lookback is the windows *before* this one, `[start - lookback_hours, start)`: the
-    contract's "previous 7 days", so the window being judged never moves its own baseline."""
-    b = policy.baseline
-    crashes, sessions = con.execute(
-        """select coalesce(sum(crash_count), 0), coalesce(sum(session_count), 0)
-           from window_metrics where phase = ? and window_start >= ? and window_start < ?""",
-        [b.phase, window_start - timedelta(hours=b.lookback_hours), window_start],
-    ).fetchone()
-    if sessions >= b.min_sessions:
-        return crashes / sessions, "measured"
-    return b.pinned_crash_rate, "pinned"
+# Judged events of one phase per window, by kind, straight from the stored events.
+_HISTORY_SQL = """
+select window_start, kind::VARCHAR, count(*), count(*) filter (where ok)
+from canary_events
+where phase = ? and window_start >= ? and window_start < ? and kind in ({kinds})
+    and {exclusion} is null
+group by all
+"""
 
 
-def burn_scores(con, phase, ws: datetime) -> list[SloScore]:
-    """Multi-window burn-rate rules of a phase at window `ws`, from its stored window metrics."""
-    out = []
-    for rule in phase.burn_rate_alerts:
-        count_col = METRICS[rule.metric].sample_column
-        rows = con.execute(
-            f"select window_start, {count_col}, {rule.metric} from window_metrics "
-            "where phase = ? and window_start > ? and window_start <= ?",
-            [phase.name, ws - timedelta(minutes=rule.long_minutes), ws]).fetchall()
-        history = {w: (int(n), r) for w, n, r in rows}
-        out.append(score_burn(rule, ws, phase.name, history))
+def judged_history(con, policy: Policy, phase: str, kinds: Sequence[str], start: datetime,
+                   end: datetime) -> dict[datetime, dict[str, tuple[int, int]]]:
+    """window -> kind -> (judged events, of them `ok`) of `phase` in [start, end), under
+    `policy`'s exclusions.
+
+    What a window is judged against beyond its own metrics (the crash baseline's lookback, a
+    burn rate's earlier windows) is read from the stored events, not from `window_metrics`:
+    that table holds only the windows someone has materialized, so the same events would be
+    judged differently depending on which windows had been run before (and a window run
+    before its late events arrived would keep hiding them)."""
+    out: dict[datetime, dict[str, tuple[int, int]]] = {}
+    sql = _HISTORY_SQL.format(kinds=", ".join(map(sql_literal, kinds)),
+                              exclusion=exclusion_case_sql(policy))
+    for ws, kind, n, ok in con.execute(sql, [phase, start, end]).fetchall():
+        out.setdefault(ws, {})[kind] = (int(n), int(ok))
     return out
+
+
+def baseline_rates(con, policy: Policy,
+                   windows: Sequence[datetime]) -> dict[datetime, tuple[float, str]]:
+    """window -> (baseline crash rate, "measured" | "pinned"): the crash rate of the baseline
+    phase's judged sessions in the lookback, else the pinned value.
+
+    The lookback is the windows *before* the one judged, `[start - lookback_hours, start)`: the
+    contract's "previous 7 days", so the window being judged never moves its own baseline."""
+    if not windows:
+        return {}
+    b = policy.baseline
+    lookback = timedelta(hours=b.lookback_hours)
+    history = judged_history(con, policy, b.phase, ("session", "crash"),
+                             min(windows) - lookback, max(windows))
+    starts = sorted(history)
+    sessions = list(accumulate((history[w].get("session", (0, 0))[0] for w in starts),
+                               initial=0))
+    crashes = list(accumulate((history[w].get("crash", (0, 0))[0] for w in starts), initial=0))
+    out = {}
+    for ws in windows:
+        i, j = bisect_left(starts, ws - lookback), bisect_left(starts, ws)
+        n = sessions[j] - sessions[i]
+        out[ws] = ((crashes[j] - crashes[i]) / n, "measured") if n >= b.min_sessions \
+            else (b.pinned_crash_rate, "pinned")
+    return out
+
+
+def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[float, str]:
+    """The crash-rate baseline of one window (see `baseline_rates`)."""
+    return baseline_rates(con, policy, [window_start])[window_start]
+
+
+def burn_history(con, policy: Policy, phase: str, rule, first: datetime,
+                 end: datetime) -> dict[datetime, tuple[int, float | None]]:
+    """window -> (sample, success rate) of a burn-rate rule's metric, for every window its
+    scores over [first, end) look back on."""
+    kind = METRICS[rule.metric].success_of
+    history = judged_history(con, policy, phase, (kind,),
+                             first - timedelta(minutes=rule.long_minutes), end)
+    return {ws: (n, ok / n) for ws, by_kind in history.items() for n, ok in [by_kind[kind]]}
 
 
 def _needs_baseline(phase) -> bool:
     return any(r.metric == "crash_rate_delta" for r in phase.slos)
+
+
+def score_metrics(con, policy: Policy, metrics: Sequence[dict], first: datetime,
+                  end: datetime) -> list[SloScore]:
+    """Score `window_metrics` rows of windows in [first, end) under `policy`: each phase's SLOs
+    (with the crash baseline and the canary-vs-baseline comparisons) and burn-rate rules. The
+    production Analyzer and the what-if replay both score here, so the same policy over the
+    same events gives the same scores."""
+    judged = [rec for rec in metrics if rec["phase"] in policy.phase_names]
+    baselines = baseline_rates(con, policy, sorted({
+        rec["window_start"] for rec in judged if _needs_baseline(policy.phase(rec["phase"]))}))
+    compared: dict[str, dict] = {}  # phase -> window -> comparison values, one query a phase
+    burns: dict[tuple[str, str], dict] = {}  # (phase, rule) -> window -> (sample, rate)
+    scores: list[SloScore] = []
+    for rec in judged:  # a phase the policy does not know is not judged
+        phase = policy.phase(rec["phase"])
+        ws = rec["window_start"]
+        baseline = baselines[ws][0] if _needs_baseline(phase) else None
+        if needs_comparison(phase):
+            if phase.name not in compared:
+                compared[phase.name] = compare_windows(con, policy, phase.name, first, end)
+            rec = {**rec, **(compared[phase.name].get(ws) or no_comparison())}
+        scores.extend(score_window(phase, ws, rec, baseline))
+        for rule in phase.burn_rate_alerts:
+            key = (phase.name, rule.name)
+            if key not in burns:
+                burns[key] = burn_history(con, policy, phase.name, rule, first, end)
+            scores.append(score_burn(rule, ws, phase.name, burns[key]))
+    return scores
 
 
 def score_range(con, policy: Policy, first: datetime, last: datetime,
@@ -59,21 +132,7 @@ def score_range(con, policy: Policy, first: datetime, last: datetime,
     end = last + WINDOW
     metrics = records(con, "select * from window_metrics where window_start >= ? "
                       "and window_start < ? order by window_start, phase", [first, end])
-    scores: list[SloScore] = []
-    compared: dict[str, dict] = {}  # phase -> window -> comparison values, one query a phase
-    for rec in metrics:
-        if rec["phase"] not in policy.phase_names:
-            continue  # a phase the current policy no longer knows is not judged
-        phase = policy.phase(rec["phase"])
-        ws = rec["window_start"]
-        baseline = baseline_crash_rate(con, policy, ws)[0] if _needs_baseline(phase) else None
-        if needs_comparison(phase):
-            if phase.name not in compared:
-                compared[phase.name] = compare_windows(con, policy, phase.name, first, end)
-            rec = {**rec, **(compared[phase.name].get(ws) or no_comparison())}
-        scores.extend(score_window(phase, ws, rec, baseline))
-        if phase.burn_rate_alerts:
-            scores.extend(burn_scores(con, phase, ws))
+    scores = score_metrics(con, policy, metrics, first, end)
     with transaction(con):
         con.execute("delete from slo_scores where window_start >= ? and window_start < ?",
                     [first, end])
@@ -90,27 +149,34 @@ def load_scores(con, first: datetime, last: datetime) -> list[SloScore]:
         "and window_start < ? order by window_start, phase, slo", [first, last + WINDOW])]
 
 
+def decide_windows(con, policy: Policy, scores: Sequence[SloScore],
+                   windows: Iterable[tuple[datetime, str]], first: datetime,
+                   end: datetime) -> list[Verdict]:
+    """Verdicts of the (window, phase) pairs in [first, end) from their scores, escalated by the
+    Collector's faults (a canary file it could not read); `windows` adds pairs that have
+    metrics but no scores (a phase without SLOs gets a not_judged verdict)."""
+    by_window: dict[tuple, list[SloScore]] = {}
+    for s in scores:
+        by_window.setdefault((s.window_start, s.phase), []).append(s)
+    for key in windows:
+        by_window.setdefault(key, [])
+    faults = load_faults(con, first, end)
+    for key in faults:
+        by_window.setdefault(key, [])
+    return apply_faults(policy, [
+        decide(policy, policy.phase(phase), ws, window_scores)
+        for (ws, phase), window_scores in sorted(by_window.items())
+        if phase in policy.phase_names
+    ], faults)
+
+
 def judge_range(con, policy: Policy, first: datetime, last: datetime,
                 now: datetime) -> list[Verdict]:
     """Replace `window_verdicts` for windows in [first, last] from `slo_scores`."""
     end = last + WINDOW
-    by_window: dict[tuple, list[SloScore]] = {}
-    for s in load_scores(con, first, last):
-        by_window.setdefault((s.window_start, s.phase), []).append(s)
-    # phases without SLOs (A-0) have metrics but no scores: they get a not_judged verdict
-    for ws, phase in con.execute(
-        "select window_start, phase from window_metrics where window_start >= ? "
-        "and window_start < ?", [first, end]
-    ).fetchall():
-        by_window.setdefault((ws, phase), [])
-    faults = load_faults(con, first, end)  # canary files the Collector could not read
-    for key in faults:
-        by_window.setdefault(key, [])
-    verdicts = apply_faults(policy, [
-        decide(policy, policy.phase(phase), ws, scores)
-        for (ws, phase), scores in sorted(by_window.items())
-        if phase in policy.phase_names
-    ], faults)
+    windows = con.execute("select window_start, phase from window_metrics "
+                          "where window_start >= ? and window_start < ?", [first, end]).fetchall()
+    verdicts = decide_windows(con, policy, load_scores(con, first, last), windows, first, end)
     with transaction(con):
         con.execute("delete from window_verdicts where window_start >= ? and window_start < ?",
                     [first, end])

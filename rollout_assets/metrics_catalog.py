@@ -14,6 +14,8 @@ class MetricSpec(NamedTuple):
     sql: str
     # the values a threshold may take: a rate is a fraction, so `>= 99.5` is a typo for 0.995
     bounds: tuple[float, float] = (float("-inf"), float("inf"))
+    # a success rate: the share of this kind's judged events with `ok` (burn-rate history)
+    success_of: str | None = None
 
 
 _CRASH_RATE = (
@@ -32,12 +34,12 @@ METRICS: dict[str, MetricSpec] = {
     "restore_success_rate": MetricSpec(
         "restore_count", "successful restores / restores",
         "count(*) filter (where kind = 'restore' and ok)"
-        " / nullif(count(*) filter (where kind = 'restore'), 0)", (0.0, 1.0),
+        " / nullif(count(*) filter (where kind = 'restore'), 0)", (0.0, 1.0), "restore",
     ),
     "merge_auto_success_rate": MetricSpec(
         "merge_count", "merges resolved automatically / merges",
         "count(*) filter (where kind = 'merge' and ok)"
-        " / nullif(count(*) filter (where kind = 'merge'), 0)", (0.0, 1.0),
+        " / nullif(count(*) filter (where kind = 'merge'), 0)", (0.0, 1.0), "merge",
     ),
     "merge_conflict_rate": MetricSpec(
         "merge_count", "merges that raised a conflict / merges",

@@ -1,7 +1,8 @@
 """Policy replay (what-if): re-score stored windows under a candidate policy.
 
 Window metrics are recomputed from the stored `canary_events` with the candidate's exclusion
-rules, then scored with the candidate's SLOs by the same pure functions production uses. Nothing
+rules, then scored and decided under the candidate by the Analyzer's own code
+(`analyze.score_metrics`, `analyze.decide_windows`). Nothing
 in the production tables changes and nothing is sent; every (window, phase) whose verdict would
 differ is printed and stored in `replay_diffs` with both sides.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
+from rollout_assets.analyze import decide_windows, score_metrics
 from rollout_assets.collect import WINDOW_METRICS_SQL, exclusion_case_sql, now_utc
 from rollout_assets.policy import Policy
-from rollout_assets.scoring import Verdict, decide, score_window
+from rollout_assets.scoring import Verdict
 from rollout_assets.warehouse import records, transaction
 
 REPLAY_DDL = """
@@ -47,22 +49,14 @@ class Diff:
         return "changed"
 
 
-def candidate_baseline(metrics: list[dict], policy: Policy, ws: datetime) -> float:
-    """The candidate's crash-rate baseline from the recomputed metrics (same rule as production)."""
-    b = policy.baseline
-    lo = ws - timedelta(hours=b.lookback_hours)
-    rows = [r for r in metrics if r["phase"] == b.phase and lo <= r["window_start"] < ws]
-    sessions = sum(r["session_count"] for r in rows)
-    if sessions >= b.min_sessions:
-        return sum(r["crash_count"] for r in rows) / sessions
-    return b.pinned_crash_rate
-
-
 def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str, list[Diff], int]:
     """Returns (replay_id, diffs, windows compared). Writes only `replay_diffs`."""
-    lookback = start - timedelta(hours=candidate.baseline.lookback_hours)
     metrics = records(con, WINDOW_METRICS_SQL.format(exclusion=exclusion_case_sql(candidate)),
-                      [lookback, end, now_utc(), candidate.version])
+                      [start, end, now_utc(), candidate.version])
+    # scored and decided as the Analyzer does (baseline, comparisons, burn rates, the Collector's
+    # faults): the production policy replayed over unchanged events changes nothing
+    verdicts = decide_windows(con, candidate, score_metrics(con, candidate, metrics, start, end),
+                              [(rec["window_start"], rec["phase"]) for rec in metrics], start, end)
     production = {
         (ws, ph): (b, lv, rb, list(f), pv)
         for ws, ph, b, lv, rb, f, pv in con.execute(
@@ -71,22 +65,14 @@ def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str,
         ).fetchall()
     }
     diffs: list[Diff] = []
-    compared = 0
-    for rec in metrics:
-        ws = rec["window_start"]
-        if ws < start or rec["phase"] not in candidate.phase_names:
-            continue
-        compared += 1
-        phase = candidate.phase(rec["phase"])
-        needs_baseline = any(r.metric == "crash_rate_delta" for r in phase.slos)
-        baseline = candidate_baseline(metrics, candidate, ws) if needs_baseline else None
-        verdict = decide(candidate, phase, ws, score_window(phase, ws, rec, baseline))
-        prod = production.get((ws, phase.name))
+    for verdict in verdicts:
+        prod = production.get((verdict.window_start, verdict.phase))
         same = prod is not None and (
             bool(prod[0]) == verdict.breach and prod[1] == verdict.level
             and prod[2] == verdict.rollback_to and sorted(prod[3]) == sorted(verdict.failed_slos))
         if (prod is None and verdict.breach) or (prod is not None and not same):
-            diffs.append(Diff(ws, phase.name, prod, verdict))
+            diffs.append(Diff(verdict.window_start, verdict.phase, prod, verdict))
+    compared = len(verdicts)
     replay_id = "replay-" + hashlib.sha256(
         f"{candidate.version}:{start}:{end}:{now_utc()}".encode()).hexdigest()[:10]
     now = now_utc()

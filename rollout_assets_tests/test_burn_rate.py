@@ -4,8 +4,12 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from rollout_assets.analyze import judge_range, load_scores, score_range
+from rollout_assets.collect import compute_window_metrics, ingest_canary
 from rollout_assets.policy import PolicyError, parse_policy
+from rollout_assets.replay import replay
 from rollout_assets.scoring import burn_rate, decide, score_burn, score_window
+from rollout_assets_tests.conftest import event, write_canary
 
 WS = datetime(2025, 1, 18, 12, 0)
 W = timedelta(minutes=15)
@@ -66,3 +70,45 @@ def test_policy_rejects_bad_burn_windows(policy):
     bad = policy.source_text.replace("short_minutes: 60", "short_minutes: 50")
     with pytest.raises(PolicyError, match="multiples of 15"):
         parse_policy(bad)
+
+
+# ---- history from the stored events ---------------------------------------------------------
+
+def _restores(home, failures_per_window: list[int], n: int = 1000) -> None:
+    """`n` A-2 restores in each of the windows ending at WS, `failures_per_window[i]` failing."""
+    lines = []
+    for i, failures in enumerate(reversed(failures_per_window)):
+        ws = WS - i * W
+        at = (ws + timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines += [event(event_id=f"r-{ws:%H%M}-{k}", phase="A-2", kind="restore", ts=at,
+                        ok=k >= failures, drop=("latency_ms",)) for k in range(n)]
+    write_canary(home, "A-2", lines)
+
+
+def _burn(con, policy, first, last):
+    compute_window_metrics(con, policy, first, last)
+    score_range(con, policy, first, last, WS)
+    return next(s for s in load_scores(con, WS, WS) if s.slo == "restore_slow_burn")
+
+
+def test_burn_history_comes_from_the_events_of_windows_never_run(con, home, policy):
+    """A burst in the last hour after five clean hours: the 6 h burn is 8 / 24,000 errors =
+    3.3x, under 6x, so no alert. Running the last window alone must see the same five clean
+    hours (they were read from `window_metrics`, where only the windows run so far are: the
+    window alone then burned 20x over both spans and raised a false alert)."""
+    _restores(home, [0] * 20 + [2] * 4)
+    ingest_canary(con, home, policy)
+    alone = _burn(con, policy, WS, WS)
+    assert (alone.sample_size, alone.passed) == (24_000, True)
+    assert alone.value == pytest.approx((8 / 24_000) / (1 - 0.9999))
+    assert _burn(con, policy, WS - 23 * W, WS) == alone  # the whole span run: the same score
+
+
+def test_replaying_the_production_policy_changes_nothing_with_burn_rates(con, home, policy):
+    _restores(home, [1] * 24)  # 0.1 % errors everywhere: restore_slow_burn fires (10x)
+    ingest_canary(con, home, policy)
+    first = WS - 23 * W
+    assert _burn(con, policy, first, WS).passed is False
+    verdicts = judge_range(con, policy, first, WS, WS)
+    assert any("restore_slow_burn" in v.failed_slos for v in verdicts)
+    assert replay(con, policy, first, WS + W)[1] == []

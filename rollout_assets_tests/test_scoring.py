@@ -12,7 +12,8 @@ import duckdb
 import pytest
 import yaml
 
-from rollout_assets.analyze import baseline_crash_rate
+from rollout_assets.analyze import baseline_crash_rate, judge_range, load_scores, score_range
+from rollout_assets.collect import compute_window_metrics, ingest_canary
 from rollout_assets.home import PROJECT_ROOT
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.policy import Policy, parse_policy
@@ -26,7 +27,7 @@ from rollout_assets.scoring import (
     score_rule,
     score_window,
 )
-from rollout_assets_tests.conftest import DAY
+from rollout_assets_tests.conftest import DAY, event, write_canary
 
 WS = DAY.replace(hour=9)
 RAW = yaml.safe_load((PROJECT_ROOT / "governance" / "policy.yaml").read_text(encoding="utf-8"))
@@ -303,41 +304,68 @@ def test_crash_rate_delta_is_absolute_both_edges(policy):
 
 # ---- baseline: measured from A-0 windows, else pinned --------------------------------------------
 
-def _metrics_row(con, ws: datetime, phase: str, sessions: int, crashes: int):
-    con.execute(
-        "insert into window_metrics values (?, ?, ?, ?, 0, NULL, 0, 0, NULL, 0, NULL, NULL, ?, ?, "
-        "?, 0, ?, 'test')",
-        [ws, ws + timedelta(minutes=15), phase, sessions + crashes, sessions, crashes,
-         crashes / sessions if sessions else None, ws])
+def _sessions(home, ws: datetime, phase: str, sessions: int, crashes: int, tag: str = "",
+              **fields) -> None:
+    """`sessions` session and `crashes` crash events of `phase` five minutes into window `ws`."""
+    at = (ws + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_canary(home, phase, [
+        event(event_id=f"{phase}-{ws:%Y%m%d%H%M}-{tag}{kind}-{i}", ts=at, phase=phase, kind=kind,
+              drop=("latency_ms", "ok"), **fields)
+        for kind, n in (("session", sessions), ("crash", crashes)) for i in range(n)])
 
 
-def test_baseline_is_pinned_when_a0_has_too_few_sessions(con, policy):
+def test_baseline_is_pinned_when_a0_has_too_few_sessions(con, home, policy):
     assert policy.baseline.phase == "A-0" and policy.baseline.min_sessions == 200
-    _metrics_row(con, WS - timedelta(hours=1), "A-0", 199, 50)
+    _sessions(home, WS - timedelta(hours=1), "A-0", 199, 50)
+    ingest_canary(con, home, policy)
     assert baseline_crash_rate(con, policy, WS) == (policy.baseline.pinned_crash_rate, "pinned")
 
 
-def test_baseline_is_measured_from_a0_windows_in_the_previous_7_days(con, policy):
+def test_baseline_is_measured_from_a0_windows_in_the_previous_7_days(con, home, policy):
     lookback = timedelta(hours=policy.baseline.lookback_hours)
-    _metrics_row(con, WS - timedelta(hours=2), "A-0", 120, 3)
-    _metrics_row(con, WS - lookback, "A-0", 80, 3)  # the oldest window still inside
-    # not counted: another phase, a window before the lookback, the window itself and later ones
-    _metrics_row(con, WS - timedelta(hours=1), "A-2", 1000, 500)
-    _metrics_row(con, WS - lookback - timedelta(minutes=15), "A-0", 1000, 500)
-    _metrics_row(con, WS, "A-0", 1000, 500)
-    _metrics_row(con, WS + timedelta(minutes=15), "A-0", 1000, 500)
+    _sessions(home, WS - timedelta(hours=2), "A-0", 120, 3)
+    _sessions(home, WS - lookback, "A-0", 80, 3)  # the oldest window still inside
+    # not counted: another phase, a window before the lookback, the window itself and later
+    # ones, and A-0 events the policy does not judge (staging)
+    _sessions(home, WS - timedelta(hours=1), "A-2", 1000, 500)
+    _sessions(home, WS - lookback - timedelta(minutes=15), "A-0", 1000, 500)
+    _sessions(home, WS, "A-0", 1000, 500)
+    _sessions(home, WS + timedelta(minutes=15), "A-0", 1000, 500)
+    _sessions(home, WS - timedelta(hours=2), "A-0", 1000, 500, tag="stg", environment="staging")
+    ingest_canary(con, home, policy)
     rate, source = baseline_crash_rate(con, policy, WS)
     assert source == "measured"
-    assert rate == pytest.approx(6 / 200)
+    assert rate == 6 / 200
 
 
-def test_baseline_feeds_the_delta(con, policy):
-    _metrics_row(con, WS - timedelta(hours=3), "A-0", 400, 20)  # baseline 0.05
+def test_baseline_feeds_the_delta(con, home, policy):
+    _sessions(home, WS - timedelta(hours=3), "A-0", 400, 20)  # baseline 20 / 400 = 0.05
+    ingest_canary(con, home, policy)
     base, source = baseline_crash_rate(con, policy, WS)
-    assert (base, source) == (pytest.approx(0.05), "measured")
+    assert (base, source) == (0.05, "measured")
     assert _crash(policy, 10, 100, base).passed is True   # 0.10 - 0.05 = 0.05
     assert _crash(policy, 11, 100, base).passed is False  # 0.11 - 0.05 = 0.06
     assert _crash(policy, 10, 100, policy.baseline.pinned_crash_rate).passed is False
+
+
+def test_the_baseline_does_not_depend_on_which_windows_were_run(con, home, policy):
+    """The A-0 windows of the lookback need not have been materialized: an A-2 window run on
+    its own is judged against the A-0 events stored (found by an independent audit: the
+    baseline came from `window_metrics`, so it was pinned until the A-0 windows had run)."""
+    a0 = datetime(2025, 1, 17, 20, 0)
+    _sessions(home, a0, "A-0", 200, 10)  # crash rate 10 / 200 = 0.05
+    _sessions(home, WS, "A-2", 100, 10)  # 10 / 100 = 0.10: delta 0.05, at the threshold
+    ingest_canary(con, home, policy)
+    compute_window_metrics(con, policy, WS, WS)  # the A-2 window only
+    score_range(con, policy, WS, WS, WS)
+    (delta,) = [s for s in load_scores(con, WS, WS) if s.metric == "crash_rate_delta"]
+    assert (delta.baseline, delta.value, delta.passed) == (0.05, 0.1 - 0.05, True)
+    assert not [v for v in judge_range(con, policy, WS, WS, WS) if v.breach]
+    # materializing the A-0 window afterwards changes nothing
+    compute_window_metrics(con, policy, a0, a0)
+    score_range(con, policy, WS, WS, WS)
+    assert [s.baseline for s in load_scores(con, WS, WS) if s.metric == "crash_rate_delta"] \
+        == [0.05]
 
 
 # ---- what the alert shows at the boundary --------------------------------------------------------
