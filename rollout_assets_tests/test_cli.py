@@ -174,6 +174,15 @@ def test_flags_commands(session):
     assert "rollback: A-1 -> A-0" in session.show
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`rollout flags show | head -1`: output into a closed pipe ends quietly (128 + SIGPIPE)."""
+    proc = subprocess.Popen([ROLLOUT, "--home", str(tmp_path), "flags", "show"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    proc.stdout.close()  # before the first line: importing takes far longer than this
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
+
+
 # ---- bad input: exit 2, one line, nothing written ----------------------------------------------
 
 BAD_INPUT = [
