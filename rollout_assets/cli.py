@@ -192,6 +192,42 @@ def cmd_flags(args, home: RolloutHome) -> int:
         con.close()
 
 
+# ---- files ------------------------------------------------------------------------------------
+def cmd_files(args, home: RolloutHome) -> int:
+    from rollout_assets.collect import now_utc
+    from rollout_assets.collector_faults import ForgetError, forget_file
+    from rollout_assets.warehouse import connect
+
+    if not home.db_path.exists():
+        raise CliError(f"no warehouse at {home.db_path}: run `rollout run` first")
+    con = connect(home.db_path)
+    try:
+        if args.files_cmd == "forget":
+            try:
+                print(forget_file(con, home, args.path, args.reason or "", args.actor,
+                                  now_utc()))
+            except ForgetError as exc:
+                raise CliError(str(exc)) from None
+            return 0
+        rows = con.execute("select source_file, byte_offset, lines_read, loaded, duplicates, "
+                           "quarantined, updated_at from ingest_files order by 1").fetchall()
+        print(f"{len(rows)} canary file(s) read")
+        for rel, offset, lines, loaded, dups, quarantined, at in rows:
+            path = home.root / rel
+            state = (f"{offset} of {path.stat().st_size} bytes read" if path.is_file() else
+                     "GONE: a P1 collector fault until it is back (`rollout files forget "
+                     f"{rel} --reason ...` if it was retired)")
+            print(f"  {rel}: {state}\n    {lines} lines: {loaded} loaded, {dups} duplicates, "
+                  f"{quarantined} quarantined; last read {at:%Y-%m-%d %H:%M:%S} UTC")
+        for rel, reason, actor, at in con.execute(
+                "select source_file, reason, actor, forgotten_at from forgotten_files "
+                "order by forgotten_at").fetchall():
+            print(f"  {rel}: forgotten {at:%Y-%m-%d %H:%M:%S} UTC by {actor} ({reason})")
+        return 0
+    finally:
+        con.close()
+
+
 # ---- replay -----------------------------------------------------------------------------------
 def cmd_replay(args, home: RolloutHome) -> int:
     from rollout_assets.policy import PolicyError, load_policy
@@ -382,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
                             help="promote although the gate does not hold (needs --reason; "
                                  "recorded as promote_forced)")
     f.set_defaults(func=cmd_flags)
+
+    fl = sub.add_parser("files", help="the canary files the Collector reads, and retiring one")
+    fls = fl.add_subparsers(dest="files_cmd", required=True)
+    fls.add_parser("list", help="every canary file read: cursor, counts, whether it is gone")
+    ff = fls.add_parser("forget", help="a file read before that is gone for good: stop raising "
+                                       "it as a P1 collector fault (its events stay stored)")
+    ff.add_argument("path", help="path under the home, absolute path, or file name")
+    ff.add_argument("--reason", required=True)
+    ff.add_argument("--actor", default=os.environ.get("USER", "rollout"))
+    fl.set_defaults(func=cmd_files)
 
     rp = sub.add_parser("replay", help="what-if: re-score stored windows under another policy")
     rp.add_argument("--policy", required=True, help="candidate policy YAML")

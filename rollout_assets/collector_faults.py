@@ -126,6 +126,50 @@ def check_canary_files(con, home: RolloutHome, retries: int = PROBE_RETRIES,
     return faults, skip
 
 
+class ForgetError(ValueError):
+    """A canary file that cannot be forgotten: unknown, ambiguous, or still there."""
+
+
+def known_file(con, home: RolloutHome, name: str) -> str:
+    """The `ingest_files` entry `name` means: its path relative to the home, an absolute path,
+    or a bare file name (`phase-A-2.jsonl`) when only one known file has it."""
+    known = known_files(con)
+    if name in known:
+        return name
+    path = Path(name)
+    if path.is_absolute() or path.parent != Path("."):
+        rel = home.relative(home.root / path)
+        if rel in known:
+            return rel
+        raise ForgetError(f"{name}: the Collector has not read such a file")
+    matches = [rel for rel in known if Path(rel).name == name]
+    if len(matches) != 1:
+        raise ForgetError(f"{name}: " + ("the Collector has not read such a file" if not matches
+                                         else f"matches {', '.join(matches)}; give the path"))
+    return matches[0]
+
+
+def forget_file(con, home: RolloutHome, name: str, reason: str, actor: str,
+                now: datetime) -> str:
+    """An operator's word that a canary file read before is gone for good (retired, rotated
+    away): the Collector stops raising it as a P1 fault. Its events stay stored; its cursor
+    moves to `forgotten_files` with who and why. A file of that name written later is read
+    from its first line, and events already stored still count once."""
+    if not reason.strip():
+        raise ForgetError("--reason is required: say why the file is gone")
+    rel = known_file(con, home, name)
+    if (home.root / rel).exists():
+        raise ForgetError(f"{rel} is still there: only a file that is gone can be forgotten")
+    with transaction(con):
+        loaded = con.execute(
+            "insert into forgotten_files select source_file, byte_offset, lines_read, loaded, "
+            "?, ?, ? from ingest_files where source_file = ? returning loaded",
+            [reason, actor, now, rel]).fetchone()[0]
+        con.execute("delete from ingest_files where source_file = ?", [rel])
+    return (f"forgot {rel}: its {loaded} events stay stored and it is no longer a collector "
+            "fault (re-run the windows it faulted to clear their verdicts)")
+
+
 class _SomeFilesHome(RolloutHome):
     """The home as the ingest sees it: only the canary files that passed the probe."""
 

@@ -76,6 +76,13 @@ DDL: dict[str, str] = {
             retryable BOOLEAN NOT NULL, reason VARCHAR NOT NULL, attempts INTEGER NOT NULL,
             detected_at TIMESTAMP NOT NULL, PRIMARY KEY (window_start, phase, source_file)
         )""",
+    # canary files an operator said are gone for good (`rollout files forget`): the audit trail
+    "forgotten_files": """
+        create table if not exists forgotten_files (
+            source_file VARCHAR NOT NULL, byte_offset BIGINT NOT NULL, lines_read BIGINT NOT NULL,
+            loaded BIGINT NOT NULL, reason VARCHAR NOT NULL, actor VARCHAR NOT NULL,
+            forgotten_at TIMESTAMP NOT NULL
+        )""",
     # ---- Analyzer --------------------------------------------------------------------------
     "slo_scores": """
         create table if not exists slo_scores (

@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from rollout_assets import cli
 from rollout_assets.collector_faults import HARD_SLO, SOFT_SLO, probe_file
 from rollout_assets.runner import run_range
 from rollout_assets_tests.conftest import write_canary
@@ -174,3 +175,49 @@ def test_a_persistent_retryable_error_escalates_p2_without_rollback(home):
     instance = instance_of(home)
     assert instance.get_runs(dg.RunsFilter(job_name="rollback_job")) == []
     instance.dispose()
+
+
+def test_a_retired_file_is_forgotten_by_the_operator_and_no_longer_a_fault(home, capsys):
+    """A file read before that is gone raises P1 every window until it is back; if it was
+    retired, `rollout files forget` says so (with a reason, recorded) and the P1s stop."""
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", [*window_events("A-1", W0, "w0"), *window_events("A-1", W1, "w1"),
+                               *window_events("A-1", W2, "w2")])
+    a2 = write_canary(home, "A-2", window_events("A-2", W0, "w0"))
+    run_range(home, W0, W1, log=lambda m: None)
+
+    def rollout(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["--home", str(home.root), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, _, err = rollout("files", "forget", "phase-A-2.jsonl", "--reason", "retired")
+    assert code == 2 and "is still there" in err  # only a file that is gone
+    a2.unlink()
+    run_range(home, W1, W2, log=lambda m: None)
+    assert verdict(home, W1, "A-2")[0][:4] == (True, True, "A-1", "P1")
+    code, out, _ = rollout("files", "list")
+    assert code == 0 and "reports/canary/phase-A-2.jsonl: GONE" in out
+
+    code, out, _ = rollout("files", "forget", "phase-A-2.jsonl", "--reason", "A-2 retired",
+                           "--actor", "alice")
+    assert code == 0 and "its 24 events stay stored" in out
+    assert query(home, "select source_file, lines_read, loaded, reason, actor "
+                       "from forgotten_files") == [
+        ("reports/canary/phase-A-2.jsonl", 24, 24, "A-2 retired", "alice")]
+    code, _, err = rollout("files", "forget", "phase-A-2.jsonl", "--reason", "again")
+    assert code == 2 and "has not read such a file" in err
+
+    run_range(home, W1, W2 + timedelta(minutes=15), log=lambda m: None)  # W1 re-run, and W2
+    assert faults(home) == []
+    # no A-2 events after 09:15: no window_metrics row, so no verdict (the P1 is gone)
+    assert verdict(home, W1, "A-2") == [] and verdict(home, W2, "A-2") == []
+    assert query(home, "select count(*) from canary_events") == [(24 * 4,)]  # nothing lost
+    # a file of that name written again is read from its first line; an event stored before
+    # still counts once
+    write_canary(home, "A-2", window_events("A-2", W0, "w0")[:1] + window_events("A-2", W2, "w2"))
+    run_range(home, W2, W2 + timedelta(minutes=15), log=lambda m: None)
+    assert query(home, "select events from window_metrics where window_start = ? and "
+                       "phase = 'A-2'", [W2]) == [(24,)]
+    assert query(home, "select lines_read, loaded, duplicates from ingest_files where "
+                       "source_file = 'reports/canary/phase-A-2.jsonl'") == [(25, 24, 1)]
