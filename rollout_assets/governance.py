@@ -56,17 +56,34 @@ with v as (
     select phase, window_start::DATE as day, count(*) as shadow_failures
     from slo_scores where shadow and passed = false and window_start >= ? and window_start < ?
     group by all
+), k as (  -- a day of a phase with any of these: a rolled-back phase gets no more windows, yet
+            -- its incident closes (on another phase's green windows) on a later day
+    select phase, day from v union select phase, day from m union select phase, day from r
+    union select phase, day from i union select phase, day from t
 )
-select v.phase, v.day, v.windows_judged, v.windows_passed,
-    v.windows_passed / nullif(v.windows_judged, 0)::DOUBLE as attainment, v.breaches,
-    coalesce(r.rollbacks, 0), coalesce(i.incidents, 0), coalesce(i.major_incidents, 0), t.mttr,
-    coalesce(m.excluded_events, 0), coalesce(d.drill_events, 0),
-    coalesce(s.shadow_failures, 0), ?::VARCHAR, ?::TIMESTAMP
-from v
+select k.phase, k.day, coalesce(v.windows_judged, 0), coalesce(v.windows_passed, 0),
+    v.windows_passed / nullif(v.windows_judged, 0)::DOUBLE as attainment,
+    coalesce(v.breaches, 0), coalesce(r.rollbacks, 0), coalesce(i.incidents, 0),
+    coalesce(i.major_incidents, 0), t.mttr, coalesce(m.excluded_events, 0),
+    coalesce(d.drill_events, 0), coalesce(s.shadow_failures, 0), ?::VARCHAR, ?::TIMESTAMP
+from k left join v using (phase, day)
 left join m using (phase, day) left join d using (phase, day) left join r using (phase, day)
 left join i using (phase, day) left join t using (phase, day) left join s using (phase, day)
-order by v.day, v.phase
+order by k.day, k.phase
 """
+
+
+def incident_facts(con) -> set[tuple]:
+    """What `sla_daily` reads of each incident (its phase, level, opening and closing window)."""
+    return set(con.execute("select incident_id, phase, level, opened_window, closed_window "
+                           "from incidents").fetchall())
+
+
+def days_of_changed_incidents(before: set[tuple], after: set[tuple]) -> set[date]:
+    """The UTC days whose `sla_daily` rows an incident change moves: the days an incident that
+    appeared, changed or went away opened or closed on. Windows run out of order (a late file,
+    a backfill) regroup incidents that other days' rows count."""
+    return {w.date() for row in before ^ after for w in row[3:] if w is not None}
 
 
 def drill_exclusions(policy: Policy) -> list[str]:

@@ -88,21 +88,27 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
                              metadata={"status": "already succeeded"})
+        # Either side in time: windows run out of order (a late file, a backfill) may breach
+        # an earlier window of an incident another window already rolled back.
         done = con.execute(
-            "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
-            "window_start < ? and window_start >= (select opened_window from incidents "
-            "where incident_id = ?) order by window_start limit 1",
-            [config.phase, ws, incident]).fetchone() if incident else None
+            "select r.rollback_id from rollbacks r join incidents i on i.incident_id = ? "
+            "where r.status = 'succeeded' and r.phase = ? and r.window_start <> ? "
+            "and r.window_start >= i.opened_window "
+            "and (i.closed_window is null or r.window_start <= i.closed_window) "
+            "order by r.window_start limit 1",
+            [incident, config.phase, ws]).fetchone() if incident else None
         why = f"incident {incident} was already rolled back by {done[0]}" if done else None
         cooldown = policy.rollback.cooldown_minutes
         recent = con.execute(
             "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
-            "window_start < ? and window_start >= ? order by window_start desc limit 1",
-            [config.phase, ws, ws - timedelta(minutes=cooldown)]).fetchone() if cooldown else None
+            "window_start <> ? and window_start >= ? and window_start <= ? "
+            "order by abs(epoch(window_start) - epoch(?::TIMESTAMP)) limit 1",
+            [config.phase, ws, ws - timedelta(minutes=cooldown), ws + timedelta(minutes=cooldown),
+             ws]).fetchone() if cooldown else None
         if done is None and recent:
             done = recent
-            why = (f"{recent[0]} rolled {config.phase} back less than {cooldown} minutes "
-                   "earlier (policy rollback.cooldown_minutes)")
+            why = (f"{recent[0]} rolled {config.phase} back within {cooldown} minutes of "
+                   "this window (policy rollback.cooldown_minutes)")
         if done:
             # One incident, one rollback: later breaches of the same incident attach to it, and
             # the cooldown stops a flapping phase from being rolled back again and again.

@@ -159,14 +159,32 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         defs = _defs(home)
     try:
         with frozen_heap():
-            return _run_windows(instance, defs, windows, keys, log, progress)
+            return _run_windows(home, instance, defs, windows, keys, log, progress)
     finally:
         instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
 
 
-def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions, windows: list[datetime],
-                 keys: list[str], log: Callable[[str], None], progress: bool) -> RunSummary:
-    """The window run, the breach sensor's rollbacks, then the daily SLA run of its days."""
+def _incident_facts(home: RolloutHome) -> set[tuple]:
+    from rollout_assets import warehouse
+    from rollout_assets.governance import incident_facts
+
+    if not home.db_path.exists():
+        return set()
+    con = warehouse.connect(home.db_path)
+    try:
+        return incident_facts(con)
+    finally:
+        con.close()
+
+
+def _run_windows(home: RolloutHome, instance: dg.DagsterInstance, defs: dg.Definitions,
+                 windows: list[datetime], keys: list[str], log: Callable[[str], None],
+                 progress: bool) -> RunSummary:
+    """The window run, the breach sensor's rollbacks, then the daily SLA run of its days and of
+    the days whose incidents they changed."""
+    from rollout_assets.governance import days_of_changed_incidents
+
+    incidents_before = _incident_facts(home)
     job = defs.resolve_job_def("rollout_window_job")
     log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
     result = job.execute_in_process(
@@ -191,7 +209,8 @@ def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions, windows: li
         tick_breach_sensor(instance, defs, log)
         raise RunError(f"window run {result.run_id} failed: {msg}")
     summary.rollbacks = tick_breach_sensor(instance, defs, log)
-    days = sorted({w.date() for w in windows})
+    days = sorted({w.date() for w in windows}
+                  | days_of_changed_incidents(incidents_before, _incident_facts(home)))
     daily = defs.resolve_job_def("rollout_daily_job").execute_in_process(
         instance=instance, raise_on_error=False, run_config=QUIET,
         tags={ASSET_PARTITION_RANGE_START_TAG: days[0].isoformat(),

@@ -56,8 +56,41 @@ def test_second_incident_inside_the_cooldown_is_not_rolled_back_again(home, poli
     con.close()
     status, log = _rollback(home, 3)  # 45 minutes later: a new incident, inside the cooldown
     assert status == "skipped"
-    assert f"less than {policy.rollback.cooldown_minutes} minutes" in log
+    assert f"within {policy.rollback.cooldown_minutes} minutes of this window" in log
     assert _rollback(home, 8)[0] == "succeeded"  # two hours later: outside the cooldown
+
+
+def test_windows_run_out_of_order_still_roll_an_incident_back_once(home, policy):
+    """A late file breaches 10:00 after 10:15's breach was rolled back: both windows are one
+    incident (opened 10:00 now), which was rolled back already; and a breach 60 minutes before
+    a rollback (another incident) is inside the cooldown as much as one 60 minutes after it."""
+    con = connect(home.db_path)
+    try:
+        for phase in ("A-1", "A-2"):
+            promote(con, policy, phase, reason="test", force=True)
+        _verdicts(con, [(5, "breach"), (6, "pass"), (7, "pass")])
+        refresh_incidents(con, home, policy)
+    finally:
+        con.close()
+    assert _rollback(home, 5)[0] == "succeeded"
+    con = connect(home.db_path)
+    try:
+        _verdicts(con, [(4, "breach"), (1, "breach"), (2, "pass"), (3, "pass")])  # arrive late
+        refresh_incidents(con, home, policy)
+        assert con.execute("select opened_window from incidents order by 1").fetchall() == [
+            (W0 + W,), (W0 + 4 * W,)]
+    finally:
+        con.close()
+    status, log = _rollback(home, 4)  # the incident 10:15 rolled back now opens at 10:00
+    assert status == "skipped" and "was already rolled back by 20250118T1015Z:A-2" in log
+    status, log = _rollback(home, 1)  # its own incident, 60 minutes before 10:15's rollback
+    assert status == "skipped" and "within 60 minutes of this window" in log
+    con = connect(home.db_path)
+    try:
+        assert con.execute("select count(*) from flag_history where action = 'rollback'"
+                           ).fetchone()[0] == 1
+    finally:
+        con.close()
 
 
 def test_a_relaunched_rollback_that_already_succeeded_keeps_its_record(home, policy):
