@@ -140,12 +140,17 @@ def cmd_run(args, home: RolloutHome) -> int:
         raise CliError(str(exc), EXIT_FAILED) from None
     print(f"run {summary.run_id}: {len(summary.windows)} window(s) materialized")
     for rb in summary.rollbacks:
-        state = "already handled" if rb.skipped else ("succeeded" if rb.success else "FAILED")
+        state = ("succeeded" if rb.success else "FAILED") + (
+            " (handled by an earlier run)" if rb.skipped else "")
         print(f"rollback run {rb.run_key}: {state} (run {rb.run_id[:8]})")
     for line in _verdict_summary(home, start, end):
         print(line)
     failed = [rb for rb in summary.rollbacks if not rb.success]
-    return EXIT_FAILED if failed else 0
+    if failed:
+        raise CliError("rollback failed for " + ", ".join(rb.run_key for rb in failed)
+                       + ": see `rollbacks`, reports/rollbacks/ and the runs in the Dagster UI",
+                       EXIT_FAILED)
+    return 0
 
 
 # ---- flags ------------------------------------------------------------------------------------
@@ -177,7 +182,11 @@ def cmd_flags(args, home: RolloutHome) -> int:
             if args.dry_run:
                 state = flags.current_state(con, policy)
                 path = flags.write_rehearsal(home, policy, state, args.phase)
-                print(f"dry run: flags unchanged at {state.phase}; drill recorded in {path}")
+                nothing = flags.nothing_to_roll_back(policy, state, args.phase)
+                outcome = (f"would change nothing ({nothing})" if nothing
+                           else f"would move them to {args.phase}")
+                print(f"dry run: flags unchanged at {state.phase}; the real rollback {outcome}; "
+                      f"drill recorded in {path}")
                 return 0
             _, _, msg = flags.rollback(con, policy, args.phase, reason=args.reason,
                                        actor=args.actor)

@@ -8,6 +8,7 @@ policy's phase definition, never from the caller.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,19 +81,27 @@ def _write(con, policy: Policy, from_phase: str | None, to_phase: str, action: s
         )
 
 
+def nothing_to_roll_back(policy: Policy, before: FlagState, target: str) -> str | None:
+    """Why a rollback to `target` changes nothing (the flags are at or behind it), else None:
+    a rollback never moves the flags forward."""
+    cur_i, tgt_i = policy.phase_index(before.phase), policy.phase_index(target)
+    if tgt_i == cur_i:
+        return f"flags already at {target}; nothing to roll back"
+    if tgt_i > cur_i:
+        # e.g. an A-2 breach handled after an earlier rollback to A-0: already safe
+        return f"flags already behind {target} (at {before.phase}); nothing to roll back"
+    return None
+
+
 def rollback(con, policy: Policy, target: str, reason: str | None = None,
              actor: str = "rollout") -> tuple[FlagState, FlagState, str]:
     """Move the flags back to `target`. Returns (before, after, message). When the flags are
     already at or behind `target` nothing changes: a rollback never moves them forward."""
     validate_phase(policy, target)
     before = current_state(con, policy)
-    cur_i, tgt_i = policy.phase_index(before.phase), policy.phase_index(target)
-    if tgt_i == cur_i:
-        return before, before, f"flags already at {target}; nothing to roll back"
-    if tgt_i > cur_i:
-        # e.g. an A-2 breach handled after an earlier rollback to A-0: already safe
-        return before, before, (f"flags already behind {target} (at {before.phase}); nothing to "
-                                "roll back")
+    nothing = nothing_to_roll_back(policy, before, target)
+    if nothing:
+        return before, before, nothing
     _write(con, policy, before.phase, target, "rollback", reason, actor)
     after = current_state(con, policy)
     return before, after, f"rolled back {before.describe()} -> {after.describe()}"
@@ -129,8 +138,8 @@ def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target
     """A dry-run rollback drill: record what would change in docs/rehearsal/, change nothing."""
     validate_phase(policy, target)
     when = when or now_utc()
-    after_flags = _flags_for(policy, target)
-    path = home.inside(home.rehearsal_dir / f"{when.strftime('%Y%m%dT%H%M%SZ')}.md")
+    nothing = nothing_to_roll_back(policy, before, target)
+    after_flags = before.flags if nothing else _flags_for(policy, target)
     lines = [
         f"# Rollback drill {when.strftime('%Y-%m-%d %H:%M:%S')} UTC",
         "",
@@ -139,11 +148,27 @@ def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target
         f"- Policy version: `{policy.version}` ({policy.version_label})",
         f"- Current phase: `{before.phase}`",
         f"- Rollback target: `{target}`",
+        f"- The real rollback: {nothing or f'moves the flags {before.phase} -> {target}'}",
         "",
         "| flag | now | after rollback |",
         "| --- | --- | --- |",
     ]
     for k, v in before.flags.items():
         lines.append(f"| `{k}` | `{v}` | `{after_flags.get(k)}` |")
+    path = _new_file(home, home.rehearsal_dir, when.strftime("%Y%m%dT%H%M%SZ"), ".md")
     atomic_write(path, "\n".join(lines) + "\n")
     return home.relative(path)
+
+
+def _new_file(home: RolloutHome, directory, stem: str, suffix: str):
+    """`<stem><suffix>` in `directory`, or `<stem>-2<suffix>`, ... if taken: two drills in the
+    same second each keep their record. The name is claimed (created) before it is returned."""
+    home.inside(directory).mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        path = home.inside(directory / f"{stem}{'' if n == 1 else f'-{n}'}{suffix}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return path
+        except FileExistsError:
+            n += 1

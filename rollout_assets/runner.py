@@ -245,8 +245,11 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
                 if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME and REAPED_TAG not in r.tags
             ]  # a rollback whose process was killed (reaped) is launched again
             if existing:
-                # handled before: report how that run ended (a failed rollback stays failed)
-                ok = existing[0].status == dg.DagsterRunStatus.SUCCESS
+                # handled before: report how that rollback ended (a failed one stays failed).
+                # Its run may have failed only on a message it could not deliver, which the
+                # window's re-run has delivered since: the command's outcome is what counts.
+                ok = (existing[0].status == dg.DagsterRunStatus.SUCCESS
+                      or _rollback_status(defs, rr.run_key) in ("succeeded", "skipped"))
                 out.append(RollbackRun(rr.run_key, existing[0].run_id, ok, skipped=True))
                 continue
             log(f"breach sensor: launching rollback_job for {rr.run_key}")
@@ -263,6 +266,22 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
             break
         cursor = new_cursor  # keep paging until the sensor has seen every new verdict
     return out
+
+
+def _rollback_status(defs: dg.Definitions, rollback_id: str) -> str | None:
+    """The `rollbacks` row's status of a rollback (its id is the run key), None without one."""
+    from rollout_assets import warehouse
+
+    path = Path(defs.resources["warehouse"].path)
+    if not path.exists():
+        return None
+    con = warehouse.connect(path)
+    try:
+        row = con.execute("select status from rollbacks where rollback_id = ?",
+                          [rollback_id]).fetchone()
+    finally:
+        con.close()
+    return row[0] if row else None
 
 
 def _as_dict(run_config) -> dict:

@@ -71,6 +71,25 @@ def test_dry_run_rollback_writes_a_rehearsal_and_changes_nothing(con, home, poli
     assert _state(con) == "A-1"
 
 
+def test_a_drill_shows_what_the_real_rollback_would_do_and_never_overwrites_one(
+        con, home, policy):
+    """Found by an independent audit: with the flags at A-1, a drill to B-1 showed
+    `merge.precision legacy -> stable`, which the real command refuses; and two drills in the
+    same second left one file."""
+    flags.promote(con, policy, "A-1", reason="t", force=True)
+    state = flags.current_state(con, policy)
+    when = datetime(2025, 1, 18, 9, 0, 0)
+    first = flags.write_rehearsal(home, policy, state, "B-1", when=when)
+    second = flags.write_rehearsal(home, policy, state, "A-0", when=when)
+    assert (first, second) == ("docs/rehearsal/20250118T090000Z.md",
+                               "docs/rehearsal/20250118T090000Z-2.md")
+    text = (home.root / first).read_text()
+    assert "The real rollback: flags already behind B-1 (at A-1); nothing to roll back" in text
+    assert "| `merge.precision` | `legacy` | `legacy` |" in text
+    assert "The real rollback: moves the flags A-1 -> A-0" in (home.root / second).read_text()
+    assert _state(con) == "A-1"
+
+
 @pytest.mark.parametrize("bad", ["A-1; rm -rf /", "../../x", "A-1\n", "Z-9", ""])
 def test_phases_that_are_not_in_the_policy_are_refused(con, policy, bad):
     with pytest.raises(flags.FlagError):

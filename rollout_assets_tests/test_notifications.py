@@ -598,7 +598,11 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
     # the token is fixed; the re-run delivers the alert and the rollback reply, once each
     # (the alert's third attempt: the rollback job re-publishes the window and tried it again)
     set_env(monkeypatch, endpoints, token=TOKEN)
-    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    summary = run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    # the rollback run failed only on its reply: the rollback itself succeeded, and a re-run
+    # (which `rollout run` turns into its exit code) says so
+    assert [(rb.run_key, rb.success, rb.skipped) for rb in summary.rollbacks] == [
+        ("20250118T0900Z:A-1", True, True)]
     rows = read_ledger(home)
     assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
         "20250118T0900Z:A-1:#launch-autosave:alert": ("sent", 3),
@@ -614,6 +618,76 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
     assert len(endpoints.pd_events()) == 1
     assert_home_clean(home.root)
     assert_no_secret("captured logs", "\n".join(r.getMessage() for r in caplog.records))
+
+
+def _delivered_pd(endpoints) -> list[tuple[str, str]]:
+    return [(r.body["event_action"], r.body["dedup_key"]) for r in endpoints.of(PD_ENQUEUE)
+            if r.ok]
+
+
+def _outage(endpoints, endpoint: str, replies: int) -> None:
+    """The next `replies` answers of `endpoint` are 429 with no wait (retried like a 5xx, but
+    without the back-off that would slow the test), and none after them."""
+    with endpoints._lock:
+        endpoints._scripts[endpoint].clear()
+    endpoints.script(endpoint, *[rate_limited(retry_after=0)] * replies)
+
+
+def test_a_lost_page_goes_out_next_cycle_and_its_resolve_never_before_it(
+        home, endpoints, monkeypatch):
+    """One window a run, as the 15-minute cycle runs them. PagerDuty fails the breach's
+    trigger (09:00) and each retry of it in the next two cycles, but would take the resolve
+    when the incident closes (09:30): that resolve must wait for the trigger, or PagerDuty
+    would see resolve then trigger and keep the incident open for good. The cycle after it
+    delivers the trigger (no one re-ran 09:00), then the resolve."""
+    quiet_rollback_policy(home)
+    w = [W0900 + timedelta(minutes=15 * i) for i in range(4)]
+    write_canary(home, "B-0", window_events("B-0", w[0], "merge", bad=10)
+                 + window_events("B-0", w[1], "merge") + window_events("B-0", w[2], "merge"))
+    set_env(monkeypatch, endpoints)
+    alert, resolve = (f"20250118T0900Z:B-0:pagerduty:{MERGE}:alert",
+                      f"20250118T0930Z:B-0:pagerduty:{MERGE}:resolve")
+    for ws in w[:3]:
+        _outage(endpoints, PD_ENQUEUE, 40)  # down for the whole run
+        with pytest.raises(RunError, match=alert):
+            run_range(home, ws, ws + timedelta(minutes=15), log=lambda m: None)
+        _outage(endpoints, PD_ENQUEUE, 0)
+    assert _delivered_pd(endpoints) == []
+    assert read_ledger(home)[alert]["status"] == "failed"
+    held = read_ledger(home)[resolve]
+    assert held["status"] == "queued" and "held until the alert of 20250118T0900Z" in (
+        held["error"])
+    # PagerDuty is back: the next cycle (09:45, a window without events) catches up, in order
+    run_range(home, w[3], w[3] + timedelta(minutes=15), log=lambda m: None)
+    incident = "INC-20250118T0900Z-B-0"
+    assert _delivered_pd(endpoints) == [("trigger", incident), ("resolve", incident)]
+    assert {read_ledger(home)[k]["status"] for k in (alert, resolve)} == {"sent"}
+    run_range(home, w[3], w[3] + timedelta(minutes=15), log=lambda m: None)
+    assert len(_delivered_pd(endpoints)) == 2  # nothing twice
+
+
+def test_an_escalation_whose_page_went_out_since_is_superseded_not_sent(
+        home, endpoints, monkeypatch):
+    """Both Slack and PagerDuty are down for the breach's run: the alert, the page and the
+    '#incident: page by hand' escalation all fail. When they are back, the window's re-run
+    delivers the alert and the page; telling #incident to page by hand would be stale."""
+    quiet_rollback_policy(home)
+    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    _outage(endpoints, SLACK_POST, 100)
+    _outage(endpoints, PD_ENQUEUE, 100)
+    with pytest.raises(RunError):
+        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert read_ledger(home)["20250118T0900Z:B-0:#incident:escalation"]["status"] == "failed"
+    _outage(endpoints, SLACK_POST, 0)
+    _outage(endpoints, PD_ENQUEUE, 0)
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    rows = read_ledger(home)
+    assert rows[f"20250118T0900Z:B-0:pagerduty:{MERGE}:alert"]["status"] == "sent"
+    assert rows["20250118T0900Z:B-0:#merge-ops:alert"]["status"] == "sent"
+    assert rows["20250118T0900Z:B-0:#incident:escalation"]["status"] == "superseded"
+    assert not [p for p in endpoints.delivered_posts()
+                if "page the on-call by hand" in json.dumps(p)]
 
 
 def test_rollout_demo_delivers_one_message_per_channel_per_breach(tmp_path):

@@ -59,6 +59,7 @@ def alert_reports(
     reports = []
     totals = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}
     with warehouse.connect() as con:
+        notifier.catch_up(con, windows[0])  # earlier windows' undelivered messages first
         breached = [r[0] for r in con.execute(
             "select distinct window_start from window_verdicts where breach and window_start >= ? "
             "and window_start < ? order by 1", [windows[0], windows[-1] + WINDOW]
