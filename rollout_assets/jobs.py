@@ -146,7 +146,7 @@ def execute_rollback(
         level = config.level if outcome.exit_code == 0 else "P1"
         payload = {"exit_code": outcome.exit_code, "status": status,
                    "rollback_to": config.rollback_to, "command": outcome.command}
-        for ch in slack_channels(policy, config.phase, level):
+        for ch in slack_channels(policy, config.phase, level, step="rollback"):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
                                        incident))
         if outcome.exit_code != 0:

@@ -143,6 +143,9 @@ def slack_message(msg, *, run_url: str | None = None, status: str | None = None)
         blocks.append({"type": "header",
                        "text": _plain(f":sos: {level} escalation: {phase}")})
         blocks.append(_section(mrkdwn(msg.text)))
+    elif msg.kind == "rca":
+        blocks.append({"type": "header", "text": _plain(f":memo: RCA draft: {phase}")})
+        blocks.append(_section(mrkdwn(msg.text)))
     else:
         blocks.append(_section(mrkdwn(msg.text)))
     links = _links(p, run_url)

@@ -169,10 +169,16 @@ class PagerDutyService(_Model):
     routing_key_env: str = Field(pattern=r"^[A-Z][A-Z0-9_]*$")
 
 
+RunbookStep = Literal["rollback", "rca", "close"]
+
+
 class Notifications(_Model):
     incident_channel: str = Field(pattern=r"^#[a-z0-9_-]+$")
     page_levels: tuple[Severity, ...]
     incident_channel_levels: tuple[Severity, ...]
+    # the incident runbook's steps (seed §8) also reported in `incident_channel`, whatever the
+    # level: the rollback's result, the RCA draft with its owner and due date, the closing notice
+    incident_channel_steps: tuple[RunbookStep, ...] = ()
 
 
 class Baseline(_Model):

@@ -54,10 +54,13 @@ def rollback_run_key(window_start: datetime, phase: str) -> str:
     return f"{window_stamp(window_start)}:{phase}"
 
 
-def slack_channels(policy: Policy, phase: str, level: str) -> list[str]:
+def slack_channels(policy: Policy, phase: str, level: str, step: str | None = None) -> list[str]:
+    """The phase's channel, plus `incident_channel` at its levels, or for an incident runbook
+    `step` the policy reports there whatever the level (`incident_channel_steps`)."""
     channels = [policy.phase(phase).slack_channel]
-    if level in policy.notifications.incident_channel_levels:
-        channels.append(policy.notifications.incident_channel)
+    n = policy.notifications
+    if level in n.incident_channel_levels or step in n.incident_channel_steps:
+        channels.append(n.incident_channel)
     return list(dict.fromkeys(channels))
 
 
@@ -192,6 +195,23 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
     return out
 
 
+def rca_messages(con, policy: Policy) -> list[Message]:
+    """Seed §8 step 4: every incident's RCA draft, owner and due date shared once in
+    `incident_channel` (when the policy lists the `rca` step)."""
+    if "rca" not in policy.notifications.incident_channel_steps:
+        return []
+    out = []
+    for iid, phase, level, opened, path, owner, due in con.execute(
+        "select incident_id, phase, level, opened_window, rca_path, owner, rca_due "
+        "from incidents order by opened_window"
+    ).fetchall():
+        text = (f"[RCA] {iid} ({level}, {phase}): draft {path}, owner {owner}, due {due} "
+                "(one business day)")
+        out.append(Message(opened, phase, policy.notifications.incident_channel, "rca", level,
+                           text, {"dedup_key": iid, "report": path}, incident_id=iid))
+    return out
+
+
 def resolve_messages(con, policy: Policy) -> list[Message]:
     """One resolve per channel an incident's alerts went to (Slack threads, the PagerDuty
     service), for every closed incident; the ledger's keys make them go out once."""
@@ -205,6 +225,8 @@ def resolve_messages(con, policy: Policy) -> list[Message]:
         channels = [r[0] for r in con.execute(
             "select distinct channel from notifications where incident_id = ? and kind = 'alert' "
             "order by channel", [iid]).fetchall()]
+        if "close" in policy.notifications.incident_channel_steps:  # seed §8 step 5
+            channels = list(dict.fromkeys([*channels, policy.notifications.incident_channel]))
         for ch in channels:
             out.append(Message(closed, phase, ch, "resolve", level, text, {"dedup_key": iid},
                                incident_id=iid))

@@ -608,13 +608,24 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
         "20250118T0900Z:A-1:#launch-autosave:alert": ("sent", 3),
         "20250118T0900Z:A-1:#launch-autosave:rollback": ("sent", 2),
         f"20250118T0900Z:A-1:pagerduty:{AUTOSAVE}:escalation": ("sent", 1),
+        # seed §8 steps 3-4 in #incident, whatever the level: the RCA draft, the rollback
+        "20250118T0900Z:A-1:#incident:rca": ("sent", 3),
+        "20250118T0900Z:A-1:#incident:rollback": ("sent", 2),
     }
-    delivered = endpoints.delivered_posts()
-    assert len(delivered) == 2
-    assert delivered[0]["text"].startswith("[warning] A-1 breached autosave_p95")
-    assert delivered[1]["text"].startswith("Rollback A-1 → A-0 for window 20250118T0900Z")
-    assert delivered[1]["thread_ts"] == rows[
-        "20250118T0900Z:A-1:#launch-autosave:alert"]["message_ts"]
+    delivered = {p["channel"]: [] for p in endpoints.delivered_posts()}
+    for post in endpoints.delivered_posts():
+        delivered[post["channel"]].append(post)
+    phase_ch, incident_ch = "#launch-autosave", "#incident"
+    assert {ch: len(posts) for ch, posts in delivered.items()} == {phase_ch: 2, incident_ch: 2}
+    alert, rollback = delivered[phase_ch]
+    assert alert["text"].startswith("[warning] A-1 breached autosave_p95")
+    assert rollback["text"].startswith("Rollback A-1 → A-0 for window 20250118T0900Z")
+    assert rollback["thread_ts"] == rows["20250118T0900Z:A-1:#launch-autosave:alert"][
+        "message_ts"]
+    rca, rollback = delivered[incident_ch]
+    assert rca["text"].startswith("[RCA] INC-20250118T0900Z-A-1 (warning, A-1): draft "
+                                  "reports/rca/INC-20250118T0900Z-A-1.md, owner ")
+    assert rollback["thread_ts"] == rows["20250118T0900Z:A-1:#incident:rca"]["message_ts"]
     assert len(endpoints.pd_events()) == 1
     assert_home_clean(home.root)
     assert_no_secret("captured logs", "\n".join(r.getMessage() for r in caplog.records))
@@ -662,6 +673,13 @@ def test_a_lost_page_goes_out_next_cycle_and_its_resolve_never_before_it(
     incident = "INC-20250118T0900Z-B-0"
     assert _delivered_pd(endpoints) == [("trigger", incident), ("resolve", incident)]
     assert {read_ledger(home)[k]["status"] for k in (alert, resolve)} == {"sent"}
+    # seed §8 steps 3-5 in #incident for this P2 incident: RCA draft, rollback, closing notice,
+    # in the thread of the incident's first message there (the "page by hand" escalation)
+    posts = [p for p in endpoints.delivered_posts() if p["channel"] == "#incident"]
+    assert [p["text"].split(" ")[0] for p in posts] == [
+        "PagerDuty", "[RCA]", "Rollback", "[resolved]"]
+    root = read_ledger(home)["20250118T0900Z:B-0:#incident:escalation"]["message_ts"]
+    assert [p.get("thread_ts") for p in posts] == [None, root, root, root]
     run_range(home, w[3], w[3] + timedelta(minutes=15), log=lambda m: None)
     assert len(_delivered_pd(endpoints)) == 2  # nothing twice
 

@@ -18,6 +18,7 @@ from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.reporting import (
     alert_context,
     alert_messages,
+    rca_messages,
     render_alert,
     resolve_messages,
 )
@@ -84,6 +85,8 @@ def alert_reports(
                     {"report": rel, "level": info["level"], "messages_queued": info["queued"]},
                     partition_key=partition_key(ws),
                 )
+        for msg in rca_messages(con, home.policy()):  # before the closing notices
+            notifier.send(con, msg)
         # resolves after the alerts: PagerDuty must see trigger before resolve
         resolves = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}
         for msg in resolve_messages(con, home.policy()):
