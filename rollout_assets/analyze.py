@@ -14,7 +14,7 @@ from rollout_assets.collector_faults import apply_faults, load_faults
 from rollout_assets.compare import compare_windows, needs_comparison, no_comparison
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW
-from rollout_assets.policy import Policy
+from rollout_assets.policy import BurnRateRule, Policy
 from rollout_assets.scoring import SloScore, Verdict, decide, score_burn, score_window
 from rollout_assets.warehouse import insert_columns, records, transaction
 
@@ -83,7 +83,7 @@ def baseline_crash_rate(con, policy: Policy, window_start: datetime) -> tuple[fl
     return baseline_rates(con, policy, [window_start])[window_start]
 
 
-def burn_history(con, policy: Policy, phase: str, rule, first: datetime,
+def burn_history(con, policy: Policy, phase: str, rule: BurnRateRule, first: datetime,
                  end: datetime) -> dict[datetime, tuple[int, float | None]]:
     """window -> (sample, success rate) of a burn-rate rule's metric, for every window its
     scores over [first, end) look back on."""

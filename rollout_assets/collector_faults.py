@@ -134,18 +134,15 @@ def known_file(con, home: RolloutHome, name: str) -> str:
     """The `ingest_files` entry `name` means: its path relative to the home, an absolute path,
     or a bare file name (`phase-A-2.jsonl`) when only one known file has it."""
     known = known_files(con)
-    if name in known:
-        return name
     path = Path(name)
     if path.is_absolute() or path.parent != Path("."):
-        rel = home.relative(home.root / path)
-        if rel in known:
-            return rel
+        matches = [rel for rel in (name, home.relative(home.root / path)) if rel in known][:1]
+    else:
+        matches = [rel for rel in known if Path(rel).name == name]
+    if len(matches) > 1:
+        raise ForgetError(f"{name}: matches {', '.join(matches)}; give the path")
+    if not matches:
         raise ForgetError(f"{name}: the Collector has not read such a file")
-    matches = [rel for rel in known if Path(rel).name == name]
-    if len(matches) != 1:
-        raise ForgetError(f"{name}: " + ("the Collector has not read such a file" if not matches
-                                         else f"matches {', '.join(matches)}; give the path"))
     return matches[0]
 
 

@@ -164,17 +164,24 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
 
 
-def _incident_facts(home: RolloutHome) -> set[tuple]:
+def _query_warehouse(path: Path, read: Callable, default):
+    """`read(con)` on a short-lived connection to the warehouse at `path` (`default` when there
+    is none yet): the runner's own look between runs, which hold no connection then."""
     from rollout_assets import warehouse
-    from rollout_assets.governance import incident_facts
 
-    if not home.db_path.exists():
-        return set()
-    con = warehouse.connect(home.db_path)
+    if not path.exists():
+        return default
+    con = warehouse.connect(path)
     try:
-        return incident_facts(con)
+        return read(con)
     finally:
         con.close()
+
+
+def _incident_facts(home: RolloutHome) -> set[tuple]:
+    from rollout_assets.governance import incident_facts
+
+    return _query_warehouse(home.db_path, incident_facts, set())
 
 
 def _run_windows(home: RolloutHome, instance: dg.DagsterInstance, defs: dg.Definitions,
@@ -270,17 +277,10 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
 
 def _rollback_status(defs: dg.Definitions, rollback_id: str) -> str | None:
     """The `rollbacks` row's status of a rollback (its id is the run key), None without one."""
-    from rollout_assets import warehouse
-
-    path = Path(defs.resources["warehouse"].path)
-    if not path.exists():
-        return None
-    con = warehouse.connect(path)
-    try:
-        row = con.execute("select status from rollbacks where rollback_id = ?",
-                          [rollback_id]).fetchone()
-    finally:
-        con.close()
+    row = _query_warehouse(
+        Path(defs.resources["warehouse"].path),
+        lambda con: con.execute("select status from rollbacks where rollback_id = ?",
+                                [rollback_id]).fetchone(), None)
     return row[0] if row else None
 
 
