@@ -142,6 +142,10 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
     return dict(
         window_start=f"{ws:%Y-%m-%d %H:%M}", window_end=f"{ws + WINDOW:%Y-%m-%d %H:%M}",
         window_stamp=window_stamp(ws), level=max_level([p["level"] for p in phases]),
+        # a rollback that failed left the breach live: it was escalated to P1 (#incident and a
+        # critical PagerDuty escalation, `jobs.execute_rollback`), as its incident says
+        escalated=any(p["rollback"] and p["rollback"]["exit_code"] not in (None, 0)
+                      for p in phases),
         policy_label=policy.version_label, policy_version=policy.version,
         flags=dict(phase=state.phase if state else "unknown", flags=state.flags if state else {}),
         phases=phases,

@@ -6,6 +6,7 @@ its log."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 import yaml
@@ -18,7 +19,9 @@ from rollout_assets.policy import Policy
 from rollout_assets.resources.rollback_runner import TIMEOUT_EXIT_CODE, RollbackRunner
 from rollout_assets.run_health import process_alive
 from rollout_assets.runner import QUIET, prepare_instance
+from rollout_assets.warehouse import connect
 from rollout_assets_tests.reliability_helpers import (
+    T0,
     promote_to,
     query,
 )
@@ -115,6 +118,13 @@ def test_a_failing_rollback_is_recorded_and_escalated_to_p1(home, tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import sys\nprint('flag service said no to', sys.argv[1])\nsys.exit(3)\n")
     write_home_policy(home, ["{python}", str(script), "{phase}"])
+    w = T0 + timedelta(minutes=15)  # 09:15
+    con = connect(home.db_path)
+    try:  # the breached window the rollback is for (its alert report is re-rendered)
+        con.execute("insert into window_verdicts values (?, ?, 'A-1', 'breach', true, true, "
+                    "'A-0', 'P2', ['restore_success'], 't', ?)", [w, w + timedelta(minutes=15), w])
+    finally:
+        con.close()
     instance = prepare_instance(home)
     defs = build_definitions(home)
     res = defs.resolve_job_def("rollback_job").execute_in_process(
@@ -128,5 +138,9 @@ def test_a_failing_rollback_is_recorded_and_escalated_to_p1(home, tmp_path):
     sent = set(query(home, "select channel, kind, level from notifications"))
     assert {("#incident", "rollback", "P1"), ("#launch-autosave", "rollback", "P1")} <= sent
     assert ("pagerduty:Autosave & Precision Merge", "escalation", "P1") in sent
+    # the alert report says so too (it said P2 while the incident said P1)
+    report = (home.root / "reports" / "alerts" / "20250118T0915Z.md").read_text()
+    assert "- Level: **P2**, escalated to **P1**: a rollback failed" in report
+    assert "ExitCode=3: the breach is live, escalated to P1" in report
     instance.dispose()
 
