@@ -38,6 +38,7 @@ from rollout_assets_tests.fake_endpoints import (
     server_error,
     slack_error,
 )
+from rollout_assets_tests.reliability_helpers import instance_of
 
 # Marker secrets: none of these strings may appear in any file under the home or in any log.
 TOKEN = "xoxb-SECRET-MARKER-7f3c9a21"
@@ -594,6 +595,15 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
         assert c.execute("select status, exit_code from rollbacks").fetchall() == [
             ("succeeded", 0)]
     assert rows["20250118T0900Z:A-1:#launch-autosave:rollback"]["status"] == "failed"
+    # the Reporter's failure skips the dashboard step, so the Reporter re-rendered the page
+    instance = instance_of(home)
+    try:
+        renders = [r.asset_materialization.description for r in instance.fetch_materializations(
+            dg.AssetKey("dashboard"), limit=10).records]
+    finally:
+        instance.dispose()
+    assert "re-rendered by rollout_window_job" in renders
+    assert (home.root / "reports" / "dashboard" / "index.html").is_file()
 
     # the token is fixed; the re-run delivers the alert and the rollback reply, once each
     # (the alert's third attempt: the rollback job re-publishes the window and tried it again)

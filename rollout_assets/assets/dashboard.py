@@ -3,7 +3,8 @@
 Not partitioned: it summarises the latest days of every window asset. It runs at the end of the
 window job (so the schedule, `rollout run` and the demo refresh it after every range) and
 `rollback_job` re-renders it through `refresh_dashboard` once a rollback is recorded, so the page
-never shows a breach without the rollback that answered it.
+never shows a breach without the rollback that answered it (so does a Reporter run that failed
+to deliver a message, since its failure skips this step).
 """
 
 import dagster as dg
@@ -77,14 +78,15 @@ def dashboard(
 
 
 def refresh_dashboard(context, con, home: RolloutHome, policy: Policy) -> None:
-    """Re-render after a rollback (called by `rollback_job` with its open connection) and record
-    it as a materialization of `dashboard`. The rollback has already happened: a page that cannot
-    be rendered is a warning, never a failed rollback."""
+    """Re-render outside the dashboard's own step (after a rollback, with `rollback_job`'s open
+    connection; after a Reporter run that failed to deliver, whose failure skips the step) and
+    record it as a materialization of `dashboard`. What called it has already happened: a page
+    that cannot be rendered is a warning, never a failure of its own."""
     try:
         path, data = render_dashboard(con, home, policy)
     except Exception as exc:  # noqa: BLE001 - see docstring
-        context.log.warning(f"dashboard not refreshed after the rollback: {exc}")
+        context.log.warning(f"dashboard not refreshed: {exc}")
         return
     context.log_event(dg.AssetMaterialization(
-        asset_key=DASHBOARD_KEY, description="re-rendered by rollback_job",
+        asset_key=DASHBOARD_KEY, description=f"re-rendered by {context.job_name}",
         metadata=dashboard_metadata(home, path, data)))

@@ -11,6 +11,7 @@ from rollout_assets.assets.common import (
     on_last_window,
     run_windows,
 )
+from rollout_assets.assets.dashboard import refresh_dashboard
 from rollout_assets.assets.governance import incidents
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.collect import now_utc
@@ -92,6 +93,10 @@ def alert_reports(
         for msg in resolve_messages(con, home.policy()):
             resolves[notifier.send(con, msg)] += 1
         schema = column_schema(con, "alert_reports")
+        if notifier.failures():
+            # this step fails below, and Dagster then skips the dashboard's: keep the page
+            # current here, failed deliveries and all
+            refresh_dashboard(context, con, home.home, home.policy())
     log_events(context, slot_evaluations(home.policy(), "reporter", windows, now_utc()))
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     on_last_window(context, {"latest_reports": dg.MetadataValue.json(reports[-10:]),
