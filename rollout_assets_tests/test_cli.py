@@ -232,6 +232,13 @@ def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
                      "--hours", "1", "--simulate-breach", "restore_success_rate"])
     _, err = capsys.readouterr()
     assert code == 2 and "production" in err and len(err.strip().splitlines()) == 1
+    # a dry-run rollback is a drill too
+    code = cli.main(["--home", str(tmp_path), "flags", "rollback", "--phase", "A-0",
+                     "--dry-run"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "refused in production mode" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "docs" / "rehearsal").exists()
 
 
 def test_a_broken_home_policy_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
