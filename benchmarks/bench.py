@@ -127,8 +127,9 @@ def step_backfill(home: Path, hours: float) -> dict:
 
 def step_window(home: Path, events: int, hours: float) -> dict:
     """Append one new window of `events` events (the one after the span), then run that window
-    end to end. The earlier bytes of the files are overwritten with junk first (same length):
-    a run that read them again would quarantine them."""
+    end to end. The earlier bytes of the files are overwritten with junk first (same length,
+    all but the cursor's 256-byte fingerprint): a run that read them again would quarantine
+    them."""
     import duckdb
     from generate import write_phase
 
@@ -161,8 +162,12 @@ def step_window(home: Path, events: int, hours: float) -> dict:
 
 
 def _scramble(path: Path) -> None:
-    """Overwrite a file's bytes with junk lines of the same total length."""
-    size = path.stat().st_size
+    """Overwrite a file's bytes with junk lines of the same total length, but for its last
+    `TAIL_BYTES`: the Collector reads those back as its cursor's fingerprint (other bytes
+    there would mean another file, to be read from its start)."""
+    from rollout_assets.ingest import TAIL_BYTES
+
+    size = max(0, path.stat().st_size - TAIL_BYTES)
     block = (b"#" * 63 + b"\n") * (1 << 14)  # 1 MiB at a time: the step's peak RSS is the run's
     with open(path, "r+b") as f:
         for pos in range(0, size - size % 64, len(block)):

@@ -36,6 +36,7 @@ events carry its `batch_id` and their line number.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -99,6 +100,7 @@ MAX_OBJECT_BYTES = 1024 * 1024
 SKIPPED_WS = b" \t\r\x0b\x0c"
 # A suspect by length: more bytes than this may nest deeper than Python's json can parse.
 DEEP_LINE_BYTES = 800
+TAIL_BYTES = 256  # the cursor's fingerprint (`_tail_hash`)
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 MAX_RANGE_LINES = 2**31 - 1  # a staged row's `range_line` is an INTEGER; longer: strict path
@@ -685,18 +687,29 @@ class _Cursor:
     loaded: int = 0
     duplicates: int = 0
     quarantined: int = 0
+    tail_hash: str | None = None  # of the TAIL_BYTES before `offset` (None: not recorded)
 
 
 def _read_cursor(con, rel: str) -> _Cursor:
-    row = con.execute("select byte_offset, lines_read, loaded, duplicates, quarantined "
-                      "from ingest_files where source_file = ?", [rel]).fetchone()
+    row = con.execute("select byte_offset, lines_read, loaded, duplicates, quarantined, "
+                      "tail_hash from ingest_files where source_file = ?", [rel]).fetchone()
     return _Cursor(*row) if row else _Cursor()
 
 
-def _save_cursor(con, rel: str, cur: _Cursor, st: os.stat_result, now: datetime) -> None:
-    con.execute("insert or replace into ingest_files values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+def _tail_hash(fd: int, path: Path, offset: int) -> str:
+    """A fingerprint of the TAIL_BYTES bytes before `offset`: the cursor's own bytes. A file
+    replaced by another of the same size or longer (rotated, copied over, truncated and
+    refilled between two runs) has other bytes there, and is read again from its start."""
+    n = min(TAIL_BYTES, offset)
+    return hashlib.blake2b(_pread(fd, n, offset - n, path), digest_size=8).hexdigest()
+
+
+def _save_cursor(con, rel: str, cur: _Cursor, st: os.stat_result, now: datetime, fd: int,
+                 path: Path) -> None:
+    cur.tail_hash = _tail_hash(fd, path, cur.offset)
+    con.execute("insert or replace into ingest_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [rel, cur.offset, cur.lines, cur.loaded, cur.duplicates, cur.quarantined,
-                 st.st_size, st.st_mtime, now])
+                 st.st_size, st.st_mtime, now, cur.tail_hash])
 
 
 def _commit_counts(stats: FileIngest, cur: _Cursor, lines: int, loaded: int, valid: int,
@@ -737,17 +750,18 @@ def _ingest_strict(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
             data = _pread(fd, cut, cur.offset, path)
         chunk = data[:cut]
         _commit_parsed(con, parse_chunk(chunk, cur.lines + 1, rel, phases, now), len(chunk),
-                       rel, cur, st, now, stats, phases)
+                       rel, cur, st, now, stats, phases, fd, path)
 
 
 def _commit_parsed(con, parsed: ParsedChunk, nbytes: int, rel: str, cur: _Cursor, st,
-                   now: datetime, stats: FileIngest, phases: frozenset[str]) -> None:
+                   now: datetime, stats: FileIngest, phases: frozenset[str], fd: int,
+                   path: Path) -> None:
     """Store a chunk the Python validator read, with the file's cursor, in one transaction."""
     with transaction(con):
         valid, kept = _store_parsed(con, parsed, nbytes, rel, cur, now, _phase_order(phases))
         _commit_counts(stats, cur, parsed.lines_read, kept, valid, len(parsed.quarantine),
                        nbytes)
-        _save_cursor(con, rel, cur, st, now)
+        _save_cursor(con, rel, cur, st, now, fd, path)
     stats.python_lines += parsed.lines_read
 
 
@@ -957,7 +971,7 @@ class _Staged:
             kept = _store_stage(con, job.rel, job.cur, n_lines, rng.size, self.now, order)
             _commit_counts(stats, job.cur, n_lines, kept, n_lines - len(parsed.quarantine),
                            len(parsed.quarantine), rng.size)
-            _save_cursor(con, job.rel, job.cur, job.st, self.now)
+            _save_cursor(con, job.rel, job.cur, job.st, self.now, job.fd, job.path)
             con.execute("drop table _ingest_stage")
         stats.fast_lines += n_lines - len(self.suspects)
         if self.path_taken == "canonical":
@@ -998,9 +1012,11 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
     try:
         st = os.fstat(fd)
         cur = _read_cursor(con, rel)
-        if st.st_size < cur.offset:
-            # The file was truncated or replaced: read it again. Already-stored events dedup by
-            # event_id; quarantine entries of the old content are replaced.
+        if st.st_size < cur.offset or (cur.offset and cur.tail_hash is not None
+                                       and _tail_hash(fd, path, cur.offset) != cur.tail_hash):
+            # The file was truncated or replaced (shorter, or other bytes before the cursor):
+            # read it again. Already-stored events dedup by event_id; quarantine entries of the
+            # old content are replaced.
             with transaction(con):
                 con.execute("delete from quarantine where source_file = ?", [rel])
                 con.execute("delete from ingest_files where source_file = ?", [rel])
@@ -1013,7 +1029,7 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
             if ending and edge[:1] != b"\n":
                 cur.offset += ending
                 with transaction(con):
-                    _save_cursor(con, rel, cur, st, now)
+                    _save_cursor(con, rel, cur, st, now, fd, path)
         end = _complete_end(fd, path, cur.offset, st.st_size)
     except BaseException:
         os.close(fd)
@@ -1071,7 +1087,7 @@ def _ingest_tail(con, fd: int, path: Path, rel: str, end: int, cur: _Cursor,
         return
     parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
                          for n, raw, reason in parsed.quarantine]
-    _commit_parsed(con, parsed, len(tail), rel, cur, st, now, stats, phases)
+    _commit_parsed(con, parsed, len(tail), rel, cur, st, now, stats, phases, fd, path)
 
 
 def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
@@ -1185,7 +1201,12 @@ def _setting(con, name: str, value):
 
 def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retries: int,
                    retry_delay: float, mode: str) -> list[FileIngest]:
-    paths = home.canary_files()
+    # one path per file: a symlink to another canary file has the same cursor, and two jobs
+    # on one cursor would read its new lines twice (the fast path opens every file first)
+    paths: list[Path] = []
+    for path in home.canary_files():
+        if all(home.relative(path) != home.relative(p) for p in paths):
+            paths.append(path)
     committed: list[FileIngest] = []
     if mode == "fast" and len(paths) > 1:
         try:

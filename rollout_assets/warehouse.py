@@ -49,7 +49,8 @@ DDL: dict[str, str] = {
             source_file VARCHAR PRIMARY KEY, byte_offset BIGINT NOT NULL,
             lines_read BIGINT NOT NULL,
             loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL,
-            size_bytes BIGINT NOT NULL, mtime DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL
+            size_bytes BIGINT NOT NULL, mtime DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL,
+            tail_hash VARCHAR
         )""",
     "window_metrics": """
         create table if not exists window_metrics (
@@ -318,18 +319,21 @@ def sql_identifier(s: str) -> str:
 
 def _schema_is_current(con) -> bool:
     """One catalog query instead of ~20 DDL statements on every writer's connect: every table
-    and view exists and `canary_events` has today's columns."""
+    and view exists and `canary_events` and `ingest_files` have today's columns."""
     names = ", ".join(f"'{t}'" for t in DDL)
     views = ", ".join(f"'{v}'" for v in VIEWS)
-    tables, n_views, stale = con.execute(f"""
+    tables, n_views, stale, tail = con.execute(f"""
         select (select count(*) from duckdb_tables() where database_name = current_database()
                     and schema_name = 'main' and table_name in ({names})),
                (select count(*) from duckdb_views() where database_name = current_database()
                     and schema_name = 'main' and view_name in ({views})),
                (select count(*) from duckdb_columns() where database_name = current_database()
                     and schema_name = 'main' and table_name = 'canary_events'
-                    and column_name = 'event_id')""").fetchone()
-    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0
+                    and column_name = 'event_id'),
+               (select count(*) from duckdb_columns() where database_name = current_database()
+                    and schema_name = 'main' and table_name = 'ingest_files'
+                    and column_name = 'tail_hash')""").fetchone()
+    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0 and tail == 1
 
 
 def ensure_schema(con) -> None:
@@ -363,6 +367,8 @@ def _create_schema(con) -> None:
         con.execute(ddl)
     if old:
         _migrate_canary_events(con, old)
+    # the cursor's fingerprint, added later: NULL until a file's next ingest records it
+    con.execute("alter table ingest_files add column if not exists tail_hash VARCHAR")
     for ddl in VIEWS.values():
         con.execute(ddl)
 

@@ -631,6 +631,79 @@ def test_one_file_alone_stores_its_phase_in_a_new_warehouse(home, policy, mode):
         con.close()
 
 
+@pytest.mark.parametrize("mode", ["fast", "strict"])
+def test_a_file_replaced_by_one_as_long_or_longer_is_read_from_its_start(home, policy, mode):
+    """Found by an independent audit: a file replaced between two runs by another at least as
+    long (rotated and restarted, copied over, truncated and refilled) kept its cursor, so the
+    new file's first lines were never read and nothing said so. The cursor's bytes are now
+    fingerprinted; other bytes there mean another file."""
+    home.canary_dir.mkdir(parents=True)
+    path = home.canary_dir / "phase-A-1.jsonl"
+    path.write_bytes(lines(*(ev(event_id=f"old{i}") for i in range(3))))
+    con = connect(home.db_path)
+    try:
+        ingest_canary(con, home, policy, NOW, mode=mode)
+        tmp = path.with_name("next.tmp")  # as long as the old file, then longer
+        for n in (3, 6):
+            tmp.write_bytes(lines(*(ev(event_id=f"new{n}-{i}") for i in range(n))))
+            os.replace(tmp, path)
+            ingest_canary(con, home, policy, NOW, mode=mode)
+            ids = [f"new{n}-{i}" for i in range(n)]
+            assert set(stored_events(con, "line_no", ids)) == set(ids), n
+            assert con.execute("select lines_read, loaded from ingest_files").fetchone() == (n, n)
+        # an append to the same file is still read from the cursor, not again from the start
+        with open(path, "ab") as f:
+            f.write(lines(ev(event_id="appended")))
+        ingest_canary(con, home, policy, NOW, mode=mode)
+        assert con.execute("select lines_read, loaded, duplicates from ingest_files"
+                           ).fetchone() == (7, 7, 0)
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("mode", ["fast", "strict"])
+def test_a_symlink_to_another_canary_file_is_read_once(home, policy, mode):
+    """Found by an independent audit: `phase-b.jsonl -> phase-a.jsonl` share one cursor, and
+    the fast path (which opens every file before it stores any) read the new lines twice:
+    '4 lines read = 1 loaded + 1 duplicates + 2 quarantined' for a file of two lines."""
+    home.canary_dir.mkdir(parents=True)
+    real = home.canary_dir / "phase-a.jsonl"
+    real.write_bytes(lines(ev(event_id="e1"), "not json"))
+    (home.canary_dir / "phase-b.jsonl").symlink_to(real.name)
+    con = connect(home.db_path)
+    try:
+        stats = ingest_canary(con, home, policy, NOW, mode=mode)
+        assert [(s.source_file, s.lines_read, s.loaded, s.quarantined) for s in stats] == [
+            ("reports/canary/phase-a.jsonl", 2, 1, 1)]
+        assert con.execute("select count(*) from quarantine").fetchone() == (1,)
+        assert con.execute("select lines_read, loaded, duplicates, quarantined "
+                           "from ingest_files").fetchall() == [(2, 1, 0, 1)]
+    finally:
+        con.close()
+
+
+def test_cursors_from_before_the_fingerprint_keep_working(home, policy):
+    """A warehouse whose `ingest_files` has no `tail_hash` yet gets the column on connect; its
+    cursors carry on (no fingerprint to compare on the first run, one recorded by it)."""
+    home.canary_dir.mkdir(parents=True)
+    path = home.canary_dir / "phase-A-1.jsonl"
+    path.write_bytes(lines(ev(event_id="a")))
+    con = connect(home.db_path)
+    ingest_canary(con, home, policy, NOW)
+    con.execute("alter table ingest_files drop column tail_hash")
+    con.close()
+    with open(path, "ab") as f:
+        f.write(lines(ev(event_id="b")))
+    con = connect(home.db_path)
+    try:
+        assert con.execute("select tail_hash from ingest_files").fetchone() == (None,)
+        ingest_canary(con, home, policy, NOW)
+        row = con.execute("select lines_read, loaded, tail_hash from ingest_files").fetchone()
+        assert row[:2] == (2, 2) and row[2] is not None
+    finally:
+        con.close()
+
+
 def test_files_staged_together_that_do_not_fit_memory_are_read_one_at_a_time(twin, monkeypatch):
     """Parsing files ahead holds several stages at once; when DuckDB runs out of memory doing
     that, the files are read one by one and the tables are the strict path's all the same."""
