@@ -185,6 +185,9 @@ def test_asset_check_evaluations_are_in_the_instance(runs):
     md = {k: v.value for k, v in breach.metadata.items()}
     assert md["value"] == 0.5 and md["threshold"] == 0.995 and md["sample_size"] == 12
     assert md["status"] == "fail" and md["window_start"].startswith("2025-01-18 09:15")
+    # says what was measured against what was required (it read "...=0.5 >= 0.995")
+    assert breach.description == ("fail: restore_success_rate = 0.5, required >= 0.995 "
+                                  "(sample 12, min 10)")
     small = latest[partition_key(SMALL_WINDOW)]
     # too small a sample is a WARN "insufficient data", never a pass
     assert small.passed is False and small.severity == dg.AssetCheckSeverity.WARN

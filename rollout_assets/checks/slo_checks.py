@@ -20,6 +20,7 @@ from rollout_assets.analyze import load_scores
 from rollout_assets.assets.common import WAREHOUSE_POOL, run_windows
 from rollout_assets.partitions import partition_key, window_partitions
 from rollout_assets.policy import BurnRateRule, Phase, Policy, SloRule
+from rollout_assets.reporting import value_text
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.scoring import SloScore
@@ -64,8 +65,9 @@ def slo_check_evaluations(scores: Iterable[SloScore], policy_version: str,
             asset_key=SLO_SCORES_KEY, check_name=name,
             passed=bool(s.passed) if judged else False, severity=severity,
             partition=partition_key(s.window_start),
-            description=(f"{s.status}: {s.metric}={s.value} {s.comparator} {s.threshold:g} "
-                         f"(sample {s.sample_size}, min {s.min_sample})"),
+            description=(f"{s.status}: {s.metric} = {value_text(s.value, s.threshold)}, "
+                         f"required {s.comparator} {s.threshold:g} (sample {s.sample_size}, "
+                         f"min {s.min_sample})"),
             metadata={
                 "window_start": f"{s.window_start:%Y-%m-%d %H:%M} UTC", "phase": s.phase,
                 "status": s.status, "value": s.value, "threshold": s.threshold,
