@@ -297,6 +297,6 @@ def test_ui_check_history_shows_passed_and_failed(ui: str, browser):
     page.screenshot(path=str(ARTIFACTS / "ui-slo-checks.png"))
     text = table.inner_text()
     # each evaluation names its window and the value against the policy's threshold
-    assert "restore_success_rate=" in text and ">= 0.995" in text
+    assert "restore_success_rate = " in text and "required >= 0.995" in text
     assert "2025-01-18-10:" in text
     page.close()
