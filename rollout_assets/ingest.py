@@ -1203,10 +1203,10 @@ def _ingest_canary(con, home: RolloutHome, policy: Policy, now: datetime, retrie
                    retry_delay: float, mode: str) -> list[FileIngest]:
     # one path per file: a symlink to another canary file has the same cursor, and two jobs
     # on one cursor would read its new lines twice (the fast path opens every file first)
-    paths: list[Path] = []
+    by_file: dict[str, Path] = {}
     for path in home.canary_files():
-        if all(home.relative(path) != home.relative(p) for p in paths):
-            paths.append(path)
+        by_file.setdefault(home.relative(path), path)
+    paths = list(by_file.values())
     committed: list[FileIngest] = []
     if mode == "fast" and len(paths) > 1:
         try:
