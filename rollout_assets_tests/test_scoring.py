@@ -8,11 +8,13 @@ import copy
 import math
 from datetime import datetime, timedelta
 
+import dagster as dg
 import duckdb
 import pytest
 import yaml
 
 from rollout_assets.analyze import baseline_crash_rate, judge_range, load_scores, score_range
+from rollout_assets.checks.slo_checks import slo_check_evaluations
 from rollout_assets.collect import compute_window_metrics, ingest_canary
 from rollout_assets.home import PROJECT_ROOT
 from rollout_assets.metrics_catalog import METRICS
@@ -273,6 +275,30 @@ def test_a_failure_that_does_not_require_rollback_breaches_without_rollback():
     v = decide(policy, a1, WS, score_window(a1, WS, metrics(autosave_p95_ms=4000.0,
                                                              restore_success_rate=0.1)))
     assert v.rollback_required and v.rollback_to == "A-0"
+
+
+def test_a_failed_check_is_an_error_only_when_its_rule_pages_or_rolls_back(policy):
+    # the audit trail's check severity follows the rule: it read ERROR for every failure
+    def warning_without_rollback(raw):
+        for s in next(p for p in raw["phases"] if p["name"] == "A-1")["slos"]:
+            if s["name"] == "autosave_p95":
+                s["rollback"] = False
+    changed = _policy_with(warning_without_rollback)
+    a1 = changed.phase("A-1")
+    scores = {s.slo: s for s in score_window(
+        a1, WS, metrics(autosave_p95_ms=4000.0, restore_success_rate=0.5))}
+    assert scores["autosave_p95"].severity == "warning"
+    severity = {e.check_name: e.severity for e in slo_check_evaluations(scores.values(), "v")}
+    assert severity["a1_autosave_p95"] == dg.AssetCheckSeverity.WARN  # no page, no rollback
+    assert severity["a1_restore_success"] == dg.AssetCheckSeverity.ERROR  # P2
+    # the shipped policy: a warning-level p95 that rolls back is an ERROR
+    shipped = score_window(policy.phase("A-1"), WS, metrics(autosave_p95_ms=4000.0))
+    shipped_severity = {e.check_name: e.severity for e in slo_check_evaluations(shipped, "v")}
+    assert shipped_severity["a1_autosave_p95"] == dg.AssetCheckSeverity.ERROR
+    # a sample too small stays a WARN "insufficient data" whatever the rule
+    small = score_window(a1, WS, metrics(restore_count=3, restore_success_rate=0.0))
+    assert {e.check_name: e.severity for e in slo_check_evaluations(small, "v")}[
+        "a1_restore_success"] == dg.AssetCheckSeverity.WARN
 
 
 # ---- crash-rate delta: absolute points -----------------------------------------------------------

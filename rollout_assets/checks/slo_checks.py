@@ -52,6 +52,12 @@ def describe_burn(phase: Phase, rule: BurnRateRule) -> str:
     )
 
 
+def _failure_is_an_error(s: SloScore) -> bool:
+    """A failure is an ERROR when it pages (P1/P2) or requires a rollback; a failed rule of
+    severity `warning` that requires neither (a slow burn, a shadow statistic) is a WARN."""
+    return not s.shadow and (s.rollback or s.severity != "warning")
+
+
 def slo_check_evaluations(scores: Iterable[SloScore], policy_version: str,
                           selected: set[str] | None = None) -> Iterator[dg.AssetCheckEvaluation]:
     for s in scores:
@@ -59,7 +65,7 @@ def slo_check_evaluations(scores: Iterable[SloScore], policy_version: str,
         if selected is not None and name not in selected:
             continue
         judged = s.passed is not None
-        severity = (dg.AssetCheckSeverity.ERROR if judged and not s.shadow
+        severity = (dg.AssetCheckSeverity.ERROR if judged and _failure_is_an_error(s)
                     else dg.AssetCheckSeverity.WARN)
         yield dg.AssetCheckEvaluation(
             asset_key=SLO_SCORES_KEY, check_name=name,
