@@ -15,7 +15,7 @@ from rollout_assets.incidents import incident_for
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW, window_stamp
 from rollout_assets.policy import Policy
-from rollout_assets.resources.notifier import Message
+from rollout_assets.resources.notifier import Message, delivered_sql
 from rollout_assets.scoring import max_level
 
 PAGERDUTY_SEVERITY = {"P1": "critical", "P2": "error", "warning": "warning"}
@@ -199,39 +199,53 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
     return out
 
 
+def _not_delivered(window: str, phase: str, channel: str, kind: str) -> str:
+    """SQL: no message of this ledger key has been delivered (the notifier's duplicate test), so
+    a Reporter run offers only what is still owed, however many incidents history holds."""
+    return (f"not exists (select 1 from notifications d where d.window_start = {window} "
+            f"and d.phase = {phase} and d.channel = {channel} and d.kind = '{kind}' "
+            f"and {delivered_sql('d')})")
+
+
 def rca_messages(con, policy: Policy) -> list[Message]:
     """Seed §8 step 4: every incident's RCA draft, owner and due date shared once in
     `incident_channel` (when the policy lists the `rca` step)."""
     if "rca" not in policy.notifications.incident_channel_steps:
         return []
+    channel = policy.notifications.incident_channel
     out = []
     for iid, phase, level, opened, path, owner, due in con.execute(
         "select incident_id, phase, level, opened_window, rca_path, owner, rca_due "
-        "from incidents order by opened_window"
+        "from incidents i where " + _not_delivered("i.opened_window", "i.phase", "$channel", "rca")
+        + " order by opened_window, incident_id", {"channel": channel}
     ).fetchall():
         text = (f"[RCA] {iid} ({level}, {phase}): draft {path}, owner {owner}, due {due} "
                 "(one business day)")
-        out.append(Message(opened, phase, policy.notifications.incident_channel, "rca", level,
-                           text, {"dedup_key": iid, "report": path}, incident_id=iid))
+        out.append(Message(opened, phase, channel, "rca", level, text,
+                           {"dedup_key": iid, "report": path}, incident_id=iid))
     return out
 
 
 def resolve_messages(con, policy: Policy) -> list[Message]:
     """One resolve per channel an incident's alerts went to (Slack threads, the PagerDuty
-    service), for every closed incident; the ledger's keys make them go out once."""
-    out = []
-    for iid, phase, level, closed in con.execute(
-        "select incident_id, phase, level, closed_window from incidents "
-        "where status = 'closed' order by closed_window"
-    ).fetchall():
-        text = (f"[resolved] {iid} closed after {policy.incidents.close_after_green_cycles} "
-                "green cycles")
-        channels = [r[0] for r in con.execute(
-            "select distinct channel from notifications where incident_id = ? and kind = 'alert' "
-            "order by channel", [iid]).fetchall()]
-        if "close" in policy.notifications.incident_channel_steps:  # seed §8 step 5
-            channels = list(dict.fromkeys([*channels, policy.notifications.incident_channel]))
-        for ch in channels:
-            out.append(Message(closed, phase, ch, "resolve", level, text, {"dedup_key": iid},
-                               incident_id=iid))
-    return out
+    service), and `incident_channel` last when the policy lists the `close` step, for every
+    closed incident whose resolve there is still owed."""
+    close_step = "close" in policy.notifications.incident_channel_steps
+    text = f"[resolved] {{}} closed after {policy.incidents.close_after_green_cycles} green cycles"
+    rows = con.execute(f"""
+        with channels as (
+            select i.incident_id, i.phase, i.level, i.closed_window, n.channel
+            from incidents i join notifications n
+                on n.incident_id = i.incident_id and n.kind = 'alert'
+            where i.status = 'closed'
+            union
+            select incident_id, phase, level, closed_window, $channel
+            from incidents where status = 'closed' and $close_step
+        )
+        select incident_id, phase, level, closed_window, channel from channels c
+        where {_not_delivered("c.closed_window", "c.phase", "c.channel", "resolve")}
+        order by closed_window, incident_id, channel = $channel, channel
+    """, {"channel": policy.notifications.incident_channel, "close_step": close_step}).fetchall()
+    return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},
+                    incident_id=iid)
+            for iid, phase, level, closed, ch in rows]

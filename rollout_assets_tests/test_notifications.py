@@ -17,6 +17,8 @@ import duckdb
 import pytest
 
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
+from rollout_assets.policy import load_policy
+from rollout_assets.reporting import rca_messages, resolve_messages
 from rollout_assets.resources.notifier import (
     DeliveryError,
     Message,
@@ -560,6 +562,17 @@ def test_pipeline_routes_per_phase_threads_resolves_and_never_sends_twice(
     run_range(home, w[0], w[3] + timedelta(minutes=15), log=lambda m: None)
     assert len(endpoints.requests) == before
     assert read_ledger(home).keys() == rows.keys()
+    # a Reporter run offers only what is still owed, not every incident history holds
+    policy = load_policy(home.policy_path)
+    with duckdb.connect(str(home.db_path)) as c:
+        assert rca_messages(c, policy) == [] and resolve_messages(c, policy) == []
+        c.execute("update notifications set status = 'failed' where idempotency_key = ?",
+                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve"])
+        [owed] = resolve_messages(c, policy)
+        assert (owed.channel, owed.incident_id) == (f"pagerduty:{MERGE}", inc_b0)
+        assert {m.incident_id for m in rca_messages(c, policy)} == set()
+        c.execute("update notifications set status = 'sent' where idempotency_key = ?",
+                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve"])
 
     # secrets: not in any file under the home, the ledger, or any captured log
     assert assert_home_clean(home.root) > 10

@@ -55,6 +55,17 @@ REDELIVERY_HORIZON = timedelta(hours=24)
 REDACTED = "[redacted]"
 
 
+def delivered(status: str, transport: str) -> bool:
+    """A ledger row whose message is never sent again: delivered, or written to the outbox."""
+    return status == "sent" or (status == "queued" and transport == "outbox")
+
+
+def delivered_sql(table: str) -> str:
+    """SQL twin of `delivered` for a row of the ledger `table` (a name or alias)."""
+    return (f"({table}.status = 'sent' or ({table}.status = 'queued' "
+            f"and {table}.transport = 'outbox'))")
+
+
 @dataclass(frozen=True)
 class Message:
     window_start: datetime
@@ -244,7 +255,7 @@ class Notifier(dg.ConfigurableResource):
         row = ledger.execute(
             "select status, transport, attempts from notifications where idempotency_key = ?",
             [key]).fetchone()
-        if row and (row[0] == "sent" or (row[0] == "queued" and row[1] == "outbox")):
+        if row and delivered(*row[:2]):
             return "duplicate"
         transport = self.transport(msg)
         attempts_before = row[2] if row else 0
@@ -326,7 +337,7 @@ class Notifier(dg.ConfigurableResource):
         # resolve sent before it would leave PagerDuty's incident open for good
         done = ledger.execute(
             "select 1 from notifications where window_start = ? and phase = ? and channel = ? "
-            "and kind = 'alert' and (status = 'sent' or transport = 'outbox')",
+            f"and kind = 'alert' and {delivered_sql('notifications')}",
             [last[0], msg.phase, msg.channel]).fetchone()
         return None if done else last[0]
 
