@@ -22,6 +22,7 @@ from rollout_assets.resources.rollback_runner import RollbackRunner
 from rollout_assets.schedules import daily_schedule, window_schedule
 from rollout_assets.sensors.breach_sensor import breach_sensor
 from rollout_assets.sensors.canary_sensor import canary_late_data_sensor
+from rollout_assets.sensors.sla_sensor import sla_refresh_sensor
 
 
 def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
@@ -33,7 +34,7 @@ def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
         asset_checks=[*build_slo_checks(policy), *build_etl_slot_checks(policy), ga_gate_check],
         jobs=[window_job, daily_job, rollback_job],
         schedules=[window_schedule, daily_schedule],
-        sensors=[breach_sensor, canary_late_data_sensor],
+        sensors=[breach_sensor, canary_late_data_sensor, sla_refresh_sensor],
         resources={
             "home": HomeResource(root=root),
             "warehouse": DuckDBWarehouse(path=str(home.db_path)),

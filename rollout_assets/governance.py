@@ -86,6 +86,14 @@ def days_of_changed_incidents(before: set[tuple], after: set[tuple]) -> set[date
     return {w.date() for row in before ^ after for w in row[3:] if w is not None}
 
 
+SLA_DAYS_KEY = "sla_days"  # metadata: the UTC days whose `sla_daily` rows a change touched
+
+
+def sla_days_text(days) -> str:
+    """`SLA_DAYS_KEY`'s value: ISO days, sorted, comma-separated."""
+    return ",".join(sorted({d.isoformat() for d in days}))
+
+
 def drill_exclusions(policy: Policy) -> list[str]:
     return [ex.name for ex in policy.exclusions if ex.field == "tags.dry_run"]
 

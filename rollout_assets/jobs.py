@@ -14,6 +14,12 @@ from rollout_assets.assets.governance import incidents, sla_daily
 from rollout_assets.assets.reporter import alert_reports, publish_window
 from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.flags import current_state, validate_phase
+from rollout_assets.governance import (
+    SLA_DAYS_KEY,
+    days_of_changed_incidents,
+    incident_facts,
+    sla_days_text,
+)
 from rollout_assets.incidents import incident_for, refresh_incidents
 from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
 from rollout_assets.reporting import pagerduty_service, rollback_run_key, slack_channels
@@ -56,8 +62,14 @@ class RollbackRequest(dg.Config):
 def publish_after_rollback(context, con, home: HomeResource, notifier: Notifier, policy,
                            ws) -> None:
     """What a rollback outcome changes: the incident checklist, the window's alert report (its
-    rollback section) and the dashboard."""
+    rollback section) and the dashboard. The incidents table is observed with the days whose
+    `sla_daily` rows changed (the window's rollbacks, incidents escalated): see
+    `sla_refresh_sensor`."""
+    before = incident_facts(con)
     refresh_incidents(con, home.home, policy)
+    touched = {ws.date()} | days_of_changed_incidents(before, incident_facts(con))
+    context.log_event(dg.AssetObservation(
+        asset_key=incidents.key, metadata={SLA_DAYS_KEY: sla_days_text(touched)}))
     publish_window(con, home, notifier, ws)
     refresh_dashboard(context, con, home.home, policy)
 

@@ -41,7 +41,7 @@ GRAPH = {
     "checks": ["alert_reports:etl_slot", "sla_daily:ga_gate", "window_metrics:etl_slot",
                "window_verdicts:etl_slot"],
     "jobs": ["__ASSET_JOB", "rollback_job", "rollout_daily_job", "rollout_window_job"],
-    "sensors": ["breach_sensor", "canary_late_data_sensor"],
+    "sensors": ["breach_sensor", "canary_late_data_sensor", "sla_refresh_sensor"],
     "schedules": ["daily_sla", "every_15_minutes"],
 }
 

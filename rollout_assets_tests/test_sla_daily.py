@@ -6,9 +6,18 @@ audit)."""
 from datetime import datetime, timedelta
 
 import duckdb
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from rollout_assets.cli import main
+from rollout_assets.definitions import build_definitions
+from rollout_assets.partitions import partition_key
+from rollout_assets.runner import QUIET, tick_breach_sensor
+from rollout_assets.sensors.sla_sensor import sla_refresh_requests
 from rollout_assets_tests.conftest import event, write_canary
+from rollout_assets_tests.reliability_helpers import instance_of
 
 D1 = datetime(2025, 3, 3)  # a Monday
 D2 = D1 + timedelta(days=1)
@@ -84,3 +93,55 @@ def test_days_run_out_of_order_refresh_the_days_whose_incidents_changed(home):
             == [(D1.replace(hour=23, minute=45), "skipped"), (D2, "succeeded")]
     finally:
         con.close()
+
+
+def test_under_the_daemon_the_sensor_refreshes_past_days_later_runs_changed(home):
+    """The same out-of-order days as above, run as the daemon runs them: window runs without the
+    CLI's follow-up, the breach sensor's rollbacks, the `daily_sla` schedule's run of day 2. Day
+    1's later window run regroups day 2's incident; only `sla_refresh_sensor` brings day 2's row
+    up to date (it kept the incident and the 45-minute restore)."""
+    write_canary(home, "B-0", [*merges(D1.replace(hour=23, minute=30)),
+                               *merges(D1.replace(hour=23, minute=45), failed=5),
+                               *merges(D2, failed=5), *merges(D2 + W), *merges(D2 + 2 * W)])
+    defs = build_definitions(home)
+    instance = instance_of(home)
+    try:
+        def execute(job: str, first: str, last: str) -> None:
+            result = defs.resolve_job_def(job).execute_in_process(
+                instance=instance, run_config=QUIET,
+                tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last})
+            assert result.success
+
+        def window_day(day: datetime) -> None:  # the schedule's windows, then the breach sensor
+            execute("rollout_window_job", partition_key(day),
+                    partition_key(day + timedelta(days=1) - W))
+            tick_breach_sensor(instance, defs, log=lambda m: None)
+
+        def tick(today: datetime, cursor: str | None) -> tuple[list[str], str]:
+            requests, cursor = sla_refresh_requests(instance, cursor, today.date())
+            for rr in requests:
+                execute("rollout_daily_job", rr.partition_key, rr.partition_key)
+            return [rr.partition_key for rr in requests], cursor
+
+        days, cursor = tick(D2 + timedelta(days=2), None)  # the first tick only records
+        assert days == []
+        window_day(D2)
+        execute("rollout_daily_job", "2025-03-04", "2025-03-04")
+        assert sla(home)[("2025-03-04", "B-0")] == [3, 1, 1, 1, 45.0]
+        window_day(D1)  # late: day 1's files arrive after day 2 was scored
+        execute("rollout_daily_job", "2025-03-03", "2025-03-03")
+        assert sla(home)[("2025-03-04", "B-0")] == [3, 1, 1, 1, 45.0]  # stale without the sensor
+        # today is day 2: its own rows wait for the schedule
+        days, _ = tick(D2, cursor)
+        assert days == ["2025-03-03"]
+        days, cursor = tick(D2 + timedelta(days=2), cursor)
+        assert days == ["2025-03-03", "2025-03-04"]
+        rows = sla(home)
+        assert rows[("2025-03-03", "B-0")] == [2, 1, 0, 1, None]
+        assert rows[("2025-03-04", "B-0")] == [3, 1, 1, 0, 60.0]  # as `rollout run` gives
+        assert tick(D2 + timedelta(days=2), cursor)[0] == []  # each change once
+        # runs `rollout run` launched: the CLI refreshed those days itself
+        run_day(home, D1)
+        assert tick(D2 + timedelta(days=2), cursor)[0] == []
+    finally:
+        instance.dispose()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import nullcontext
-from datetime import datetime
+from datetime import date, datetime, timedelta
 
 import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 
 from rollout_assets.instance_storage import BatchingSqliteEventLogStorage
 from rollout_assets.metrics_catalog import METRICS
@@ -26,6 +31,21 @@ WINDOW_ASSET_KWARGS = dict(
 def run_windows(context) -> list[datetime]:
     """The windows this run materializes: one (live schedule) or a range (backfill)."""
     return [window_from_key(k) for k in context.partition_keys]
+
+
+def run_window_days(tags) -> set[date]:
+    """The UTC days of the windows a window run materializes, read from its tags (for an
+    asset outside the window partitions, such as `incidents`, in the same run)."""
+    first = tags.get(ASSET_PARTITION_RANGE_START_TAG) or tags.get(PARTITION_NAME_TAG)
+    last = tags.get(ASSET_PARTITION_RANGE_END_TAG) or tags.get(PARTITION_NAME_TAG)
+    if not first or not last:
+        return set()
+    day, end = window_from_key(first).date(), window_from_key(last).date()
+    out = set()
+    while day <= end:
+        out.add(day)
+        day += timedelta(days=1)
+    return out
 
 
 def column_schema(con, table: str) -> dg.TableSchema:

@@ -6,8 +6,16 @@ from datetime import date, datetime
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
-from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, column_schema
-from rollout_assets.governance import compute_sla_daily, ga_gate, write_daily_summary
+from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, column_schema, run_window_days
+from rollout_assets.governance import (
+    SLA_DAYS_KEY,
+    compute_sla_daily,
+    days_of_changed_incidents,
+    ga_gate,
+    incident_facts,
+    sla_days_text,
+    write_daily_summary,
+)
 from rollout_assets.incidents import refresh_incidents
 from rollout_assets.partitions import daily_partitions
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
@@ -28,10 +36,16 @@ def incidents(
     the policy's consecutive green cycles; checklist timestamps (alert, escalation, rollback, RCA,
     close) and an RCA draft in `reports/rca/<incident>.md` owned by the on-call, due one business
     day later. Recomputed from `window_verdicts`, so a re-scored window corrects it. The resolve
-    messages go out from `alert_reports`, after the alerts they resolve."""
+    messages go out from `alert_reports`, after the alerts they resolve.
+
+    Its metadata names the days whose `sla_daily` rows the run touched (its windows' and those
+    of every incident it changed): `sla_refresh_sensor` recomputes the past ones."""
     policy = home.policy()
     with warehouse.connect() as con:
+        before = incident_facts(con)
         rows = refresh_incidents(con, home.home, policy)
+        touched = run_window_days(context.run.tags) | days_of_changed_incidents(
+            before, incident_facts(con))
         schema = column_schema(con, "incidents")
     open_ = [r for r in rows if r["status"] == "open"]
     return dg.MaterializeResult(metadata={
@@ -39,6 +53,7 @@ def incidents(
         "open_ids": ", ".join(r["incident_id"] for r in open_) or "none",
         "late_escalations": sum(1 for r in rows if r["escalation_late"]),
         "closed": sum(1 for r in rows if r["status"] == "closed"),
+        SLA_DAYS_KEY: sla_days_text(touched),
         "dagster/column_schema": schema,
     })
 
