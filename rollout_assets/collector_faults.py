@@ -201,20 +201,24 @@ def ingest_isolated(con, home: RolloutHome, policy: Policy, skip: set[Path],
     return stats, faults
 
 
-def phases_of(rel: str, policy: Policy) -> list[str]:
-    """The phase a canary file feeds (`phase-A-1.jsonl` -> A-1); all phases if the name says
-    none, since its events could belong to any."""
+def phases_of(con, rel: str, policy: Policy) -> list[str]:
+    """The phases a canary file feeds: the one its name says (`phase-A-1.jsonl` -> A-1), else
+    the phases of the events stored from it; all phases when neither says (a file never read,
+    or none of whose lines was an event), since its events could belong to any."""
     m = _PHASE_FROM_NAME.match(Path(rel).name)
     if m and m.group(1) in policy.phase_names:
         return [m.group(1)]
-    return list(policy.phase_names)
+    fed = {r[0] for r in con.execute(
+        "select distinct phase::VARCHAR from canary_events where batch_id in "
+        "(select batch_id from ingest_batches where source_file = ?)", [rel]).fetchall()}
+    return [p for p in policy.phase_names if p in fed] or list(policy.phase_names)
 
 
 def record_faults(con, policy: Policy, windows: list[datetime], end: datetime,
                   faults: list[FileFault], now: datetime) -> None:
     """Replace `collector_faults` for the run's windows, in one transaction."""
     rows = [[w, phase, f.source_file, f.retryable, f.reason, f.attempts, now]
-            for f in faults for phase in phases_of(f.source_file, policy) for w in windows]
+            for f in faults for phase in phases_of(con, f.source_file, policy) for w in windows]
     with transaction(con):
         con.execute("delete from collector_faults where window_start >= ? and window_start < ?",
                     [windows[0], end])

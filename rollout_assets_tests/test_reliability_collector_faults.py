@@ -147,6 +147,29 @@ def test_unreadable_and_missing_files_escalate_p1_with_rollback(home):
     assert verdict(home, W2, "A-1")[0][0] is False  # A-1 is readable again: judged as usual
 
 
+def test_a_gone_file_whose_name_says_no_phase_faults_the_phases_it_fed(home):
+    """`phase-shard-7.jsonl` carried A-1's events: when it goes, A-1 is escalated, not every
+    phase of the policy (it paged P1 and rolled back in all five)."""
+    promote_to(home, "A-1")
+    write_canary(home, "shard-7", window_events("A-1", W0, "w0"))
+    write_canary(home, "A-2", window_events("A-2", W0, "w0") + window_events("A-2", W1, "w1"))
+    run_range(home, W0, W1, log=lambda m: None)
+    assert faults(home) == []
+    (home.root / "reports/canary/phase-shard-7.jsonl").unlink()
+    run_range(home, W1, W2, log=lambda m: None)
+    assert [f[1:4] for f in faults(home)] == [("A-1", "reports/canary/phase-shard-7.jsonl",
+                                               False)]
+    assert verdict(home, W1, "A-1")[0][:4] == (True, True, "A-0", "P1")
+    assert verdict(home, W1, "A-2")[0][0] is False
+    # a file with no event stored from it could feed any phase: all of them
+    write_canary(home, "junk", ["not json"])
+    run_range(home, W1, W2, log=lambda m: None)
+    (home.root / "reports/canary/phase-junk.jsonl").unlink()
+    run_range(home, W1, W2, log=lambda m: None)
+    assert {f[1] for f in faults(home) if f[2].endswith("phase-junk.jsonl")} == {
+        "A-0", "A-1", "A-2", "B-0", "B-1"}
+
+
 @pytest.mark.skipif(not Path(EIO_SOURCE).exists(), reason="needs /proc")
 def test_a_persistent_retryable_error_escalates_p2_without_rollback(home):
     promote_to(home, "A-1")
