@@ -219,13 +219,20 @@ def cmd_files(args, home: RolloutHome) -> int:
                 raise CliError(str(exc)) from None
             return 0
         rows = con.execute("select source_file, byte_offset, lines_read, loaded, duplicates, "
-                           "quarantined, updated_at from ingest_files order by 1").fetchall()
+                           "quarantined, updated_at, rotated_from from ingest_files "
+                           "order by 1").fetchall()
         print(f"{len(rows)} canary file(s) read")
-        for rel, offset, lines, loaded, dups, quarantined, at in rows:
+        for rel, offset, lines, loaded, dups, quarantined, at, rotated_from in rows:
             path = home.root / rel
-            state = (f"{offset} of {path.stat().st_size} bytes read" if path.is_file() else
-                     "GONE: a P1 collector fault until it is back (`rollout files forget "
-                     f"{rel} --reason ...` if it was retired)")
+            if path.is_file():
+                state = f"{offset} of {path.stat().st_size} bytes read"
+            elif rotated_from:
+                state = "gone (an archive: no fault)"
+            else:
+                state = ("GONE: a P1 collector fault until it is back (`rollout files forget "
+                         f"{rel} --reason ...` if it was retired)")
+            if rotated_from:
+                state += f"; rotated from {rotated_from}"
             print(f"  {rel}: {state}\n    {lines} lines: {loaded} loaded, {dups} duplicates, "
                   f"{quarantined} quarantined; last read {at:%Y-%m-%d %H:%M:%S} UTC")
         for rel, reason, actor, at in con.execute(

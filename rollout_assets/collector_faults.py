@@ -97,9 +97,12 @@ def probe_file(path: Path, rel: str, retries: int = PROBE_RETRIES,
     raise AssertionError("unreachable")
 
 
-def known_files(con) -> list[str]:
-    """Canary files the Collector has read before (relative paths from `ingest_files`)."""
-    return [r[0] for r in con.execute("select source_file from ingest_files order by 1").fetchall()]
+def known_files(con, archives: bool = True) -> list[str]:
+    """Canary files the Collector has read before (relative paths from `ingest_files`), with
+    or without the archives rotation left (`rotation.py`)."""
+    where = "" if archives else " where rotated_from is null"
+    return [r[0] for r in con.execute(
+        f"select source_file from ingest_files{where} order by 1").fetchall()]
 
 
 def check_canary_files(con, home: RolloutHome, retries: int = PROBE_RETRIES,
@@ -120,7 +123,7 @@ def check_canary_files(con, home: RolloutHome, retries: int = PROBE_RETRIES,
         if fault:
             faults.append(fault)
             skip.add(path)
-    for rel in known_files(con):
+    for rel in known_files(con, archives=False):  # an archive that goes is retention
         if rel not in listed_rel and not (home.root / rel).exists():
             faults.append(FileFault(rel, False, "ENOENT: canary file missing (read before)", 1))
     return faults, skip
@@ -168,33 +171,37 @@ def forget_file(con, home: RolloutHome, name: str, reason: str, actor: str,
 
 
 class _SomeFilesHome(RolloutHome):
-    """The home as the ingest sees it: only the canary files that passed the probe."""
+    """The home as the ingest sees it: the canary files that passed the probe, and the
+    archives rotation left (`extra`, read whatever their name)."""
 
-    def __init__(self, root: Path, skip: Iterable[Path] = (), only: Path | None = None):
+    def __init__(self, root: Path, skip: Iterable[Path] = (), only: Path | None = None,
+                 extra: Iterable[Path] = ()):
         super().__init__(root)
         object.__setattr__(self, "_skip", frozenset(skip))
         object.__setattr__(self, "_only", only)
+        object.__setattr__(self, "_extra", tuple(extra))
 
     def canary_files(self) -> list[Path]:
-        files = [p for p in super().canary_files() if p not in self._skip]
+        files = sorted({*super().canary_files(), *self._extra} - self._skip)
         return [p for p in files if p == self._only] if self._only else files
 
 
 def ingest_isolated(con, home: RolloutHome, policy: Policy, skip: set[Path],
-                    ingest: Callable) -> tuple[list, list[FileFault]]:
-    """Ingest every file not in `skip` in one call; if that call hits an I/O error anyway (a file
-    failed past its first byte), ingest file by file so one bad file cannot hold back the rest.
-    Non-I/O errors propagate: they are bugs, not faults."""
+                    ingest: Callable, archives: Iterable[Path] = ()
+                    ) -> tuple[list, list[FileFault]]:
+    """Ingest every file not in `skip` (and the `archives`) in one call; if that call hits an
+    I/O error anyway (a file failed past its first byte), ingest file by file so one bad file
+    cannot hold back the rest. Non-I/O errors propagate: they are bugs, not faults."""
+    archives = tuple(archives)
     try:
-        return ingest(con, _SomeFilesHome(home.root, skip), policy), []
+        return ingest(con, _SomeFilesHome(home.root, skip, extra=archives), policy), []
     except IO_ERRORS:
         pass
     stats, faults = [], []
-    for path in home.canary_files():
-        if path in skip:
-            continue
+    for path in _SomeFilesHome(home.root, skip, extra=archives).canary_files():
         try:
-            stats.extend(ingest(con, _SomeFilesHome(home.root, only=path), policy))
+            stats.extend(ingest(con, _SomeFilesHome(home.root, only=path, extra=archives),
+                                policy))
         except IO_ERRORS as exc:
             faults.append(FileFault(str(path.relative_to(home.root)), is_retryable(exc),
                                     f"while ingesting: {describe(exc)}", 1))

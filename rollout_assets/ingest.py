@@ -100,7 +100,7 @@ MAX_OBJECT_BYTES = 1024 * 1024
 SKIPPED_WS = b" \t\r\x0b\x0c"
 # A suspect by length: more bytes than this may nest deeper than Python's json can parse.
 DEEP_LINE_BYTES = 800
-TAIL_BYTES = 256  # the cursor's fingerprint (`_tail_hash`)
+TAIL_BYTES = 256  # the cursor's fingerprint (`tail_hash`)
 SUSPECT_CACHE_BYTES = 64 * 1024 * 1024  # suspects' bytes kept between proof and validation
 ORDER_PROBES = 32  # rows of a canonical stage checked against their lines
 MAX_RANGE_LINES = 2**31 - 1  # a staged row's `range_line` is an INTEGER; longer: strict path
@@ -688,15 +688,17 @@ class _Cursor:
     duplicates: int = 0
     quarantined: int = 0
     tail_hash: str | None = None  # of the TAIL_BYTES before `offset` (None: not recorded)
+    rotated_from: str | None = None  # an archive: the name it was rotated away from
 
 
 def _read_cursor(con, rel: str) -> _Cursor:
     row = con.execute("select byte_offset, lines_read, loaded, duplicates, quarantined, "
-                      "tail_hash from ingest_files where source_file = ?", [rel]).fetchone()
+                      "tail_hash, rotated_from from ingest_files where source_file = ?",
+                      [rel]).fetchone()
     return _Cursor(*row) if row else _Cursor()
 
 
-def _tail_hash(fd: int, path: Path, offset: int) -> str:
+def tail_hash(fd: int, path: Path, offset: int) -> str:
     """A fingerprint of the TAIL_BYTES bytes before `offset`: the cursor's own bytes. A file
     replaced by another of the same size or longer (rotated, copied over, truncated and
     refilled between two runs) has other bytes there, and is read again from its start."""
@@ -706,10 +708,13 @@ def _tail_hash(fd: int, path: Path, offset: int) -> str:
 
 def _save_cursor(con, rel: str, cur: _Cursor, st: os.stat_result, now: datetime, fd: int,
                  path: Path) -> None:
-    cur.tail_hash = _tail_hash(fd, path, cur.offset)
-    con.execute("insert or replace into ingest_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    cur.tail_hash = tail_hash(fd, path, cur.offset)
+    # by name: a warehouse migrated on connect has its later columns in another order
+    con.execute("insert or replace into ingest_files (source_file, byte_offset, lines_read, "
+                "loaded, duplicates, quarantined, size_bytes, mtime, updated_at, tail_hash, "
+                "rotated_from) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [rel, cur.offset, cur.lines, cur.loaded, cur.duplicates, cur.quarantined,
-                 st.st_size, st.st_mtime, now, cur.tail_hash])
+                 st.st_size, st.st_mtime, now, cur.tail_hash, cur.rotated_from])
 
 
 def _commit_counts(stats: FileIngest, cur: _Cursor, lines: int, loaded: int, valid: int,
@@ -1013,7 +1018,7 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
         st = os.fstat(fd)
         cur = _read_cursor(con, rel)
         if st.st_size < cur.offset or (cur.offset and cur.tail_hash is not None
-                                       and _tail_hash(fd, path, cur.offset) != cur.tail_hash):
+                                       and tail_hash(fd, path, cur.offset) != cur.tail_hash):
             # The file was truncated or replaced (shorter, or other bytes before the cursor):
             # read it again. Already-stored events dedup by event_id; quarantine entries of the
             # old content are replaced.

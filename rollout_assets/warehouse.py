@@ -50,7 +50,10 @@ DDL: dict[str, str] = {
             lines_read BIGINT NOT NULL,
             loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL,
             size_bytes BIGINT NOT NULL, mtime DOUBLE NOT NULL, updated_at TIMESTAMP NOT NULL,
-            tail_hash VARCHAR
+            tail_hash VARCHAR,
+            -- set when the file was rotated (renamed) away from that name: an archive, read
+            -- while it grows and never a collector fault when it goes (ingest.follow_rotations)
+            rotated_from VARCHAR
         )""",
     "window_metrics": """
         create table if not exists window_metrics (
@@ -332,8 +335,8 @@ def _schema_is_current(con) -> bool:
                     and column_name = 'event_id'),
                (select count(*) from duckdb_columns() where database_name = current_database()
                     and schema_name = 'main' and table_name = 'ingest_files'
-                    and column_name = 'tail_hash')""").fetchone()
-    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0 and tail == 1
+                    and column_name in ('tail_hash', 'rotated_from'))""").fetchone()
+    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0 and tail == 2
 
 
 def ensure_schema(con) -> None:
@@ -367,8 +370,10 @@ def _create_schema(con) -> None:
         con.execute(ddl)
     if old:
         _migrate_canary_events(con, old)
-    # the cursor's fingerprint, added later: NULL until a file's next ingest records it
+    # added later: the cursor's fingerprint (NULL until a file's next ingest records it), and
+    # the name an archive was rotated from
     con.execute("alter table ingest_files add column if not exists tail_hash VARCHAR")
+    con.execute("alter table ingest_files add column if not exists rotated_from VARCHAR")
     for ddl in VIEWS.values():
         con.execute(ddl)
 

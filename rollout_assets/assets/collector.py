@@ -27,6 +27,8 @@ from rollout_assets.collector_faults import (
 from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
+from rollout_assets.rotation import archive_paths, follow_rotations
+from rollout_assets.rotation import describe as describe_rotations
 
 
 @dg.asset(group_name="collector", **WINDOW_ASSET_KWARGS)
@@ -50,11 +52,14 @@ def canary_events(
     end = windows[-1] + WINDOW
     now = now_utc()
     with warehouse.connect() as con:
+        for text in describe_rotations(follow_rotations(con, home.home)):
+            context.log.warning(text)
         faults, skip = check_canary_files(
             con, home.home,
             on_retry=lambda rel, n, exc: context.log.warning(
                 f"canary file {rel}: attempt {n} failed ({describe(exc)}); retrying"))
-        stats, late_faults = ingest_isolated(con, home.home, policy, skip, ingest_canary)
+        stats, late_faults = ingest_isolated(con, home.home, policy, skip, ingest_canary,
+                                             archive_paths(con, home.home))
         faults += late_faults
         record_faults(con, policy, windows, end, faults, now)
         counts = dict(con.execute(

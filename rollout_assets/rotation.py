@@ -1,0 +1,135 @@
+"""Rotated canary files: a file renamed away from the name the Collector read it under.
+
+Log rotation renames `phase-A-1.jsonl` to `phase-A-1.jsonl.1` (or `...-20251129`, or copies
+and truncates it) and starts a new `phase-A-1.jsonl`; the writer may append to the renamed file
+until it reopens. Without this module the new file would be read from its start (correct), but
+the old file's lines after the cursor were never read, its quarantine rows were deleted, and a
+file renamed with nothing in its place was a "missing file" P1.
+
+Before each ingest, `follow_rotations` looks at every cursor (`ingest_files`) whose name no
+longer holds the bytes it fingerprinted (`ingest.tail_hash` of the 256 bytes before the
+cursor): missing, shorter, or other bytes there. A regular file in the same folder that does
+hold them is the same content under its new name: the cursor, its batches and its quarantine
+rows move to that name (one transaction), which is marked an **archive** (`rotated_from`).
+Archives are read like canary files while they exist (the lines the writer added after the
+last run are not lost), whatever their name, and one that goes away is retention, not a
+collector fault. The name the file left is then new: read from its first line (stored events
+still count once).
+
+A name that becomes an archive's while it holds the records of an archive that rotation already
+deleted (`.1` becoming `.2`, the last one removed) first moves those records aside, to
+`<name>#<time it was last read>`, so no two contents share a name.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from rollout_assets.home import RolloutHome
+from rollout_assets.ingest import RetryableIOError, tail_hash
+from rollout_assets.warehouse import transaction
+
+RECORD_TABLES = ("ingest_files", "ingest_batches", "quarantine")
+
+
+@dataclass(frozen=True)
+class Rotation:
+    source_file: str  # the name the Collector read the bytes under
+    moved_to: str  # the name that holds them now (an archive)
+
+
+def _holds(path: Path, offset: int, fingerprint: str) -> bool | None:
+    """Whether `path` holds, before `offset`, the bytes a cursor fingerprinted. False when it
+    is missing, shorter or different; None when it cannot be read (the probe reports that)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size < offset:
+            return False
+        return tail_hash(fd, path, offset) == fingerprint
+    except (OSError, RetryableIOError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _regular_files(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    out = []
+    for p in entries:
+        try:
+            if stat.S_ISREG(p.lstat().st_mode):  # not a symlink to another canary file
+                out.append(p)
+        except OSError:
+            continue
+    return out
+
+
+def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
+    """Move the records of every rotated canary file to its new name (see the module)."""
+    rows = con.execute("select source_file, byte_offset, tail_hash, updated_at "
+                       "from ingest_files order by source_file").fetchall()
+    lost = [(rel, offset, fp) for rel, offset, fp, _ in rows
+            if offset and fp is not None and _holds(home.root / rel, offset, fp) is False]
+    if not lost:
+        return []
+    lost_names = {rel for rel, _, _ in lost}
+    settled = {rel for rel, *_ in rows} - lost_names  # names that still hold their bytes
+    moves: list[Rotation] = []
+    claimed: set[str] = set()
+    for rel, offset, fp in lost:
+        for cand in _regular_files((home.root / rel).parent):
+            name = home.relative(cand)
+            if name == rel or name in settled or name in claimed:
+                continue
+            if _holds(cand, offset, fp):
+                moves.append(Rotation(rel, name))
+                claimed.add(name)
+                break
+    if not moves:
+        return []
+    moving = {m.source_file for m in moves}
+    last_read = {rel: at for rel, _, _, at in rows}
+    with transaction(con):
+        # a target name still holding a deleted archive's records: those move aside first
+        for name in sorted(claimed & lost_names - moving):
+            _rename(con, name, f"{name}#{last_read[name]:%Y%m%dT%H%M%SZ}")
+        # through temporary names: a chain (.1 -> .2 while the file -> .1) moves at once
+        for i, m in enumerate(moves):
+            _rename(con, m.source_file, f"<rotating {i}>")
+        for i, m in enumerate(moves):
+            _rename(con, f"<rotating {i}>", m.moved_to)
+            con.execute("update ingest_files set rotated_from = ? where source_file = ?",
+                        [m.source_file, m.moved_to])
+    return moves
+
+
+def _rename(con, old: str, new: str) -> None:
+    for table in RECORD_TABLES:
+        con.execute(f"update {table} set source_file = ? where source_file = ?", [new, old])
+
+
+def archive_paths(con, home: RolloutHome) -> list[Path]:
+    """The archives that still exist: read like canary files, whatever their name."""
+    return [home.root / rel for (rel,) in con.execute(
+        "select source_file from ingest_files where rotated_from is not null order by 1"
+    ).fetchall() if (home.root / rel).is_file()]
+
+
+def describe(rotations: list[Rotation]) -> list[str]:
+    return [f"canary file {r.source_file} was rotated to {r.moved_to}: its cursor, batches and "
+            "quarantine rows follow it, its new lines are read there, and "
+            f"{Path(r.source_file).name} is read again from its first line" for r in rotations]

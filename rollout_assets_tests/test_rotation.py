@@ -1,0 +1,123 @@
+"""Rotated canary files (log rotation: rename, then a new file under the old name), through the
+real window runs: the lines written to the old file after the last run are still read (from
+its new name, also when the writer appends there after the rotation), its quarantine rows stay
+and follow it, the new file is read from its first line, nothing is a collector fault, and each
+file's counts add up."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from rollout_assets.cli import main
+from rollout_assets.runner import run_range
+from rollout_assets_tests.conftest import write_canary
+from rollout_assets_tests.reliability_helpers import T0, promote_to, query, window_events
+
+W = timedelta(minutes=15)
+BASE = "reports/canary/phase-A-1.jsonl"
+ARCHIVE = BASE + ".1"
+
+
+def run(home, first, last) -> None:
+    assert run_range(home, first, last + W, log=lambda m: None).success
+
+
+def stored(home, tag: str) -> int:
+    return query(home, "select count(*) from canary_events e join ingest_batches b "
+                       "using (batch_id) where e.window_start >= ? and e.window_start < ?",
+                 [T0 + int(tag[1:]) * W, T0 + (int(tag[1:]) + 1) * W])[0][0]
+
+
+def files(home) -> dict[str, tuple]:
+    return {r[0]: r[1:] for r in query(
+        home, "select source_file, lines_read, loaded, duplicates, quarantined, rotated_from "
+              "from ingest_files order by 1")}
+
+
+def quarantined(home) -> list[tuple]:
+    return query(home, "select source_file, line_no, raw from quarantine order by all")
+
+
+def append(path, lines) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def test_a_rotated_file_is_followed_to_its_new_name(home, capsys):
+    promote_to(home, "A-1")
+    base = home.root / BASE
+    write_canary(home, "A-1", window_events("A-1", T0, "w0") + ["bad line 25"])
+    run(home, T0, T0)
+    assert stored(home, "w0") == 24
+
+    # w1 lands in the file after the run; then logrotate renames it and starts a new one
+    append(base, window_events("A-1", T0 + W, "w1") + ["bad line 50"])
+    base.rename(home.root / ARCHIVE)
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2") + ["bad line 1 of new"])
+    run(home, T0 + W, T0 + 2 * W)
+    assert (stored(home, "w1"), stored(home, "w2")) == (24, 24)  # w1 was not lost
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    # the old content's records follow it; the new file's start at its line 1
+    assert quarantined(home) == [(BASE, 25, "bad line 1 of new"), (ARCHIVE, 25, "bad line 25"),
+                                 (ARCHIVE, 50, "bad line 50")]
+    assert files(home) == {ARCHIVE: (50, 48, 0, 2, BASE), BASE: (25, 24, 0, 1, None)}
+
+    # the writer still had the old file open: its late lines are read from the archive
+    append(home.root / ARCHIVE, window_events("A-1", T0 + 3 * W, "w3"))
+    run(home, T0 + 3 * W, T0 + 3 * W)
+    assert stored(home, "w3") == 24
+    assert files(home)[ARCHIVE] == (74, 72, 0, 2, BASE)
+
+    # rotation deletes the archive later: retention, not a missing canary file
+    (home.root / ARCHIVE).unlink()
+    write_canary(home, "A-1", window_events("A-1", T0 + 4 * W, "w4"))
+    run(home, T0 + 4 * W, T0 + 4 * W)
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    assert query(home, "select breach from window_verdicts where window_start = ? "
+                       "and phase = 'A-1'", [T0 + 4 * W]) == [(False,)]
+    capsys.readouterr()
+    assert main(["--home", str(home.root), "files", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {ARCHIVE}: gone (an archive: no fault); rotated from {BASE}\n" in out
+
+    # the next rotation takes the name `.1` again: the deleted archive's records move aside
+    base.rename(home.root / ARCHIVE)
+    write_canary(home, "A-1", window_events("A-1", T0 + 5 * W, "w5"))
+    run(home, T0 + 5 * W, T0 + 5 * W)
+    rows = files(home)
+    aside = next(name for name in rows if name.startswith(ARCHIVE + "#"))
+    assert rows[aside] == (74, 72, 0, 2, BASE)
+    assert rows[ARCHIVE] == (49, 48, 0, 1, BASE) and rows[BASE] == (24, 24, 0, 0, None)
+    assert [q[:2] for q in quarantined(home)] == [(ARCHIVE, 25), (aside, 25), (aside, 50)]
+    total = query(home, "select count(*) from canary_events")[0][0]
+    assert total == 6 * 24 == sum(r[1] for r in rows.values())  # every event counted once
+
+
+def test_a_file_renamed_with_nothing_in_its_place_is_not_missing(home):
+    promote_to(home, "A-1")
+    base = home.root / BASE
+    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    run(home, T0, T0)
+    append(base, window_events("A-1", T0 + W, "w1"))
+    base.rename(home.root / "reports/canary/phase-A-1.jsonl-20250118")  # dateext
+    run(home, T0 + W, T0 + W)
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    assert stored(home, "w1") == 24
+    assert files(home) == {"reports/canary/phase-A-1.jsonl-20250118": (48, 48, 0, 0, BASE)}
+    # the writer starts the new file: read from its first line
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
+    run(home, T0 + 2 * W, T0 + 2 * W)
+    assert stored(home, "w2") == 24 and files(home)[BASE] == (24, 24, 0, 0, None)
+
+
+def test_a_file_replaced_by_other_content_is_still_read_from_its_start(home):
+    """No file holds the old bytes (truncated and refilled): nothing to follow, as before."""
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    run(home, T0, T0)
+    write_canary(home, "A-1", window_events("A-1", T0 + W, "w1"), mode="w")
+    run(home, T0 + W, T0 + W)
+    assert stored(home, "w1") == 24
+    assert files(home) == {BASE: (24, 24, 0, 0, None)}
