@@ -122,6 +122,26 @@ class GateResult:
     details: dict = field(default_factory=dict)
 
 
+def gate_span(policy: Policy) -> int:
+    """How many days one day's gate looks back over (1 without a gate)."""
+    gated = next((p for p in policy.phases if p.gate is not None), None)
+    return gated.gate.consecutive_days if gated is not None else 1
+
+
+def days_with_gates(con, policy: Policy, days: list[date]) -> list[date]:
+    """`days` and the later days whose gate reads any of them: a day's `sla_daily` rows change
+    the gate (and daily summary) of the `consecutive_days - 1` days after it. Later days count
+    only when they have rows (a gate is not evaluated ahead of the data)."""
+    span = gate_span(policy)
+    later = {d + timedelta(days=k) for d in days for k in range(1, span)} - set(days)
+    if not later:
+        return sorted(days)
+    have = {r[0] for r in con.execute(
+        "select distinct day from sla_daily where day >= ? and day <= ?",
+        [min(later), max(later)]).fetchall()}
+    return sorted(set(days) | (later & have))
+
+
 def ga_gate(con, policy: Policy, day: date) -> GateResult:
     """The gate of the first phase that declares one (B-1): the `consecutive_days` UTC days
     ending at `day` each had every judged window pass, and no major (P1) incident."""

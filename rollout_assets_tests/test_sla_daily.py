@@ -5,6 +5,7 @@ audit)."""
 
 from datetime import datetime, timedelta
 
+import dagster as dg
 import duckdb
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -145,3 +146,50 @@ def test_under_the_daemon_the_sensor_refreshes_past_days_later_runs_changed(home
         assert tick(D2 + timedelta(days=2), cursor)[0] == []
     finally:
         instance.dispose()
+
+
+def fast_b1(day: datetime, latency_ms: float = 500.0) -> list[dict]:
+    """One judged B-1 window at 09:00 of `day`: 10 autosaves (p95 passes at 500 ms, a P1
+    breach at 5000 ms)."""
+    at = f"{day.replace(hour=9, minute=2):%Y-%m-%dT%H:%M:%SZ}"
+    return [event(event_id=f"b1-{day:%d}-{latency_ms:g}-{i}", phase="B-1", kind="autosave",
+                  ts=at, latency_ms=latency_ms) for i in range(10)]
+
+
+def latest_gates(home) -> dict[str, bool]:
+    instance = instance_of(home)
+    try:
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey("sla_daily"), "ga_gate"), limit=500)
+        latest = {}
+        for r in sorted(history, key=lambda r: r.id):
+            latest[r.partition] = r.evaluation.passed
+        return latest
+    finally:
+        instance.dispose()
+
+
+def gate_line(home, day: datetime) -> str:
+    text = (home.root / "reports" / "daily" / f"{day:%Y%m%d}.md").read_text()
+    return next(line for line in text.splitlines() if line.startswith("GA gate"))
+
+
+def test_the_gate_of_later_days_follows_a_day_that_changed(home):
+    """A day's GA gate reads the 4 days before it. Days run newest first left days 5 and 6
+    closed ("no judged windows" on days not yet run), and a late P1 breach on day 2 left days
+    3-6 open, in the check history and the daily summaries (found by an independent audit)."""
+    days = [D1 + timedelta(days=k) for k in range(6)]
+    write_canary(home, "B-1", [e for d in days for e in fast_b1(d)])
+    for d in reversed(days):
+        run_day(home, d)
+    gates = latest_gates(home)
+    assert [gates[f"{d:%Y-%m-%d}"] for d in days] == [False] * 4 + [True] * 2
+    assert gate_line(home, days[5]) == f"GA gate on {days[5]:%Y-%m-%d}: OPEN"
+
+    write_canary(home, "B-1", fast_b1(days[1], latency_ms=5000.0))  # late: a P1 breach
+    rollout(home, "run", "--from", f"{days[1]:%Y-%m-%dT09:00Z}",
+            "--to", f"{days[1]:%Y-%m-%dT09:15Z}")
+    gates = latest_gates(home)
+    assert [gates[f"{d:%Y-%m-%d}"] for d in days] == [False] * 6
+    assert gate_line(home, days[5]).startswith(f"GA gate on {days[5]:%Y-%m-%d}: closed")
+    assert f"{days[1]:%Y-%m-%d}: 1 window(s) missed an SLO" in gate_line(home, days[5])

@@ -11,6 +11,7 @@ from rollout_assets.governance import (
     SLA_DAYS_KEY,
     compute_sla_daily,
     days_of_changed_incidents,
+    days_with_gates,
     ga_gate,
     incident_facts,
     sla_days_text,
@@ -77,7 +78,9 @@ def sla_daily(
     days = _days(context)
     with warehouse.connect() as con:
         n = compute_sla_daily(con, policy, days[0], days[-1])
-        summaries = [write_daily_summary(con, home.home, policy, d) for d in days]
+        # the later days' summaries show their gate, which reads these days' rows
+        summaries = [write_daily_summary(con, home.home, policy, d)
+                     for d in days_with_gates(con, policy, days)]
         for d in days:
             att = con.execute(
                 "select phase, attainment from sla_daily where day = ? order by phase",
@@ -104,7 +107,9 @@ def sla_daily(
 def ga_gate_check(context, home: HomeResource, warehouse: DuckDBWarehouse):
     policy = home.policy()
     with warehouse.connect() as con:
-        for d in _days(context):
+        # also the later days whose gate reads the run's days: a late breach on day 3 closes
+        # the gate of days 4-7 in the audit trail too, and days run newest first open theirs
+        for d in days_with_gates(con, policy, _days(context)):
             g = ga_gate(con, policy, d)
             yield dg.AssetCheckEvaluation(
                 asset_key=sla_daily.key, check_name="ga_gate", passed=g.ok,
