@@ -138,9 +138,12 @@ def load_outcomes(con, policy: Policy) -> list[WindowOutcome]:
 
 def _checklist(con, policy: Policy, inc: Incident) -> dict:
     """Seed §8 steps 1–3 from the ledger: alert received, escalation decided, rollback run."""
+    # the first alert of any of its breached windows: a late breach that moved the incident's
+    # first window earlier was announced after the windows it now precedes
     alert = con.execute(
         "select min(created_at) from notifications where kind = 'alert' and phase = ? "
-        "and window_start = ?", [inc.phase, inc.opened_window]).fetchone()[0]
+        "and window_start >= ? and window_start <= ?",
+        [inc.phase, inc.opened_window, inc.last_breach_window]).fetchone()[0]
     if alert is None:
         alert = con.execute(
             "select judged_at from window_verdicts where phase = ? and window_start = ?",
@@ -176,14 +179,17 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
     incidents = fold_incidents(load_outcomes(con, policy),
                                policy.incidents.close_after_green_cycles)
     previous = {
-        r[0]: dict(zip(("rca_created_at", "closed_at", "policy_version"), r[1:], strict=True))
+        r[0]: dict(zip(("phase", "opened_window", "rca_due", "rca_created_at", "closed_at",
+                        "policy_version"), r[1:], strict=True))
         for r in con.execute(
-            "select incident_id, rca_created_at, closed_at, policy_version from incidents"
+            "select incident_id, phase, opened_window, rca_due, rca_created_at, closed_at, "
+            "policy_version from incidents"
         ).fetchall()
     }
+    renamed = _renamed(previous, incidents)
     rows = []
     for inc in incidents:
-        prev = previous.get(inc.incident_id, {})
+        prev = previous.get(inc.incident_id) or previous.get(renamed.get(inc.incident_id), {})
         check = _checklist(con, policy, inc)
         level = inc.level
         if check["rollback_exit_code"] not in (None, 0):
@@ -218,8 +224,53 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
                  for inc in incidents for ws, step, detail in inc.timeline],
             )
     for inc, row in zip(incidents, rows, strict=True):
+        old = renamed.get(inc.incident_id)
+        if old is not None:
+            was = previous[old]
+            _carry_draft(home, old, inc.incident_id, [
+                (f"- Due: {was['rca_due']} ", f"- Due: {row['rca_due']} "),
+                (f"- Opened by window: {_fmt_ts(was['opened_window'])}",
+                 f"- Opened by window: {_fmt_ts(inc.opened_window)}")])
         write_rca(con, home, policy, inc, row)
     return rows
+
+
+def _renamed(previous: dict[str, dict], incidents: list[Incident]) -> dict[str, str]:
+    """{new id: the id it had}: an incident whose id is gone because a late breach moved its
+    first window earlier (or joined it to an earlier one) lives on in the incident of its phase
+    whose span now holds its first window (the earliest such, when several merged)."""
+    current = {inc.incident_id for inc in incidents}
+    out: dict[str, str] = {}
+    for old_id, old in sorted(previous.items(), key=lambda kv: kv[1]["opened_window"]):
+        if old_id in current:
+            continue
+        for inc in incidents:
+            if (inc.phase == old["phase"] and inc.opened_window <= old["opened_window"]
+                    and (inc.closed_window is None
+                         or old["opened_window"] <= inc.closed_window)
+                    and inc.incident_id not in previous):
+                out.setdefault(inc.incident_id, old_id)
+                break
+    return out
+
+
+def _carry_draft(home: RolloutHome, old_id: str, new_id: str,
+                 head: list[tuple[str, str]]) -> None:
+    """The renamed incident keeps its RCA draft, and what people wrote in it, under its new id
+    (the generated part is refreshed next, `head` lines written once are updated); a draft
+    already under the new id is left alone."""
+    old, new = home.rca_dir / f"{old_id}.md", home.rca_dir / f"{new_id}.md"
+    if not old.exists() or new.exists():
+        return
+    text = old.read_text(encoding="utf-8").replace(old_id, new_id)
+    for was, now in head:
+        text = text.replace(was, now, 1)
+    heading = f"# RCA draft: {new_id}\n"
+    note = (f"\n> Renamed from {old_id}: a late breach moved the incident's first window "
+            "earlier.\n")
+    text = text.replace(heading, heading + note, 1) if heading in text else note + text
+    atomic_write(home.inside(new), text)
+    old.unlink()
 
 
 def incident_for(con, phase: str, window_start: datetime) -> str | None:

@@ -199,12 +199,14 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
     return out
 
 
-def _not_delivered(window: str, phase: str, channel: str, kind: str) -> str:
+def _not_delivered(window: str, phase: str, channel: str, kind: str,
+                   incident: str | None = None) -> str:
     """SQL: no message of this ledger key has been delivered (the notifier's duplicate test), so
     a Reporter run offers only what is still owed, however many incidents history holds."""
+    of_incident = f"and d.incident_id = {incident} " if incident else ""
     return (f"not exists (select 1 from notifications d where d.window_start = {window} "
             f"and d.phase = {phase} and d.channel = {channel} and d.kind = '{kind}' "
-            f"and {delivered_sql('d')})")
+            f"{of_incident}and {delivered_sql('d')})")
 
 
 def rca_messages(con, policy: Policy) -> list[Message]:
@@ -243,7 +245,8 @@ def resolve_messages(con, policy: Policy) -> list[Message]:
             from incidents where status = 'closed' and $close_step
         )
         select incident_id, phase, level, closed_window, channel from channels c
-        where {_not_delivered("c.closed_window", "c.phase", "c.channel", "resolve")}
+        where {_not_delivered("c.closed_window", "c.phase", "c.channel", "resolve",
+                              "c.incident_id")}
         order by closed_window, incident_id, channel = $channel, channel
     """, {"channel": policy.notifications.incident_channel, "close_step": close_step}).fetchall()
     return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},

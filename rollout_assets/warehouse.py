@@ -374,6 +374,11 @@ def _create_schema(con) -> None:
     # the name an archive was rotated from
     con.execute("alter table ingest_files add column if not exists tail_hash VARCHAR")
     con.execute("alter table ingest_files add column if not exists rotated_from VARCHAR")
+    # resolves are keyed per incident since the same release as `rotated_from` (so every
+    # older warehouse passes here once): `<window>:<phase>:<channel>:resolve:<incident>`
+    con.execute("update notifications set idempotency_key = idempotency_key || ':' || "
+                "incident_id where kind = 'resolve' and incident_id is not null "
+                "and ends_with(idempotency_key, ':resolve')")
     for ddl in VIEWS.values():
         con.execute(ddl)
 

@@ -28,7 +28,7 @@ from rollout_assets.resources.notifier import (
 from rollout_assets.resources.pagerduty import PagerDutyEvents
 from rollout_assets.resources.slack import RolloutSlackResource
 from rollout_assets.runner import RunError, run_range
-from rollout_assets.warehouse import records, transaction
+from rollout_assets.warehouse import connect, records, transaction
 from rollout_assets_tests.conftest import DAY, event, write_canary
 from rollout_assets_tests.fake_endpoints import (
     PD_ENQUEUE,
@@ -567,12 +567,12 @@ def test_pipeline_routes_per_phase_threads_resolves_and_never_sends_twice(
     with duckdb.connect(str(home.db_path)) as c:
         assert rca_messages(c, policy) == [] and resolve_messages(c, policy) == []
         c.execute("update notifications set status = 'failed' where idempotency_key = ?",
-                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve"])
+                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve:{inc_b0}"])
         [owed] = resolve_messages(c, policy)
         assert (owed.channel, owed.incident_id) == (f"pagerduty:{MERGE}", inc_b0)
         assert {m.incident_id for m in rca_messages(c, policy)} == set()
         c.execute("update notifications set status = 'sent' where idempotency_key = ?",
-                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve"])
+                  [f"20250118T0945Z:B-0:pagerduty:{MERGE}:resolve:{inc_b0}"])
 
     # secrets: not in any file under the home, the ledger, or any captured log
     assert assert_home_clean(home.root) > 10
@@ -680,7 +680,7 @@ def test_a_lost_page_goes_out_next_cycle_and_its_resolve_never_before_it(
                  + window_events("B-0", w[1], "merge") + window_events("B-0", w[2], "merge"))
     set_env(monkeypatch, endpoints)
     alert, resolve = (f"20250118T0900Z:B-0:pagerduty:{MERGE}:alert",
-                      f"20250118T0930Z:B-0:pagerduty:{MERGE}:resolve")
+                      f"20250118T0930Z:B-0:pagerduty:{MERGE}:resolve:INC-20250118T0900Z-B-0")
     for ws in w[:3]:
         _outage(endpoints, PD_ENQUEUE, 40)  # down for the whole run
         with pytest.raises(RunError, match=alert):
@@ -729,6 +729,42 @@ def test_an_escalation_whose_page_went_out_since_is_superseded_not_sent(
     assert rows["20250118T0900Z:B-0:#incident:escalation"]["status"] == "superseded"
     assert not [p for p in endpoints.delivered_posts()
                 if "page the on-call by hand" in json.dumps(p)]
+
+
+def test_an_incident_renamed_by_a_late_breach_is_resolved_and_keeps_its_draft(
+        home, endpoints, monkeypatch):
+    """B-0 breaches at 09:30 (INC-…0930Z) and closes at 10:00. A late file makes 09:15 a
+    breach too: the incident is now INC-…0915Z, paged under that key by the re-run, and must be
+    resolved under it as well, although its closing window's resolve was already sent for the
+    old id. Its RCA draft, with what people wrote, moves to the new id (found by an independent
+    audit: the new page stayed open for good and the old draft was left behind)."""
+    quiet_rollback_policy(home)
+    w = [W0900 + timedelta(minutes=15 * i) for i in range(6)]
+    write_canary(home, "B-0", [e for i, ws in enumerate(w) if i != 1  # 09:15 comes late
+                               for e in window_events("B-0", ws, "merge", bad=10 * (i == 2))])
+    set_env(monkeypatch, endpoints)
+    run_range(home, w[0], w[5] + timedelta(minutes=15), log=lambda m: None)
+    old, new = "INC-20250118T0930Z-B-0", "INC-20250118T0915Z-B-0"
+    assert _delivered_pd(endpoints) == [("trigger", old), ("resolve", old)]
+    draft = home.rca_dir / f"{old}.md"
+    draft.write_text(draft.read_text() + "\nRoot cause: the merge worker pool was drained.\n")
+
+    write_canary(home, "B-0", window_events("B-0", w[1], "merge", bad=10))  # the late file
+    run_range(home, w[1], w[1] + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", old), ("resolve", old), ("trigger", new),
+                                        ("resolve", new)]
+    assert sorted(p.name for p in home.rca_dir.iterdir()) == [f"{new}.md"]
+    text = (home.rca_dir / f"{new}.md").read_text()
+    assert text.startswith(f"# RCA draft: {new}\n\n> Renamed from {old}")
+    assert "- Opened by window: 2025-01-18 09:15 UTC" in text
+    assert text.endswith("Root cause: the merge worker pool was drained.\n")
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        # its alert was received when 09:30's went out, not when the late 09:15 one did
+        assert c.execute("select incident_id, alert_received_at from incidents").fetchall() == [
+            (new, c.execute("select min(created_at) from notifications where kind = 'alert' "
+                            "and window_start = ?", [w[2]]).fetchone()[0])]
+    run_range(home, w[0], w[5] + timedelta(minutes=15), log=lambda m: None)
+    assert len(_delivered_pd(endpoints)) == 4  # nothing twice
 
 
 def test_rollout_demo_delivers_one_message_per_channel_per_breach(tmp_path):
@@ -794,3 +830,32 @@ def test_alerts_carry_the_evidence_excluded_counts_and_sql(home, con, endpoints,
     [page] = endpoints.of(PD_ENQUEUE)
     details = page.body["payload"]["custom_details"]
     assert details["excluded_events"] == {"staging": 3} and details["evidence_sql"] == sql
+
+
+def test_an_older_ledger_gets_per_incident_resolve_keys_once(home):
+    """Warehouses from before resolves named their incident are migrated on connect, so a
+    resolve already sent is not sent again under its new key."""
+    con = connect(home.db_path)
+    now = datetime(2025, 1, 18, 10)
+    con.execute("insert into notifications (idempotency_key, window_start, phase, channel, kind, "
+                "level, transport, status, attempts, incident_id, created_at, updated_at) values "
+                "(?, ?, 'B-0', '#merge-ops', ?, 'P2', 'slack', 'sent', 1, ?, ?, ?)",
+                ["20250118T1000Z:B-0:#merge-ops:resolve", now, "resolve",
+                 "INC-20250118T0900Z-B-0", now, now])
+    con.execute("insert into notifications (idempotency_key, window_start, phase, channel, kind, "
+                "level, transport, status, attempts, incident_id, created_at, updated_at) values "
+                "(?, ?, 'B-0', '#merge-ops', ?, 'P2', 'slack', 'sent', 1, ?, ?, ?)",
+                ["20250118T0900Z:B-0:#merge-ops:alert", now, "alert",
+                 "INC-20250118T0900Z-B-0", now, now])
+    con.execute("alter table ingest_files drop column rotated_from")  # as an older version left it
+    con.close()
+    con = connect(home.db_path)
+    try:
+        keys = sorted(r[0] for r in con.execute(
+            "select idempotency_key from notifications").fetchall())
+        resolve = Message(now, "B-0", "#merge-ops", "resolve", "P2", "[resolved]",
+                          incident_id="INC-20250118T0900Z-B-0")
+        assert keys == ["20250118T0900Z:B-0:#merge-ops:alert", resolve.idempotency_key]
+        assert resolve.idempotency_key.endswith(":resolve:INC-20250118T0900Z-B-0")
+    finally:
+        con.close()

@@ -53,6 +53,7 @@ DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 # to a PagerDuty outage goes out with the next cycle, not only when its window is re-run)
 REDELIVERY_HORIZON = timedelta(hours=24)
 REDACTED = "[redacted]"
+RESOLVE_KEY_SEP = ":"  # a resolve's ledger key ends with it and its incident id
 
 
 def delivered(status: str, transport: str) -> bool:
@@ -78,13 +79,23 @@ class Message:
     incident_id: str | None = None
 
     @property
+    def _per_incident(self) -> str:
+        """A resolve names its incident: one that a late breach renamed (its first window
+        moved earlier) closes in the window the incident it replaced closed in, and its own
+        PagerDuty trigger needs its own resolve."""
+        return f"{RESOLVE_KEY_SEP}{self.incident_id}" if (
+            self.kind == "resolve" and self.incident_id) else ""
+
+    @property
     def idempotency_key(self) -> str:
-        return f"{window_stamp(self.window_start)}:{self.phase}:{self.channel}:{self.kind}"
+        return (f"{window_stamp(self.window_start)}:{self.phase}:{self.channel}:{self.kind}"
+                f"{self._per_incident}")
 
     @property
     def file_stem(self) -> str:
         channel = re.sub(r"[^A-Za-z0-9_-]+", "-", self.channel).strip("-")
-        return f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}"
+        return (f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}"
+                f"{self._per_incident}")
 
     @property
     def is_pagerduty(self) -> bool:
