@@ -130,7 +130,12 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
     action = "promote" if gate.ok else "promote_forced"
     _write(con, policy, before.phase, target, action, reason, actor)
     after = current_state(con, policy)
-    return before, after, f"promoted {before.describe()} -> {after.describe()}"
+    msg = f"promoted {before.describe()} -> {after.describe()}"
+    restarting = gate.details.get("restarting_from_the_canary")
+    if restarting:
+        msg += (f"; restarting from the canary: {', '.join(restarting)} stays open until "
+                f"{target}'s windows are green again")
+    return before, after, msg
 
 
 def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target: str,

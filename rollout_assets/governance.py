@@ -184,15 +184,28 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
     if target != expected:
         reasons.append(f"the next phase after {current} is {expected or 'none'}, not {target}")
         return GateResult(False, reasons)
+    # An open incident blocks promotion, except one of the target phase or a later one that
+    # was rolled back: with the flags behind its phase that phase gets no traffic, so it can
+    # never see its green cycles (A-0, where an A-1 rollback lands, is not judged at all).
+    # Seed §5 restarts from the canary: it stays open and closes on the re-promoted phase's
+    # green windows.
+    order = {name: i for i, name in enumerate(policy.phase_names)}
     open_inc = con.execute(
-        "select incident_id from incidents where status = 'open' order by 1").fetchall()
-    if open_inc:
-        reasons.append("open incident(s): " + ", ".join(r[0] for r in open_inc))
+        "select incident_id, phase, exists (select 1 from rollbacks r where r.phase = i.phase "
+        "and r.status = 'succeeded' and r.window_start >= i.opened_window) "
+        "from incidents i where status = 'open' order by 1").fetchall()
+    restarting = [iid for iid, phase, rolled_back in open_inc
+                  if rolled_back and order.get(phase, -1) >= order[target]]
+    blocking = [iid for iid, _, _ in open_inc if iid not in restarting]
+    if blocking:
+        reasons.append("open incident(s): " + ", ".join(blocking))
     last_change = con.execute(
         "select effective_window from flag_history order by changed_at desc limit 1").fetchone()
     since = last_change[0] if last_change and last_change[0] else datetime(1970, 1, 1)
     need = policy.promotion.min_green_windows
     details: dict = {"since_window": str(since), "required_green_windows": need}
+    if restarting:
+        details["restarting_from_the_canary"] = restarting
     if policy.phase(current).slos and need:
         statuses = [r[0] for r in con.execute(
             "select status from window_verdicts where phase = ? and window_start > ? "
