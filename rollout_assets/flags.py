@@ -11,7 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.home import RolloutHome
@@ -112,7 +112,7 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
     """Move the flags one phase forward, to `target`, when the promotion gate holds (no open
     incident, enough green windows since the last change, the GA gate for GA). `force` records
     an override with its reason instead of refusing."""
-    from rollout_assets.governance import promotion_gate
+    from rollout_assets.governance import gate_span, promotion_gate
 
     validate_phase(policy, target)
     before = current_state(con, policy)
@@ -131,6 +131,13 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
     _write(con, policy, before.phase, target, action, reason, actor)
     after = current_state(con, policy)
     msg = f"promoted {before.describe()} -> {after.describe()}"
+    gate_day = gate.details.get("ga_gate_day")
+    if gate_day is not None:
+        msg += (f"; the GA gate held over the {gate_span(policy)} UTC days ending {gate_day}, "
+                "the last day with data")
+        age = (datetime.now(UTC).date() - gate_day).days
+        if age > 1:
+            msg += f" ({age} days ago: check that this evidence is current)"
     restarting = gate.details.get("restarting_from_the_canary")
     if restarting:
         msg += (f"; restarting from the canary: {', '.join(restarting)} stays open until "

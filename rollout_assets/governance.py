@@ -229,6 +229,7 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
         else:
             g = ga_gate(con, policy, day)
             details["ga_gate"] = g.details
+            details["ga_gate_day"] = day  # the last day with data: say which evidence held
             reasons.extend(g.reasons)
     return GateResult(not reasons, reasons, details)
 

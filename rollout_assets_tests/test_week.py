@@ -2,7 +2,7 @@
 incident with its full checklist and RCA draft, the rollback runs once, the canary earns its way
 back, and the GA gate opens only after 5 clean UTC days."""
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import duckdb
 
@@ -85,7 +85,13 @@ def test_a_week_with_a_breach_on_day_two(home, capsys):
     # day 7 clean: the fifth clean day opens the GA gate
     simulate(home, "2025-03-09T10:00Z", 2, "B-0")
     run(home, "2025-03-09T10:00Z", "2025-03-09T12:00Z")
+    capsys.readouterr()
     assert rollout(home, "flags", "promote", "--phase", "B-1") == 0
+    # it says which days held the gate, and that they are not recent (the week is in 2025)
+    out = capsys.readouterr().out
+    age = (datetime.now(UTC).date() - date(2025, 3, 9)).days
+    assert (f"the GA gate held over the 5 UTC days ending 2025-03-09, the last day with data "
+            f"({age} days ago: check that this evidence is current)") in out
     assert q(home, "select phase from flag_state") == [("B-1",)]
 
     sla = q(home, "select day, sum(windows_judged), sum(windows_passed), sum(breaches), "
