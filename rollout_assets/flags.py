@@ -70,8 +70,10 @@ def _write(con, policy: Policy, from_phase: str | None, to_phase: str, action: s
            reason: str | None, actor: str) -> None:
     flags = json.dumps(_flags_for(policy, to_phase))
     now = now_utc()
-    # gates count judged windows after the newest window judged when the flags changed
-    effective = con.execute("select max(window_start) from window_verdicts").fetchone()[0]
+    # gates count judged windows after the newest window judged when the flags changed; the
+    # store's first state is no change (NULL: it would depend on which windows ran before)
+    effective = None if action == "init" else con.execute(
+        "select max(window_start) from window_verdicts").fetchone()[0]
     with transaction(con):
         con.execute("insert or replace into flag_state values (true, ?, ?, ?)",
                     [to_phase, flags, now])

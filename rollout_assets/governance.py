@@ -201,7 +201,9 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
         reasons.append("open incident(s): " + ", ".join(blocking))
     last_change = con.execute(
         "select effective_window from flag_history order by changed_at desc limit 1").fetchone()
-    since = last_change[0] if last_change and last_change[0] else datetime(1970, 1, 1)
+    # NULL: the change came before any judged window (every window of the phase is after it)
+    changed_in = last_change[0] if last_change else None
+    since = changed_in or datetime(1970, 1, 1)
     need = policy.promotion.min_green_windows
     details: dict = {"since_window": str(since), "required_green_windows": need}
     if restarting:
@@ -218,9 +220,11 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
             green += 1
         details["green_windows"] = green
         if green < need:
+            when = (f"{changed_in:%Y-%m-%d %H:%M}" if changed_in
+                    else "made before any judged window")
             reasons.append(
                 f"{current} needs {need} consecutive green judged windows since the last flag "
-                f"change ({since:%Y-%m-%d %H:%M}); it has {green}")
+                f"change ({when}); it has {green}")
     gated = policy.phase(target).gate
     if gated is not None:
         day = con.execute("select max(day) from sla_daily").fetchone()[0]

@@ -39,7 +39,9 @@ def test_rollback_moves_back_and_records_history(con, policy):
 
 def test_promotion_gate_needs_green_windows_since_the_last_change(con, policy):
     flags.promote(con, policy, "A-1", reason="t", force=True)
-    with pytest.raises(flags.FlagError, match="needs 4 consecutive green judged windows"):
+    # the forced change came before any judged window: said so, not "1970-01-01"
+    with pytest.raises(flags.FlagError, match=r"needs 4 consecutive green judged windows since "
+                       r"the last flag change \(made before any judged window\); it has 0"):
         flags.promote(con, policy, "A-2")
     with pytest.raises(flags.FlagError, match="the next phase is A-2"):
         flags.promote(con, policy, "B-0")
@@ -99,3 +101,13 @@ def test_phases_that_are_not_in_the_policy_are_refused(con, policy, bad):
 def test_a_percent_typo_in_a_rate_threshold_fails_at_load(policy):
     with pytest.raises(PolicyError, match="outside restore_success_rate's range"):
         parse_policy(policy.source_text.replace("threshold: 0.995", "threshold: 99.5", 1))
+
+
+def test_the_stores_first_state_is_no_change_whatever_ran_before(con, policy):
+    """`init` is not a flag change: its effective window was the newest verdict at the moment
+    the store was first read, so two homes fed the same days in another order differed."""
+    con.execute("insert into window_verdicts values (?, ?, 'A-1', 'pass', false, false, NULL, "
+                "'ok', [], 't', ?)", [W0, W0 + W, W0])
+    flags.current_state(con, policy)
+    assert con.execute("select action, effective_window from flag_history").fetchall() == [
+        ("init", None)]
