@@ -691,6 +691,34 @@ class _Cursor:
     rotated_from: str | None = None  # an archive: the name it was rotated away from
 
 
+RECORD_TABLES = ("ingest_files", "ingest_batches", "quarantine")  # rows named by source_file
+
+
+def rename_records(con, old: str, new: str) -> None:
+    """What the warehouse holds of a file read under `old` is now named `new`."""
+    for table in RECORD_TABLES:
+        con.execute(f"update {table} set source_file = ? where source_file = ?", [new, old])
+
+
+def set_aside(con, rel: str) -> str:
+    """Name the records of content that `rel` no longer holds `<rel>#<time it was last read>`,
+    marked an archive (gone: read no more, never a collector fault), so the name is free for
+    new content read from its first line. Returns the new name."""
+    row = con.execute("select updated_at from ingest_files where source_file = ?",
+                      [rel]).fetchone()
+    if row is None:
+        return rel
+    aside = stem = f"{rel}#{row[0]:%Y%m%dT%H%M%SZ}"
+    n = 1
+    while con.execute("select 1 from ingest_files where source_file = ?", [aside]).fetchone():
+        n += 1  # replaced again within the second (or under a pinned clock)
+        aside = f"{stem}-{n}"
+    rename_records(con, rel, aside)
+    con.execute("update ingest_files set rotated_from = coalesce(rotated_from, ?) "
+                "where source_file = ?", [rel, aside])
+    return aside
+
+
 def _read_cursor(con, rel: str) -> _Cursor:
     row = con.execute("select byte_offset, lines_read, loaded, duplicates, quarantined, "
                       "tail_hash, rotated_from from ingest_files where source_file = ?",
@@ -1019,12 +1047,13 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
         cur = _read_cursor(con, rel)
         if st.st_size < cur.offset or (cur.offset and cur.tail_hash is not None
                                        and tail_hash(fd, path, cur.offset) != cur.tail_hash):
-            # The file was truncated or replaced (shorter, or other bytes before the cursor):
-            # read it again. Already-stored events dedup by event_id; quarantine entries of the
-            # old content are replaced.
+            # The file was truncated or replaced (shorter, or other bytes before the cursor)
+            # and no file holds the old bytes any more (`rotation.follow_rotations` moved those
+            # it found): read it again from its first line. Already-stored events dedup by
+            # event_id; the old content's cursor, batches and quarantine rows stay, under
+            # `<name>#<time it was last read>`, as an archive that is gone.
             with transaction(con):
-                con.execute("delete from quarantine where source_file = ?", [rel])
-                con.execute("delete from ingest_files where source_file = ?", [rel])
+                set_aside(con, rel)
             cur = _Cursor()
         elif 0 < cur.offset < st.st_size:
             # The last run took a settled last line that had no newline; the newline written

@@ -18,7 +18,8 @@ still count once).
 
 A name that becomes an archive's while it holds the records of an archive that rotation already
 deleted (`.1` becoming `.2`, the last one removed) first moves those records aside, to
-`<name>#<time it was last read>`, so no two contents share a name.
+`<name>#<time it was last read>` (`ingest.set_aside`, as a file replaced with no copy of its old
+bytes anywhere does), so no two contents share a name.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout_assets.home import RolloutHome
-from rollout_assets.ingest import RetryableIOError, tail_hash
+from rollout_assets.ingest import RetryableIOError, rename_records, set_aside, tail_hash
 from rollout_assets.warehouse import transaction
-
-RECORD_TABLES = ("ingest_files", "ingest_batches", "quarantine")
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,9 @@ def _regular_files(folder: Path) -> list[Path]:
 
 def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
     """Move the records of every rotated canary file to its new name (see the module)."""
-    rows = con.execute("select source_file, byte_offset, tail_hash, updated_at "
+    rows = con.execute("select source_file, byte_offset, tail_hash "
                        "from ingest_files order by source_file").fetchall()
-    lost = [(rel, offset, fp) for rel, offset, fp, _ in rows
+    lost = [(rel, offset, fp) for rel, offset, fp in rows
             if offset and fp is not None and _holds(home.root / rel, offset, fp) is False]
     if not lost:
         return []
@@ -102,24 +101,18 @@ def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
     if not moves:
         return []
     moving = {m.source_file for m in moves}
-    last_read = {rel: at for rel, _, _, at in rows}
     with transaction(con):
         # a target name still holding a deleted archive's records: those move aside first
         for name in sorted(claimed & lost_names - moving):
-            _rename(con, name, f"{name}#{last_read[name]:%Y%m%dT%H%M%SZ}")
+            set_aside(con, name)
         # through temporary names: a chain (.1 -> .2 while the file -> .1) moves at once
         for i, m in enumerate(moves):
-            _rename(con, m.source_file, f"<rotating {i}>")
+            rename_records(con, m.source_file, f"<rotating {i}>")
         for i, m in enumerate(moves):
-            _rename(con, f"<rotating {i}>", m.moved_to)
+            rename_records(con, f"<rotating {i}>", m.moved_to)
             con.execute("update ingest_files set rotated_from = ? where source_file = ?",
                         [m.source_file, m.moved_to])
     return moves
-
-
-def _rename(con, old: str, new: str) -> None:
-    for table in RECORD_TABLES:
-        con.execute(f"update {table} set source_file = ? where source_file = ?", [new, old])
 
 
 def archive_paths(con, home: RolloutHome) -> list[Path]:

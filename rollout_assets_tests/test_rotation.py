@@ -112,12 +112,18 @@ def test_a_file_renamed_with_nothing_in_its_place_is_not_missing(home):
     assert stored(home, "w2") == 24 and files(home)[BASE] == (24, 24, 0, 0, None)
 
 
-def test_a_file_replaced_by_other_content_is_still_read_from_its_start(home):
-    """No file holds the old bytes (truncated and refilled): nothing to follow, as before."""
+def test_a_file_replaced_by_other_content_is_read_from_its_start_and_the_old_kept(home):
+    """No file holds the old bytes (truncated and refilled): the new content is read from its
+    first line; the old content's counts and quarantine rows stay, set aside (they were
+    deleted, so its bad lines vanished from the record)."""
     promote_to(home, "A-1")
-    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    write_canary(home, "A-1", window_events("A-1", T0, "w0") + ["bad line 25"])
     run(home, T0, T0)
     write_canary(home, "A-1", window_events("A-1", T0 + W, "w1"), mode="w")
     run(home, T0 + W, T0 + W)
     assert stored(home, "w1") == 24
-    assert files(home) == {BASE: (24, 24, 0, 0, None)}
+    rows = files(home)
+    aside = next(name for name in rows if name.startswith(BASE + "#"))
+    assert rows == {BASE: (24, 24, 0, 0, None), aside: (25, 24, 0, 1, BASE)}
+    assert quarantined(home) == [(aside, 25, "bad line 25")]
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
