@@ -1028,6 +1028,7 @@ class _FileJob:
     cur: _Cursor
     end: int  # end of the last complete line
     stats: FileIngest
+    hold_tail: bool = False  # the bytes after `end` are the rest of a line still being written
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -1035,9 +1036,10 @@ class _FileJob:
             self.fd = -1
 
 
-def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
+def _open_job(con, home: RolloutHome, path: Path, now: datetime, policy: Policy) -> _FileJob:
     """Open a canary file at its cursor (a truncated file starts again)."""
     rel = home.relative(path)
+    stats = FileIngest(rel)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
@@ -1064,17 +1066,74 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime) -> _FileJob:
                 cur.offset += ending
                 with transaction(con):
                     _save_cursor(con, rel, cur, st, now, fd, path)
+            elif edge[:1] != b"\n" and _complete_truncated_line(
+                    con, fd, path, rel, cur, st, now, frozenset(policy.phase_names), stats):
+                # the rest of the truncated line is still being written: nothing to read yet
+                return _FileJob(path, rel, fd, st, cur, cur.offset, stats, hold_tail=True)
         end = _complete_end(fd, path, cur.offset, st.st_size)
     except BaseException:
         os.close(fd)
         raise
-    return _FileJob(path, rel, fd, st, cur, end, FileIngest(rel))
+    return _FileJob(path, rel, fd, st, cur, end, stats)
+
+
+def _line_start(fd: int, path: Path, pos: int) -> int:
+    """Offset of the first byte of the line that holds the byte before `pos`."""
+    while pos > 0:
+        n = min(BLOCK, pos)
+        i = _pread(fd, n, pos - n, path).rfind(b"\n")
+        if i >= 0:
+            return pos - n + i + 1
+        pos -= n
+    return 0
+
+
+def _complete_truncated_line(con, fd: int, path: Path, rel: str, cur: _Cursor, st,
+                             now: datetime, phases: frozenset[str], stats: FileIngest) -> bool:
+    """An earlier run quarantined the file's unterminated last line as truncated once it had
+    settled, and its writer has since written the rest: the rest belongs to that line, not to
+    a line of its own (every later line's number would be one too high). The whole line
+    replaces the quarantined start under its own number: stored when it is valid now, else
+    quarantined again as it reads whole. A rest still without its newline waits while the file
+    is fresh (`SETTLE_SECONDS`), like any last line: returns True while it waits."""
+    line_no = cur.lines
+    held = con.execute("select 1 from quarantine where source_file = ? and line_no = ? "
+                       "and starts_with(reason, 'truncated last line')",
+                       [rel, line_no]).fetchone()
+    if held is None:  # the last line was stored: what follows is a line of its own
+        return False
+    end = cur.offset + _read_until_newline(fd, path, cur.offset, st.st_size)
+    terminated = _pread(fd, 1, end - 1, path) == b"\n"
+    if not terminated and time.time() - st.st_mtime < SETTLE_SECONDS:
+        stats.pending_bytes = st.st_size - cur.offset
+        return True
+    start = _line_start(fd, path, cur.offset)
+    whole = _pread(fd, end - start, start, path)
+    parsed = parse_chunk(whole, line_no, rel, phases, now)
+    if not terminated:
+        parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
+                             for n, raw, reason in parsed.quarantine]
+    before = _Cursor(offset=start, lines=line_no - 1)
+    with transaction(con):
+        con.execute("delete from quarantine where source_file = ? and line_no = ?",
+                    [rel, line_no])
+        valid, kept = _store_parsed(con, parsed, end - start, rel, before, now,
+                                    _phase_order(phases))
+        for obj in (stats, cur):
+            obj.loaded += kept
+            obj.duplicates += valid - kept
+            obj.quarantined += len(parsed.quarantine) - 1
+        stats.bytes_read += end - cur.offset
+        cur.offset = end
+        _save_cursor(con, rel, cur, st, now, fd, path)
+    stats.python_lines += 1
+    return False
 
 
 def _finish_job(con, job: _FileJob, policy: Policy, now: datetime) -> FileIngest:
     """The last line without its newline, then close the file."""
     try:
-        if job.end < job.st.st_size:
+        if job.end < job.st.st_size and not job.hold_tail:
             _ingest_tail(con, job.fd, job.path, job.rel, job.end, job.cur,
                          frozenset(policy.phase_names), job.st, now, job.stats)
     finally:
@@ -1087,7 +1146,7 @@ def ingest_file(con, home: RolloutHome, policy: Policy, path: Path, now: datetim
     """Read one canary file from its cursor: complete lines on the fast (or strict) path, then
     a last line without its newline once it has settled."""
     mode = ingest_mode(mode)
-    job = _open_job(con, home, path, now)
+    job = _open_job(con, home, path, now, policy)
     try:
         if job.end > job.cur.offset:
             if mode == "fast":
@@ -1132,7 +1191,7 @@ def _ingest_all_fast(con, home: RolloutHome, policy: Policy, paths: list[Path],
     jobs: list[_FileJob] = []
     try:
         for p in paths:
-            jobs.append(_open_job(con, home, p, now))
+            jobs.append(_open_job(con, home, p, now, policy))
     except BaseException:
         for job in jobs:
             job.close()

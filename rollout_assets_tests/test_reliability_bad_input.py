@@ -306,6 +306,48 @@ def test_a_fresh_unterminated_line_waits_then_is_quarantined(home, policy):
     check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (False, None)]})
 
 
+def test_the_rest_of_a_line_quarantined_as_truncated_completes_it(home, policy):
+    """A writer that stalled mid-line past the settle time: the start was quarantined as a
+    truncated line 2. When the rest arrives it completes line 2 (stored now that it is valid),
+    and the next event is line 3, not 4 (the rest was read as a line of its own, so every later
+    line number was one too high). A rest without its newline waits while fresh."""
+    path = home.canary_dir / "phase-A-1.jsonl"
+    home.canary_dir.mkdir(parents=True)
+    ev = {"event_id": "a", "ts": "2025-01-18T09:00:00Z", "phase": "A-1", "kind": "session"}
+    line = {k: json.dumps({**ev, "event_id": k}).encode() for k in "abcde"}
+    path.write_bytes(line["a"] + b"\n" + line["b"][:30])
+    os.utime(path, (OLD, OLD))
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (False, None)]})
+
+    with open(path, "ab") as f:  # the rest, but still no newline: the writer is at it
+        f.write(line["b"][30:40])
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (False, None)]})
+
+    with open(path, "ab") as f:
+        f.write(line["b"][40:] + b"\n" + line["c"] + b"\n")
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (True, "b"), (True, "c")]})
+
+    # a rest that leaves the line invalid: quarantined whole, under its own number
+    with open(path, "ab") as f:
+        f.write(line["d"][:20])
+    os.utime(path, (OLD, OLD))
+    ingest(home, policy)
+    with open(path, "ab") as f:
+        f.write(b'oops"}\r\n' + line["e"] + b"\n")
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (True, "b"), (True, "c"),
+                                            (False, None), (True, "e")]})
+    con = connect(home.db_path, read_only=True)
+    try:
+        raw, reason = con.execute("select raw, reason from quarantine").fetchone()
+    finally:
+        con.close()
+    assert raw == line["d"][:20].decode() + 'oops"}' and not reason.startswith("truncated")
+
+
 def test_lines_of_several_megabytes(home, policy):
     """A valid event carrying a 4 MB unknown field is stored; 6 MB of junk and a 3 MB JSON array
     on one line are quarantined; the lines around them are unaffected."""
