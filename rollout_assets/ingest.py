@@ -692,6 +692,8 @@ class _Cursor:
 
 
 RECORD_TABLES = ("ingest_files", "ingest_batches", "quarantine")  # rows named by source_file
+ASIDE_STAMP = "%Y%m%dT%H%M%SZ"
+ASIDE_NAME_RE = r"#[0-9]{8}T[0-9]{6}Z(-[0-9]+)?$"  # how `set_aside` names end: no file has them
 
 
 def rename_records(con, old: str, new: str) -> None:
@@ -708,7 +710,7 @@ def set_aside(con, rel: str) -> str:
                       [rel]).fetchone()
     if row is None:
         return rel
-    aside = stem = f"{rel}#{row[0]:%Y%m%dT%H%M%SZ}"
+    aside = stem = f"{rel}#{row[0]:{ASIDE_STAMP}}"
     n = 1
     while con.execute("select 1 from ingest_files where source_file = ?", [aside]).fetchone():
         n += 1  # replaced again within the second (or under a pinned clock)

@@ -16,10 +16,10 @@ last run are not lost), whatever their name, and one that goes away is retention
 collector fault. The name the file left is then new: read from its first line (stored events
 still count once).
 
-A name that becomes an archive's while it holds the records of an archive that rotation already
-deleted (`.1` becoming `.2`, the last one removed) first moves those records aside, to
-`<name>#<time it was last read>` (`ingest.set_aside`, as a file replaced with no copy of its old
-bytes anywhere does), so no two contents share a name.
+An archive that is gone with no copy of its bytes anywhere was deleted (rotation's retention,
+or compressed): its records move aside once, to `<name>#<time it was last read>`
+(`ingest.set_aside`, as a file replaced with no copy of its old bytes does), so the name is free
+for the next rotation and no two contents share a name.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout_assets.home import RolloutHome
-from rollout_assets.ingest import RetryableIOError, rename_records, set_aside, tail_hash
+from rollout_assets.ingest import (
+    ASIDE_NAME_RE,
+    RetryableIOError,
+    rename_records,
+    set_aside,
+    tail_hash,
+)
 from rollout_assets.warehouse import transaction
 
 
@@ -79,13 +85,16 @@ def _regular_files(folder: Path) -> list[Path]:
 
 def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
     """Move the records of every rotated canary file to its new name (see the module)."""
-    rows = con.execute("select source_file, byte_offset, tail_hash "
-                       "from ingest_files order by source_file").fetchall()
-    lost = [(rel, offset, fp) for rel, offset, fp in rows
+    rows = con.execute(
+        "select source_file, byte_offset, tail_hash, rotated_from is not null "
+        "from ingest_files where not regexp_matches(source_file, ?) order by source_file",
+        [ASIDE_NAME_RE]).fetchall()  # records set aside name no file
+    lost = [(rel, offset, fp) for rel, offset, fp, _ in rows
             if offset and fp is not None and _holds(home.root / rel, offset, fp) is False]
     if not lost:
         return []
     lost_names = {rel for rel, _, _ in lost}
+    archives = {rel for rel, _, _, archive in rows if archive}
     settled = {rel for rel, *_ in rows} - lost_names  # names that still hold their bytes
     moves: list[Rotation] = []
     claimed: set[str] = set()
@@ -98,12 +107,16 @@ def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
                 moves.append(Rotation(rel, name))
                 claimed.add(name)
                 break
-    if not moves:
-        return []
     moving = {m.source_file for m in moves}
+    # Records whose bytes are nowhere move aside: an archive gone with no copy anywhere was
+    # deleted (rotation's retention, or compressed), so later runs stop looking for it; and a
+    # name a move takes over may not keep another content's records.
+    gone = {rel for rel in archives & lost_names if not (home.root / rel).exists()}
+    aside = sorted((gone | (claimed & lost_names)) - moving)
+    if not moves and not aside:
+        return []
     with transaction(con):
-        # a target name still holding a deleted archive's records: those move aside first
-        for name in sorted(claimed & lost_names - moving):
+        for name in aside:
             set_aside(con, name)
         # through temporary names: a chain (.1 -> .2 while the file -> .1) moves at once
         for i, m in enumerate(moves):

@@ -77,17 +77,19 @@ def test_a_rotated_file_is_followed_to_its_new_name(home, capsys):
     assert query(home, "select count(*) from collector_faults") == [(0,)]
     assert query(home, "select breach from window_verdicts where window_start = ? "
                        "and phase = 'A-1'", [T0 + 4 * W]) == [(False,)]
+    # its records are set aside once: the name is free, and no run looks for it again
+    aside = next(name for name in files(home) if name.startswith(ARCHIVE + "#"))
+    assert files(home)[aside] == (74, 72, 0, 2, BASE)
     capsys.readouterr()
     assert main(["--home", str(home.root), "files", "list"]) == 0
     out = capsys.readouterr().out
-    assert f"  {ARCHIVE}: gone (an archive: no fault); rotated from {BASE}\n" in out
+    assert f"  {aside}: gone (an archive: no fault); rotated from {BASE}\n" in out
 
-    # the next rotation takes the name `.1` again: the deleted archive's records move aside
+    # the next rotation takes the name `.1` again
     base.rename(home.root / ARCHIVE)
     write_canary(home, "A-1", window_events("A-1", T0 + 5 * W, "w5"))
     run(home, T0 + 5 * W, T0 + 5 * W)
     rows = files(home)
-    aside = next(name for name in rows if name.startswith(ARCHIVE + "#"))
     assert rows[aside] == (74, 72, 0, 2, BASE)
     assert rows[ARCHIVE] == (49, 48, 0, 1, BASE) and rows[BASE] == (24, 24, 0, 0, None)
     assert [q[:2] for q in quarantined(home)] == [(ARCHIVE, 25), (aside, 25), (aside, 50)]
@@ -126,4 +128,40 @@ def test_a_file_replaced_by_other_content_is_read_from_its_start_and_the_old_kep
     aside = next(name for name in rows if name.startswith(BASE + "#"))
     assert rows == {BASE: (24, 24, 0, 0, None), aside: (25, 24, 0, 1, BASE)}
     assert quarantined(home) == [(aside, 25, "bad line 25")]
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+
+
+def test_two_rotations_between_runs_follow_each_file(home):
+    """.1 becomes .2 while the file becomes .1 (rotate count 2), and both had lines the last
+    run did not read; then the oldest is deleted while .1 is rotated once more over it."""
+    promote_to(home, "A-1")
+    base, one, two = (home.root / BASE, home.root / ARCHIVE,
+                      home.root / "reports/canary/phase-A-1.jsonl.2")
+    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    run(home, T0, T0)
+    append(base, window_events("A-1", T0 + W, "w1"))
+    base.rename(one)
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
+    run(home, T0 + W, T0 + 2 * W)
+    append(one, ["late bad line"])
+    append(base, window_events("A-1", T0 + 3 * W, "w3"))
+    one.rename(two)
+    base.rename(one)
+    write_canary(home, "A-1", window_events("A-1", T0 + 4 * W, "w4"))
+    run(home, T0 + 3 * W, T0 + 4 * W)
+    assert [stored(home, f"w{i}") for i in range(5)] == [24] * 5
+    assert files(home) == {"reports/canary/phase-A-1.jsonl.2": (49, 48, 0, 1, ARCHIVE),
+                           ARCHIVE: (48, 48, 0, 0, BASE), BASE: (24, 24, 0, 0, None)}
+    assert quarantined(home) == [("reports/canary/phase-A-1.jsonl.2", 49, "late bad line")]
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    # rotate count 2: .2 is deleted, .1 moves over it, the file becomes .1
+    two.unlink()
+    one.rename(two)
+    base.rename(one)
+    run(home, T0 + 5 * W, T0 + 5 * W)
+    rows = files(home)
+    gone = next(name for name in rows if name.startswith("reports/canary/phase-A-1.jsonl.2#"))
+    assert rows[gone] == (49, 48, 0, 1, ARCHIVE)
+    assert rows["reports/canary/phase-A-1.jsonl.2"] == (48, 48, 0, 0, ARCHIVE)
+    assert rows[ARCHIVE] == (24, 24, 0, 0, BASE)
     assert query(home, "select count(*) from collector_faults") == [(0,)]
