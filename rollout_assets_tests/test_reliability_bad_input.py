@@ -396,8 +396,8 @@ def test_the_canary_events_asset_survives_every_kind_of_damage(home):
     assert res.success
     md = res.asset_materializations_for_node("canary_events")[0].metadata
     total = 1 + len(NASTY) + len(damaged) + 1 + 1
-    assert md["lines_read"].value == total
-    assert (md["loaded"].value, md["duplicates"].value) == (1, 1)
-    assert md["quarantined"].value == total - 2
+    assert md["run/lines_read"].value == total
+    assert (md["run/loaded"].value, md["run/duplicates"].value) == (1, 1)
+    assert md["run/quarantined"].value == total - 2
     check_counts(home, {"phase-A-1.jsonl": [(True, "g")] + [(False, None)] * (
         len(NASTY) + len(damaged)) + [(True, "g"), (False, None)]})

@@ -10,6 +10,7 @@ from rollout_assets.assets.common import (
     column_schema,
     log_events,
     on_last_window,
+    run_totals,
     run_windows,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
@@ -51,11 +52,10 @@ def slo_scores(
             partition_key=partition_key(w),
         )
     on_last_window(context, {"dagster/column_schema": schema})
-    return dg.MaterializeResult(metadata={
+    return run_totals(context, {
         "scores": len(scores), "passed": sum(1 for s in scores if s.passed),
         "failed": len(failed), "not_judged": sum(1 for s in scores if s.passed is None),
-        "policy_version": policy.version,
-    })
+    }, policy_version=policy.version)
 
 
 @dg.asset(group_name="analyzer", deps=[slo_scores], **WINDOW_ASSET_KWARGS)
@@ -91,8 +91,7 @@ def window_verdicts(
     log_events(context, slot_evaluations(policy, "analyzer", windows, now_utc()))
     breaches = [v for v in verdicts if v.breach]
     on_last_window(context, {"dagster/column_schema": schema})
-    return dg.MaterializeResult(metadata={
+    return run_totals(context, {
         "verdicts": len(verdicts), "breaches": len(breaches),
         "rollbacks_required": sum(1 for v in verdicts if v.rollback_required),
-        "policy_version": policy.version,
-    })
+    }, policy_version=policy.version)

@@ -8,6 +8,7 @@ from rollout_assets.assets.common import (
     column_schema,
     log_events,
     on_last_window,
+    run_totals,
     run_windows,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
@@ -92,7 +93,7 @@ def canary_events(
         "collector_fault_details": dg.MetadataValue.json([f.__dict__ for f in faults]),
         "dagster/column_schema": schema,
     })
-    return dg.MaterializeResult(metadata={
+    return run_totals(context, {
         "lines_read": read, "loaded": loaded, "duplicates": dups, "quarantined": quarantined,
         "stored_events_total": totals[0], "quarantine_total": totals[1],
     })
@@ -132,10 +133,10 @@ def window_metrics(
                 v = rec[col]
                 if v is not None:
                     md[f"{rec['phase']}/{col}"] = md[col] = float(v)
+        md["dagster/row_count"] = len(rows)  # this window's rows, one per phase with events
         context.add_asset_metadata(md, partition_key=partition_key(w))
     log_events(context, slot_evaluations(policy, "collector", windows, now_utc()))
     on_last_window(context, {"dagster/column_schema": schema})
-    return dg.MaterializeResult(metadata={
+    return run_totals(context, {
         "rows": len(metrics), "windows": len(windows), "monitoring_files": len(files),
-        "policy_version": policy.version, "dagster/row_count": len(metrics),
-    })
+    }, policy_version=policy.version)

@@ -60,6 +60,15 @@ def column_schema(con, table: str) -> dg.TableSchema:
         for name, dtype in cols])
 
 
+def run_totals(context, totals: dict, **every_window) -> dg.MaterializeResult:
+    """The run's totals, as `run/<name>` on its last window's materialization only: a
+    `MaterializeResult`'s metadata is copied onto every partition's event, so each window of a
+    96-window backfill showed the whole day's counts as its own. `every_window` is metadata
+    true of each window (the policy version)."""
+    on_last_window(context, {f"run/{k}": v for k, v in totals.items()})
+    return dg.MaterializeResult(metadata=every_window or None)
+
+
 def on_last_window(context, metadata: dict) -> None:
     """Metadata about the run's output as a whole (the table's column schema, per-file stats):
     on the materialization of the run's last window only. A `MaterializeResult`'s metadata is

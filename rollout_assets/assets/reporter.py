@@ -9,6 +9,7 @@ from rollout_assets.assets.common import (
     column_schema,
     log_events,
     on_last_window,
+    run_totals,
     run_windows,
 )
 from rollout_assets.assets.dashboard import refresh_dashboard
@@ -101,7 +102,7 @@ def alert_reports(
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     on_last_window(context, {"latest_reports": dg.MetadataValue.json(reports[-10:]),
                              "dagster/column_schema": schema})
-    return dg.MaterializeResult(metadata={
+    return run_totals(context, {
         "reports": len(reports), "messages_queued": totals["queued"],
         "messages_sent": totals["sent"], "messages_failed": totals["failed"],
         "messages_already_sent": totals["duplicate"],
