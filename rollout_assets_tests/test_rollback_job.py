@@ -163,6 +163,14 @@ def test_the_rollback_moves_the_flags_and_records_exit_code_0(env):
     assert "ExitCode=0" in (home.root / log_path).read_text()
     report = alert_report(home)
     assert "ExitCode=0" in report and "Pending" not in report
+    # every bullet on its own line (an `{% endif %}` ending a line ate the newline after it:
+    # "- Level: **P2**- Policy: ..." and "- ExitCode=0- Flags: ...")
+    lines = report.splitlines()
+    for bullet in ("- Level: ", "- Policy: ", "- Flags now: ", "- ExitCode=0", "- Flags: A-1"):
+        assert any(line.startswith(bullet) for line in lines), bullet
+    assert not [line for line in lines if line.count("- ") > 1 and line.startswith("- ")
+                and ("- Policy" in line[2:] or "- Flags" in line[2:])]
+    assert any(line.startswith("> rollback_required=true, rollback_to=A-0") for line in lines)
     kinds = query(home, "select kind, channel from notifications where kind = 'rollback'")
     assert kinds and all(ch.startswith("#") for _, ch in kinds)
     mat = res.get_step_success_events()[0]
