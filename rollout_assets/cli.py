@@ -374,9 +374,14 @@ def cmd_demo(args, home: RolloutHome) -> int:
 # ---- ui ---------------------------------------------------------------------------------------
 def cmd_ui(args, home: RolloutHome) -> int:
     from rollout_assets.home import PROJECT_ROOT
+    from rollout_assets.resources.notifier import DAGSTER_URL_ENV
     from rollout_assets.runner import prepare_instance
 
     prepare_instance(home)  # sets DAGSTER_HOME and ROLLOUT_HOME for the child
+    # the runs the daemon launches link their messages to this UI, not to port 3000 (an address
+    # set already, e.g. the one a proxy publishes, is kept)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    os.environ.setdefault(DAGSTER_URL_ENV, f"http://{host}:{args.port}")
     dagster = shutil.which("dagster") or os.path.join(os.path.dirname(sys.executable), "dagster")
     argv = [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "--host", args.host,
             "--port", str(args.port)]

@@ -247,3 +247,36 @@ def test_a_broken_home_policy_is_a_one_line_reason(tmp_path, capsys, monkeypatch
     code = cli.main(["--home", str(tmp_path), "flags", "show"])
     _, err = capsys.readouterr()
     assert code == 2 and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+class _Execd(Exception):
+    pass
+
+
+@pytest.mark.parametrize("preset", [None, "https://dagster.example.com"])
+def test_rollout_ui_links_messages_to_its_own_port(home, monkeypatch, preset):
+    """Runs the UI's daemon launches link their Slack and PagerDuty messages to that UI: they
+    pointed at port 3000 whatever `--port` said (found by an independent audit). An address set
+    already (a proxy's) is kept."""
+    from rollout_assets.resources.notifier import DAGSTER_URL_ENV, notifier_from_env
+
+    if preset:
+        monkeypatch.setenv(DAGSTER_URL_ENV, preset)
+    else:
+        monkeypatch.delenv(DAGSTER_URL_ENV, raising=False)
+    seen = {}
+
+    def execv(path, argv):  # what `dagster dev` would start with
+        seen.update(argv=argv, url=os.environ.get(DAGSTER_URL_ENV))
+        raise _Execd
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.chdir(home.root)
+    for name in ("DAGSTER_HOME", "ROLLOUT_HOME"):  # the command sets them: restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    with pytest.raises(_Execd):
+        cli.main(["--home", str(home.root), "ui", "--port", "3456"])
+    assert seen["argv"][-2:] == ["--port", "3456"]
+    assert seen["url"] == (preset or "http://127.0.0.1:3456")
+    notifier = notifier_from_env(str(home.root))
+    assert notifier.dagster_url == seen["url"]

@@ -49,6 +49,7 @@ SLACK_BASE_URL_ENV = "ROLLOUT_SLACK_BASE_URL"
 PAGERDUTY_URL_ENV = "ROLLOUT_PAGERDUTY_URL"
 PAGERDUTY_PREFIX = "pagerduty:"
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+DAGSTER_URL_ENV = "ROLLOUT_DAGSTER_URL"  # the UI's address in run links (`rollout ui` sets it)
 # the Reporter also delivers what earlier windows' runs could not, this far back (a page lost
 # to a PagerDuty outage goes out with the next cycle, not only when its window is re-run)
 REDELIVERY_HORIZON = timedelta(hours=24)
@@ -570,7 +571,8 @@ class Notifier(dg.ConfigurableResource):
 
 def notifier_from_env(home: str, environ: Mapping[str, str] | None = None) -> Notifier:
     """The notifier `definitions.py` wires: Slack when `SLACK_BOT_TOKEN` is set (as an `EnvVar`,
-    resolved inside the run), base URLs from `ROLLOUT_SLACK_BASE_URL` / `ROLLOUT_PAGERDUTY_URL`."""
+    resolved inside the run), base URLs from `ROLLOUT_SLACK_BASE_URL` / `ROLLOUT_PAGERDUTY_URL`,
+    and the Dagster UI's address for run links from `ROLLOUT_DAGSTER_URL`."""
     env = os.environ if environ is None else environ
     slack = None
     if env.get(SLACK_TOKEN_ENV):
@@ -578,4 +580,5 @@ def notifier_from_env(home: str, environ: Mapping[str, str] | None = None) -> No
                                      base_url=env.get(SLACK_BASE_URL_ENV) or DEFAULT_SLACK_BASE_URL)
     return Notifier(home=home, slack=slack,
                     pagerduty=PagerDutyEvents(url=env.get(PAGERDUTY_URL_ENV)
-                                              or DEFAULT_PAGERDUTY_URL))
+                                              or DEFAULT_PAGERDUTY_URL),
+                    dagster_url=env.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL)
