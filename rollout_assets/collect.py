@@ -186,3 +186,13 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
+
+def add_banner(path: Path, banner: str) -> None:
+    """Put `banner` under a Markdown file's title (once), keeping the rest as it is."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    if banner in text:
+        return
+    title, sep, rest = text.partition("\n")
+    atomic_write(path, f"{title}\n\n{banner}\n{rest}" if sep else f"{text}\n\n{banner}\n")

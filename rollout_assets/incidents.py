@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from rollout_assets.collect import atomic_write, now_utc
+from rollout_assets.collect import add_banner, atomic_write, now_utc
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import window_stamp
 from rollout_assets.policy import Policy
@@ -223,6 +223,13 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
                 [[inc.incident_id, ws, step, detail]
                  for inc in incidents for ws, step, detail in inc.timeline],
             )
+    for gone in sorted(set(previous) - {inc.incident_id for inc in incidents}
+                       - set(renamed.values())):
+        draft = home.rca_dir / f"{gone}.md"
+        if draft.is_file():  # what people wrote stays; the draft says the incident is gone
+            add_banner(home.inside(draft),
+                       f"> **Withdrawn**: late data re-scored {gone}'s windows and no breach "
+                       "remains; there is no incident to analyse unless a rollback ran.")
     for inc, row in zip(incidents, rows, strict=True):
         old = renamed.get(inc.incident_id)
         if old is not None:

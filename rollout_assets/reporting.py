@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-from rollout_assets.collect import atomic_write, exclusion_case_sql, sql_literal
+from rollout_assets.collect import add_banner, atomic_write, exclusion_case_sql, sql_literal
 from rollout_assets.flags import read_state
 from rollout_assets.home import RolloutHome
 from rollout_assets.incidents import incident_for
@@ -251,4 +251,46 @@ def resolve_messages(con, policy: Policy) -> list[Message]:
     """, {"channel": policy.notifications.incident_channel, "close_step": close_step}).fetchall()
     return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},
                     incident_id=iid)
-            for iid, phase, level, closed, ch in rows]
+            for iid, phase, level, closed, ch in rows] + withdrawn_messages(con)
+
+
+WITHDRAWN = ("> **Withdrawn**: late data re-scored this window and it no longer breaches. The "
+             "rollback below ran and stays in force until the phase is promoted again.")
+
+
+def mark_withdrawn(path: Path) -> None:
+    """An alert report whose window no longer breaches but whose rollback ran."""
+    add_banner(path, WITHDRAWN)
+
+
+def withdrawn_messages(con) -> list[Message]:
+    """A resolve for every incident that was announced (an alert delivered under its id) and no
+    longer exists, on each channel its alerts went to: late data re-scored its windows so that
+    no breach remains, or a late breach just before it renamed it (the incident carries on
+    under the new id, paged under that key). Its page would otherwise stay open for good."""
+    rows = con.execute(f"""
+        select n.incident_id, n.phase,
+            arg_max(n.level, case n.level when 'P1' then 3 when 'P2' then 2 else 1 end),
+            min(n.window_start), n.channel,
+            (select min(i.incident_id) from incidents i where i.phase = n.phase
+                and i.opened_window <= min(n.window_start)
+                and (i.closed_window is null or i.closed_window >= min(n.window_start))
+            ) as successor
+        from notifications n
+        where n.kind = 'alert' and n.incident_id is not null and {delivered_sql('n')}
+            and n.incident_id not in (select incident_id from incidents)
+            and not exists (select 1 from notifications d where d.kind = 'resolve'
+                and d.incident_id = n.incident_id and d.channel = n.channel
+                and {delivered_sql('d')})
+        group by n.incident_id, n.phase, n.channel
+        order by min(n.window_start), n.incident_id, n.channel
+    """).fetchall()
+    out = []
+    for iid, phase, level, first, channel, successor in rows:
+        text = (f"[merged] {iid} continues as {successor}: a late breach moved its first window"
+                if successor else
+                f"[withdrawn] {iid}: late data re-scored its windows and no breach remains; a "
+                "rollback it triggered stays in force until the phase is promoted again")
+        out.append(Message(first, phase, channel, "resolve", level, text, {"dedup_key": iid},
+                           incident_id=iid))
+    return out

@@ -40,7 +40,7 @@ from rollout_assets_tests.fake_endpoints import (
     server_error,
     slack_error,
 )
-from rollout_assets_tests.reliability_helpers import instance_of
+from rollout_assets_tests.reliability_helpers import instance_of, promote_to
 
 # Marker secrets: none of these strings may appear in any file under the home or in any log.
 TOKEN = "xoxb-SECRET-MARKER-7f3c9a21"
@@ -765,6 +765,39 @@ def test_an_incident_renamed_by_a_late_breach_is_resolved_and_keeps_its_draft(
                             "and window_start = ?", [w[2]]).fetchone()[0])]
     run_range(home, w[0], w[5] + timedelta(minutes=15), log=lambda m: None)
     assert len(_delivered_pd(endpoints)) == 4  # nothing twice
+
+
+def test_a_breach_withdrawn_by_late_data_resolves_its_page_and_keeps_the_rollback_report(
+        home, endpoints, monkeypatch):
+    """A-1 breaches at 09:00 (1 of 20 restores failed): paged, rolled back. 300 late successful
+    restores make 09:00 a pass. The page must be resolved (it stayed open for good), the alert
+    report that holds the rollback's exit code and log must stay, saying the breach was
+    withdrawn (it was deleted), and the RCA draft says so (found by an independent audit)."""
+    quiet_rollback_policy(home)
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", W0900, "restore", bad=1, tenant="qa"))
+    set_env(monkeypatch, endpoints)
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    inc = "INC-20250118T0900Z-A-1"
+    assert _delivered_pd(endpoints) == [("trigger", inc)]
+    report = home.root / "reports" / "alerts" / "20250118T0900Z.md"
+    assert "ExitCode=0" in report.read_text()
+
+    late = [event(event_id=f"late-{i}", phase="A-1", kind="restore", ok=True, tenant="qa",
+                  ts=f"2025-01-18T09:{10 + i % 4:02d}:00Z") for i in range(300)]
+    write_canary(home, "A-1", late)
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", inc), ("resolve", inc)]
+    withdrawn = [p for p in endpoints.delivered_posts() if p["text"].startswith("[withdrawn]")]
+    assert len(withdrawn) == 1 and withdrawn[0].get("thread_ts")  # in the alert's thread
+    text = report.read_text()
+    assert "**Withdrawn**" in text and "ExitCode=0" in text
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        assert c.execute("select count(*) from incidents").fetchone() == (0,)
+        assert c.execute("select count(*) from alert_reports").fetchone() == (1,)
+    assert "**Withdrawn**" in (home.rca_dir / f"{inc}.md").read_text()
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert len(_delivered_pd(endpoints)) == 2  # nothing twice
 
 
 def test_rollout_demo_delivers_one_message_per_channel_per_breach(tmp_path):

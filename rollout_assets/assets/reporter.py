@@ -20,6 +20,7 @@ from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.reporting import (
     alert_context,
     alert_messages,
+    mark_withdrawn,
     rca_messages,
     render_alert,
     resolve_messages,
@@ -73,9 +74,16 @@ def alert_reports(
             "window_start < ?", [windows[0], windows[-1] + WINDOW]
         ).fetchall()
         for ws, path in stale:
-            if ws not in breached:
-                (home.home.root / path).unlink(missing_ok=True)
-                con.execute("delete from alert_reports where window_start = ?", [ws])
+            if ws in breached:
+                continue
+            if con.execute("select 1 from rollbacks where window_start = ? and status <> "
+                           "'skipped'", [ws]).fetchone():
+                # a rollback ran for it: its report keeps the rollback's exit code and log
+                # (seed §8 step 3), and says the breach was withdrawn
+                mark_withdrawn(home.home.root / path)
+                continue
+            (home.home.root / path).unlink(missing_ok=True)
+            con.execute("delete from alert_reports where window_start = ?", [ws])
         for ws in breached:
             out = publish_window(con, home, notifier, ws)
             if out:
