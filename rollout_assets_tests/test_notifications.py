@@ -320,12 +320,14 @@ def test_invalid_auth_is_final_and_slack_down_still_pages(home, con, endpoints, 
     warn = alert(ws=W0900 + timedelta(minutes=15), phase="A-1", level="warning",
                  text="[warning] A-1 breached autosave_p95")
     assert n.send(con, warn) == "failed"
+    # the token was refused: Slack is not asked again in this run (each message would be)
+    assert len(endpoints.of(SLACK_POST)) == 1
     esc = endpoints.pd_events()[-1]
     assert esc["routing_key"] == PD_AUTOSAVE and esc["event_action"] == "trigger"
     assert esc["payload"]["severity"] == "warning"
     assert esc["payload"]["summary"] == (
-        "Slack delivery to #launch-autosave failed (invalid_auth): [warning] A-1 breached "
-        "autosave_p95")
+        "Slack delivery to #launch-autosave failed (not tried: slack failed earlier in this run "
+        "(invalid_auth)): [warning] A-1 breached autosave_p95")
     assert ledger(con)[f"20250118T0915Z:A-1:pagerduty:{AUTOSAVE}:escalation"]["status"] == "sent"
     with pytest.raises(DeliveryError, match="invalid_auth") as exc:
         n.raise_for_failures()
@@ -619,7 +621,8 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
     assert (home.root / "reports" / "dashboard" / "index.html").is_file()
 
     # the token is fixed; the re-run delivers the alert and the rollback reply, once each
-    # (the alert's third attempt: the rollback job re-publishes the window and tried it again)
+    # (the alert's third attempt: the rollback job re-publishes the window and tried it again;
+    # after a refused token a run asks Slack nothing more, so the rest go out at their first)
     set_env(monkeypatch, endpoints, token=TOKEN)
     summary = run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
     # the rollback run failed only on its reply: the rollback itself succeeded, and a re-run
@@ -629,11 +632,11 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
     rows = read_ledger(home)
     assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
         "20250118T0900Z:A-1:#launch-autosave:alert": ("sent", 3),
-        "20250118T0900Z:A-1:#launch-autosave:rollback": ("sent", 2),
+        "20250118T0900Z:A-1:#launch-autosave:rollback": ("sent", 1),
         f"20250118T0900Z:A-1:pagerduty:{AUTOSAVE}:escalation": ("sent", 1),
         # seed §8 steps 3-4 in #incident, whatever the level: the RCA draft, the rollback
-        "20250118T0900Z:A-1:#incident:rca": ("sent", 3),
-        "20250118T0900Z:A-1:#incident:rollback": ("sent", 2),
+        "20250118T0900Z:A-1:#incident:rca": ("sent", 1),
+        "20250118T0900Z:A-1:#incident:rollback": ("sent", 1),
     }
     delivered = {p["channel"]: [] for p in endpoints.delivered_posts()}
     for post in endpoints.delivered_posts():
@@ -798,6 +801,31 @@ def test_a_breach_withdrawn_by_late_data_resolves_its_page_and_keeps_the_rollbac
     assert "**Withdrawn**" in (home.rca_dir / f"{inc}.md").read_text()
     run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
     assert len(_delivered_pd(endpoints)) == 2  # nothing twice
+
+
+def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held_back(
+        home, endpoints, monkeypatch):
+    """PagerDuty fails every request. The window run tries the page (4 attempts); the rollback
+    run tried it twice more (the window's redelivery, then its re-publication: 8 attempts,
+    87 s in a timeout outage) before posting the rollback's result. Now a run stops asking a
+    service whose retries ran out, and the failure names each message once (found by an
+    independent audit)."""
+    quiet_rollback_policy(home)
+    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    _outage(endpoints, PD_ENQUEUE, 100)
+    with pytest.raises(RunError) as exc:
+        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert len(endpoints.of(PD_ENQUEUE)) == 2 * 4  # one message's attempts in each run
+    page = f"20250118T0900Z:B-0:pagerduty:{MERGE}:alert"
+    assert str(exc.value).count(page) == 1
+    rows = read_ledger(home)
+    assert rows[page]["status"] == "failed"
+    # the rollback's report went out in its thread all the same
+    assert rows["20250118T0900Z:B-0:#merge-ops:rollback"]["status"] == "sent"
+    _outage(endpoints, PD_ENQUEUE, 0)
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", "INC-20250118T0900Z-B-0")]
 
 
 def test_rollout_demo_delivers_one_message_per_channel_per_breach(tmp_path):

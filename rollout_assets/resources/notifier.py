@@ -117,6 +117,12 @@ class Delivery:
     thread_ts: str | None = None
     message_ts: str | None = None
     channel_id: str | None = None
+    down: bool = False  # the service, not this message, failed: retries ran out, bad token
+
+
+# Slack errors that every message would meet (the token), not only this one
+SLACK_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive",
+                               "token_revoked", "token_expired"})
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class Notifier(dg.ConfigurableResource):
     _failures: list = PrivateAttr(default_factory=list)
     _policy: Policy | None = PrivateAttr(default=None)
     _redelivered: set = PrivateAttr(default_factory=set)
+    # transport -> why it is down for the rest of this run (see `_send`)
+    _down: dict = PrivateAttr(default_factory=dict)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._run_id = context.run_id
@@ -209,7 +217,9 @@ class Notifier(dg.ConfigurableResource):
     def raise_for_failures(self) -> None:
         """Fail the step with one clear message if any delivery failed since the last call."""
         if self._failures:
-            failures, self._failures = list(self._failures), []
+            # once per message: a message retried in the same run failed once for the caller
+            failures = list({f.idempotency_key: f for f in self._failures}.values())
+            self._failures = []
             raise DeliveryError(failures)
 
     @property
@@ -300,10 +310,19 @@ class Notifier(dg.ConfigurableResource):
         self._upsert(ledger, key, row is not None, dict(
             base, status="queued", attempts=attempts_before, body=json.dumps(body, default=str)),
             created_at=now)
-        if transport == "slack":
+        if transport in self._down:
+            # Down earlier in this run (its retries ran out, or the token was refused): every
+            # further message would wait out the same retries, holding back the rest (a
+            # rollback's own report sat behind two passes over a failed page). Failed without
+            # a try; the next run's catch-up delivers it.
+            d = Delivery(False, 0, None, f"not tried: {transport} failed earlier in this run "
+                                         f"({self._down[transport]})")
+        elif transport == "slack":
             d = self._deliver_slack(ledger, msg, body, thread)
         else:
             d = self._deliver_pagerduty(msg, body)
+        if d.down:
+            self._down[transport] = self._scrub(d.error) or "failed"
         error = self._scrub(d.error)
         self._upsert(ledger, key, True, dict(
             status="sent" if d.ok else "failed", attempts=attempts_before + d.attempts,
@@ -461,7 +480,7 @@ class Notifier(dg.ConfigurableResource):
     def _deliver_pagerduty(self, msg: Message, event: dict) -> Delivery:
         event = {"routing_key": self._routing_key(msg), **event}
         out, attempts = self._retry(lambda: (self.pagerduty or PagerDutyEvents()).enqueue(event))
-        return Delivery(out.ok, attempts, out.status, out.error)
+        return Delivery(out.ok, attempts, out.status, out.error, down=not out.ok and out.retryable)
 
     # ---- Slack threads -------------------------------------------------------------------
     def _thread(self, ledger, msg: Message) -> tuple[str, str] | None:
@@ -490,7 +509,8 @@ class Notifier(dg.ConfigurableResource):
             args["thread_ts"] = thread[0]
         out, attempts = self._retry(lambda: self.slack.call("chat.postMessage", **args))
         if not out.ok:
-            return Delivery(False, attempts, out.status, out.error)
+            return Delivery(False, attempts, out.status, out.error,
+                            down=out.retryable or out.error in SLACK_AUTH_ERRORS)
         ts = out.data.get("ts")
         channel_id = out.data.get("channel") or (thread[1] if thread else None)
         if thread:
