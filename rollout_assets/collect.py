@@ -164,7 +164,9 @@ def export_monitoring(home: RolloutHome, metrics: list[dict], exclusions: dict,
     for rec in metrics:
         ws = rec["window_start"]
         line = {c: _json_value(rec[c]) for c in METRIC_COLUMNS}
-        line["excluded_by_reason"] = exclusions.get((ws, rec["phase"]), {})
+        # every exclusion of the policy, 0 when none applied: the same keys on every line
+        line["excluded_by_reason"] = {**{ex.name: 0 for ex in policy.exclusions},
+                                      **exclusions.get((ws, rec["phase"]), {})}
         line["policy_version"] = policy.version
         line["schema_version"] = 1
         by_window.setdefault(ws, []).append(line)

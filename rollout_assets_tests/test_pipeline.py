@@ -122,6 +122,13 @@ def test_files_are_written(runs):
     assert sorted(x["phase"] for x in lines) == ["A-0", "A-1"]
     a1 = next(x for x in lines if x["phase"] == "A-1")
     assert a1["restore_success_rate"] == 0.5 and a1["excluded_events"] == 1
+    # a guaranteed schema: the same keys on every line of every file, down to the exclusions
+    every = [json.loads(x) for f, body in files.items() if f.startswith("reports/monitoring/")
+             for x in body.splitlines()]
+    assert len({tuple(sorted(x)) for x in every}) == 1
+    names = {ex.name for ex in load_policy(runs.home.policy_path).exclusions}
+    assert all(set(x["excluded_by_reason"]) == names for x in every)
+    assert sum(a1["excluded_by_reason"].values()) == 1
     assert a1["window_start"] == "2025-01-18T09:15:00Z"
     # one alert report, for the one breached window, carrying the rollback's exit code
     alerts = [f for f in files if f.startswith("reports/alerts/")]
