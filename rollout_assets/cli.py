@@ -181,7 +181,8 @@ def cmd_flags(args, home: RolloutHome) -> int:
         if args.flags_cmd == "rollback":
             if args.dry_run:
                 state = flags.current_state(con, policy)
-                path = flags.write_rehearsal(home, policy, state, args.phase)
+                path = flags.write_rehearsal(home, policy, state, args.phase,
+                                             reason=args.reason, actor=args.actor)
                 nothing = flags.nothing_to_roll_back(policy, state, args.phase)
                 outcome = (f"would change nothing ({nothing})" if nothing
                            else f"would move them to {args.phase}")

@@ -148,7 +148,8 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
 
 
 def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target: str,
-                    when: datetime | None = None) -> str:
+                    when: datetime | None = None, reason: str | None = None,
+                    actor: str | None = None) -> str:
     """A dry-run rollback drill: record what would change in docs/rehearsal/, change nothing.
     Drills are refused in production mode, as the simulator's are."""
     if policy.effective_mode() == "production":
@@ -167,6 +168,8 @@ def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target
         f"- Current phase: `{before.phase}`",
         f"- Rollback target: `{target}`",
         f"- The real rollback: {nothing or f'moves the flags {before.phase} -> {target}'}",
+        f"- Actor: {actor or '-'}",
+        f"- Reason: {reason or '-'}",
         "",
         "| flag | now | after rollback |",
         "| --- | --- | --- |",

@@ -88,7 +88,8 @@ def session(tmp_path_factory) -> Session:
     sim = ok(rollout(root, "simulate", "--start", FROM, "--hours", "2", "--phase", "A-1",
                      "--rate", "20", "--seed", "5", "--simulate-breach", "restore_success_rate"))
     promote = in_process(root, "flags", "promote", "--phase", "A-1", "--reason", "canary")
-    dry = in_process(root, "flags", "rollback", "--phase", "A-0", "--dry-run")
+    dry = in_process(root, "flags", "rollback", "--phase", "A-0", "--dry-run", "--reason",
+                     "quarterly drill", "--actor", "oncall-amy")
     first = ok(rollout(root, "run", "--from", FROM, "--to", TO))
     counts_first = table_counts(home)
     files_first = set(files_under(home, "reports", "docs"))
@@ -168,6 +169,8 @@ def test_flags_commands(session):
     assert len(drills) == 1
     drill = (session.home.root / drills[0]).read_text()
     assert "`A-1`" in drill and "`A-0`" in drill
+    # who ran the drill and why are on record (both options were accepted and dropped)
+    assert "- Actor: oncall-amy\n- Reason: quarterly drill\n" in drill
     # the drill changed nothing: the only rollback in the history is the breach's
     assert "phase: A-0" in session.show
     assert "autosave.enabled: false" in session.show
