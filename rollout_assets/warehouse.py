@@ -182,6 +182,7 @@ DDL: dict[str, str] = {
         )""",
 }
 
+SAY_WAITING_AFTER = 2.0  # seconds of waiting for the lock before saying so on stderr
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 # A new DuckDB file is created, then its headers (3 blocks of 4 KiB) are written: a process that
 # opens it in between is told it "is not a valid DuckDB database file". Shorter than the
@@ -211,8 +212,10 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
     headers. Any other error is raised at once."""
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_seconds
+    start = time.monotonic()
+    deadline = start + wait_seconds
     delay = 0.05
+    said = False
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only)
@@ -220,6 +223,11 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
         except duckdb.IOException as exc:
             if not _is_transient(exc, path) or time.monotonic() > deadline:
                 raise
+            if not said and time.monotonic() - start > SAY_WAITING_AFTER:
+                said = True  # once, so a long wait is not mistaken for a hang
+                print(f"rollout: waiting for {path.name}: another process (a run, the UI's "
+                      f"daemon) holds its write lock; giving up after {wait_seconds:g} s",
+                      file=sys.stderr, flush=True)
             # jitter: two waiting processes must not retry in lockstep
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 1.0)

@@ -110,3 +110,30 @@ def test_outside_an_execution_every_block_opens_and_closes_its_own(home, opened)
         assert second is not first
         assert second.execute("select count(*) from t").fetchone() == (0,)
     assert opened == [False, True]
+
+
+_HOLD = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def test_a_wait_for_the_write_lock_is_said_once_not_silent(tmp_path, capfd):
+    """Another process holds the writer: the open waits (and then succeeds), and says so once
+    on stderr after 2 s, so an operator does not take the pause for a hang (found by an
+    independent audit: a CLI run waited behind the daemon's backfill without a word)."""
+    path = tmp_path / "rollout.duckdb"
+    warehouse_module.connect(path).close()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), "3.5"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        con = warehouse_module.connect(path, wait_seconds=60)
+        con.close()
+    finally:
+        holder.wait(timeout=60)
+    err = capfd.readouterr().err
+    assert err.count("rollout: waiting for rollout.duckdb: another process") == 1
