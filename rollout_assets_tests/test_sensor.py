@@ -100,6 +100,18 @@ def test_a_rescored_window_asks_with_the_same_run_key(instance, defs, start):
     assert int(second.cursor) > int(first.cursor)
 
 
+def test_a_window_scored_twice_since_the_last_tick_asks_once_with_the_latest_verdict(
+        instance, defs, start):
+    """The daemon's run and `rollout run` both scored 09:15 before the next tick: one request
+    (it asked twice, and `rollout run` printed the rollback twice; found by an independent
+    audit), carrying the latest verdict's level."""
+    verdicts_materialized(instance, W0915, [required("A-1", "A-0", "warning")])
+    verdicts_materialized(instance, W0915, [required("A-1", "A-0", "P2")])
+    data = evaluate(instance, defs, start)
+    assert [r.run_key for r in data.run_requests] == ["20250118T0915Z:A-1"]
+    assert data.run_requests[0].run_config["ops"]["execute_rollback"]["config"]["level"] == "P2"
+
+
 def test_several_phases_and_windows(instance, defs, start):
     verdicts_materialized(instance, W0900, [required("A-1", "A-0"), required("B-0", "A-2")])
     verdicts_materialized(instance, W0930, [required("B-1", "B-0", "P1")])

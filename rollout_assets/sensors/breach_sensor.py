@@ -42,7 +42,10 @@ def rollback_requests(instance: dg.DagsterInstance, after_storage_id: int | None
                       "rollout/rollback_to": r["rollback_to"]},
             )))
     last = result.records[-1].storage_id if result.records else after_storage_id
-    return out, last, result.has_more
+    # one request per run key: a window scored by two runs (the daemon's and `rollout run`'s)
+    # has two materializations; the latest one's verdict is the one to act on
+    latest = {rr.run_key: (sid, rr) for sid, rr in out}
+    return sorted(latest.values(), key=lambda x: x[0]), last, result.has_more
 
 
 @dg.sensor(
