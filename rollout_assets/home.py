@@ -23,6 +23,9 @@ def resolve_home(cli_home: str | os.PathLike | None = None) -> Path:
     return Path.cwd().resolve()
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".Z")
+
+
 @dataclass(frozen=True)
 class RolloutHome:
     root: Path
@@ -38,6 +41,17 @@ class RolloutHome:
 
     def canary_files(self) -> list[Path]:
         return sorted(self.canary_dir.glob("phase-*.jsonl"))
+
+    def rotated_canary_files(self) -> list[Path]:
+        """What log rotation leaves beside the canary files: `phase-A-1.jsonl.1`,
+        `phase-A-1.jsonl-20250118` (regular files; compressed ones cannot be read line by
+        line and are left alone)."""
+        out = set()
+        for pattern in ("phase-*.jsonl.*", "phase-*.jsonl-*"):
+            out.update(p for p in self.canary_dir.glob(pattern)
+                       if not p.name.endswith(COMPRESSED_SUFFIXES) and not p.is_symlink()
+                       and p.is_file())
+        return sorted(out)
 
     @property
     def policy_path(self) -> Path:

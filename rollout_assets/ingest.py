@@ -1058,7 +1058,7 @@ def _open_job(con, home: RolloutHome, path: Path, now: datetime, policy: Policy)
             # `<name>#<time it was last read>`, as an archive that is gone.
             with transaction(con):
                 set_aside(con, rel)
-            cur = _Cursor()
+            cur = _Cursor(rotated_from=cur.rotated_from)  # an archive's name stays an archive
         elif 0 < cur.offset < st.st_size:
             # The last run took a settled last line that had no newline; the newline written
             # since ends that line, it is not an empty line of its own.

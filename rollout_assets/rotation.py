@@ -16,6 +16,12 @@ last run are not lost), whatever their name, and one that goes away is retention
 collector fault. The name the file left is then new: read from its first line (stored events
 still count once).
 
+A rotated file no cursor leads to (`phase-*.jsonl.*`, `phase-*.jsonl-*`: the file was empty
+or new at the last run, or rotated twice between two runs) was never read under any name: it is
+adopted as an archive and read from its first line. Compressed ones cannot be read by line and
+are left alone. (On the first run after an upgrade, archives left by older rotations are read
+once too: their events count as duplicates.)
+
 An archive that is gone with no copy of its bytes anywhere was deleted (rotation's retention,
 or compressed): its records move aside once, to `<name>#<time it was last read>`
 (`ingest.set_aside`, as a file replaced with no copy of its old bytes does), so the name is free
@@ -27,6 +33,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rollout_assets.home import RolloutHome
@@ -91,8 +98,32 @@ def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
         [ASIDE_NAME_RE]).fetchall()  # records set aside name no file
     lost = [(rel, offset, fp) for rel, offset, fp, _ in rows
             if offset and fp is not None and _holds(home.root / rel, offset, fp) is False]
-    if not lost:
-        return []
+    moves = _move(con, home, rows, lost) if lost else []
+    _adopt_unread(con, home)
+    return moves
+
+
+def _adopt_unread(con, home: RolloutHome) -> None:
+    """A rotated file no cursor followed was never read under any name (the file was empty or
+    new at the last run, or rotated twice between two runs): it becomes an archive read from
+    its first line (stored events still count once)."""
+    known = {r[0] for r in con.execute("select source_file from ingest_files").fetchall()}
+    unread = [p for p in home.rotated_canary_files() if home.relative(p) not in known]
+    if not unread:
+        return
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with transaction(con):
+        for path in unread:
+            base = path.name[:path.name.index(".jsonl") + len(".jsonl")]
+            con.execute(
+                "insert into ingest_files (source_file, byte_offset, lines_read, loaded, "
+                "duplicates, quarantined, size_bytes, mtime, updated_at, tail_hash, "
+                "rotated_from) values (?, 0, 0, 0, 0, 0, 0, 0, ?, NULL, ?)",
+                [home.relative(path), now, home.relative(path.with_name(base))])
+
+
+def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
+    """Follow each lost cursor to the file that holds its bytes now (see the module)."""
     lost_names = {rel for rel, _, _ in lost}
     archives = {rel for rel, _, _, archive in rows if archive}
     settled = {rel for rel, *_ in rows} - lost_names  # names that still hold their bytes
@@ -114,7 +145,7 @@ def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
     gone = {rel for rel in archives & lost_names if not (home.root / rel).exists()}
     aside = sorted((gone | (claimed & lost_names)) - moving)
     if not moves and not aside:
-        return []
+        return moves
     with transaction(con):
         for name in aside:
             set_aside(con, name)

@@ -165,3 +165,39 @@ def test_two_rotations_between_runs_follow_each_file(home):
     assert rows["reports/canary/phase-A-1.jsonl.2"] == (48, 48, 0, 0, ARCHIVE)
     assert rows[ARCHIVE] == (24, 24, 0, 0, BASE)
     assert query(home, "select count(*) from collector_faults") == [(0,)]
+
+
+def test_a_rotated_file_no_cursor_had_read_is_read_from_its_first_line(home):
+    """Two ways a rotated file holds lines no run read and no cursor points at (found by an
+    independent audit: they were lost without a word): the file was empty at the last run
+    (logrotate's `create`), then filled and rotated; and two rotations between two runs, where
+    the middle generation went from the file to `.1` unread."""
+    promote_to(home, "A-1")
+    base, one, two = (home.root / BASE, home.root / ARCHIVE,
+                      home.root / "reports/canary/phase-A-1.jsonl.2")
+    write_canary(home, "A-1", [])  # created empty
+    run(home, T0, T0)
+    append(base, window_events("A-1", T0 + W, "w1"))
+    base.rename(one)
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
+    run(home, T0 + W, T0 + 2 * W)
+    assert (stored(home, "w1"), stored(home, "w2")) == (24, 24)
+    assert files(home)[ARCHIVE] == (24, 24, 0, 0, BASE)
+
+    # w3 is appended, then two rotations (rotate count 2) before the next run:
+    append(base, window_events("A-1", T0 + 3 * W, "w3"))
+    one.rename(two)
+    base.rename(one)  # .2 = w1, .1 = w2 (read) + w3 (unread)
+    write_canary(home, "A-1", window_events("A-1", T0 + 4 * W, "w4"))
+    two.unlink()
+    one.rename(two)
+    base.rename(one)  # .2 = w2 + w3, .1 = w4 (never under a cursor), the file = w5
+    write_canary(home, "A-1", window_events("A-1", T0 + 5 * W, "w5"))
+    run(home, T0 + 3 * W, T0 + 5 * W)
+    assert [stored(home, f"w{i}") for i in range(1, 6)] == [24] * 5
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    rows = files(home)
+    assert rows[ARCHIVE] == (24, 24, 0, 0, BASE)  # w4: never under a cursor, read whole
+    assert rows["reports/canary/phase-A-1.jsonl.2"] == (48, 48, 0, 0, BASE)  # w2 + w3
+    assert sum(r[1] for r in rows.values()) == query(
+        home, "select count(*) from canary_events")[0][0] == 5 * 24
