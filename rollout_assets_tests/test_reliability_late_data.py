@@ -101,6 +101,39 @@ def test_late_events_rescore_the_window_once_and_never_roll_back_twice(home):
     instance.dispose()
 
 
+def test_late_events_in_a_file_rotated_before_the_sensor_looked_still_rescore(home):
+    """Late failures for 09:00 are appended, then the file is rotated (renamed to `.1`, a new
+    empty file) before the sensor's next tick: the window must still be re-scored (it kept
+    its pass for good, the breach never paged; found by an independent audit). The rotated
+    file's earlier lines are not scanned again: a rotation alone re-scores nothing."""
+    promote_to(home, "A-1")
+    base = home.canary_dir / "phase-A-1.jsonl"
+    write_canary(home, "A-1", window_events("A-1", W0, "w0") + window_events("A-1", W1, "w1"))
+    run_range(home, W0, W2, log=lambda m: None)
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []  # first tick: remember
+
+    base.rename(base.with_name("phase-A-1.jsonl.1"))  # a rotation with nothing late
+    write_canary(home, "A-1", [])
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+
+    with open(base.with_name("phase-A-1.jsonl.1"), "a") as f:  # the writer's late lines
+        for e in window_events("A-1", W0, "late", autosaves=0, restores=6, failed_restores=6):
+            f.write(json.dumps(e) + "\n")
+    base.with_name("phase-A-1.jsonl.1").rename(base.with_name("phase-A-1.jsonl.2"))
+    base.rename(base.with_name("phase-A-1.jsonl.1"))  # rotated again before the tick
+    write_canary(home, "A-1", [])
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 1
+    runs = late_runs(instance)
+    assert [(r.tags["dagster/asset_partition_range_start"],
+             r.tags["dagster/asset_partition_range_end"]) for r in runs] == [
+        ("2025-01-18-09:00", "2025-01-18-09:00")]
+    assert verdict(home, W0) == [(True, True, "A-0", "P2", ["restore_success"])]
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    instance.dispose()
+
+
 def test_duplicate_event_ids_across_files_count_once_in_a_run(home):
     first = window_events("A-1", W0, "w0")
     write_canary(home, "A-1", first)

@@ -1,7 +1,11 @@
 """Late-data sensor: events appended after their window was scored get that window re-scored.
 
-It watches `reports/canary/phase-*.jsonl` with its own cursor (per file: size, mtime, and the
-byte offset of the last complete line it scanned), never the DuckDB file a run may be writing.
+It watches `reports/canary/phase-*.jsonl` and the files rotation leaves beside them
+(`phase-*.jsonl.1`, `phase-*.jsonl-<date>`) with its own cursor (per file: size, mtime, the
+byte offset of the last complete line it scanned and a fingerprint of the bytes before it), never
+the DuckDB file a run may be writing. A rotated file new to the cursor that holds the bytes a
+vanished or replaced file's mark scanned carries on from that mark: late lines written before or
+after the rotation are scanned, the old ones are not scanned twice.
 When a file grew, it scans only the appended complete lines for their `ts` (a cheap regex, no
 validation: the Collector validates), maps them to windows, keeps the windows Dagster has
 already scored (a `window_verdicts` materialization exists; the schedule handles the others),
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from dagster._core.storage.tags import (
 )
 
 from rollout_assets.home import RolloutHome
+from rollout_assets.ingest import RetryableIOError, tail_hash
 from rollout_assets.jobs import window_job
 from rollout_assets.partitions import WINDOW, floor_window, partition_key, window_partitions
 from rollout_assets.resources.home import HomeResource
@@ -54,9 +60,35 @@ class FileMark:
     size: int
     mtime: float
     offset: int  # bytes scanned: everything before it ends on a newline
+    tail: str | None = None  # fingerprint of the bytes before `offset` (`ingest.tail_hash`)
 
     def as_list(self) -> list:
-        return [self.size, self.mtime, self.offset]
+        return [self.size, self.mtime, self.offset, self.tail]
+
+
+def _mark(path: Path, size: int, mtime: float, offset: int) -> FileMark:
+    return FileMark(size, mtime, offset, _fingerprint(path, offset))
+
+
+def _fingerprint(path: Path, offset: int) -> str | None:
+    if offset <= 0:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return tail_hash(fd, path, offset)
+    finally:
+        os.close(fd)
+
+
+def _holds(path: Path, mark: FileMark) -> bool:
+    """Whether `path` still holds the bytes `mark` scanned (a mark from before fingerprints:
+    whether it is at least as long)."""
+    try:
+        if path.stat().st_size < mark.offset:
+            return False
+        return mark.tail is None or _fingerprint(path, mark.offset) == mark.tail
+    except (OSError, RetryableIOError):
+        return False
 
 
 def load_cursor(text: str | None) -> dict[str, FileMark] | None:
@@ -129,7 +161,12 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
     new: dict[str, FileMark] = {}
     windows: set[datetime] = set()
     scanned: list[tuple] = []
-    for path in home.canary_files():
+    files = [*home.canary_files(), *home.rotated_canary_files()]
+    # marks whose file no longer holds what they scanned: rotated away (renamed, copied and
+    # truncated) or replaced; a rotated file new to the sensor carries on from its mark
+    donors = {rel: m for rel, m in (marks or {}).items()
+              if m.tail is not None and not _holds(home.root / rel, m)}
+    for path in files:
         rel = str(path.relative_to(home.root))
         try:
             st = path.stat()
@@ -137,20 +174,24 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
                 continue
             old = (marks or {}).get(rel)
             if marks is None:  # first evaluation: remember, launch nothing
-                new[rel] = FileMark(st.st_size, st.st_mtime, _end_of_complete_lines(path,
-                                                                                    st.st_size))
+                new[rel] = _mark(path, st.st_size, st.st_mtime,
+                                 _end_of_complete_lines(path, st.st_size))
                 continue
             if old is not None and (st.st_size, st.st_mtime) == (old.size, old.mtime):
                 new[rel] = old
                 continue
-            start = old.offset if old is not None and st.st_size >= old.offset else 0
+            start = old.offset if old is not None and _holds(path, old) else 0
+            if old is None:
+                donor = next((d for d, m in donors.items() if _holds(path, m)), None)
+                if donor is not None:  # its lines up to the donor's mark were scanned
+                    start = donors.pop(donor).offset
             found, offset = scan_appended(path, start, st.st_size)
-        except OSError:
+        except (OSError, RetryableIOError):
             # unreadable now: the Collector records the fault; look again next tick
             if rel in (marks or {}):
                 new[rel] = marks[rel]
             continue
-        new[rel] = FileMark(st.st_size, st.st_mtime, offset)
+        new[rel] = _mark(path, st.st_size, st.st_mtime, offset)
         if offset > start:
             scanned.append((rel, start, offset))
             windows |= found
