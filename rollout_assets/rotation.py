@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rollout_assets.home import RolloutHome
+from rollout_assets.home import COMPRESSED_SUFFIXES, RolloutHome
 from rollout_assets.ingest import (
     ASIDE_NAME_RE,
     RetryableIOError,
@@ -51,6 +51,15 @@ from rollout_assets.warehouse import transaction
 class Rotation:
     source_file: str  # the name the Collector read the bytes under
     moved_to: str  # the name that holds them now (an archive)
+    compressed: bool = False  # only a compressed copy holds them: unread lines are lost
+
+
+def _compressed_copy(path: Path) -> Path | None:
+    """A compressed rotation of `path` (`phase-A-1.jsonl.1.gz`, `…-20250118.gz`), if any: the
+    newest."""
+    found = [p for pattern in (f"{path.name}.*", f"{path.name}-*")
+             for p in path.parent.glob(pattern) if p.name.endswith(COMPRESSED_SUFFIXES)]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _holds(path: Path, offset: int, fingerprint: str) -> bool | None:
@@ -139,16 +148,26 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
                 claimed.add(name)
                 break
     moving = {m.source_file for m in moves}
+    # Rotated and compressed at once (no `delaycompress`): the bytes are in a `.gz` the
+    # Collector cannot read by line. Not a missing file (no P1, no rollback), but said: the
+    # lines written after the cursor are lost.
+    for rel, _, _ in lost:
+        if rel not in moving and rel not in archives:
+            gz = _compressed_copy(home.root / rel)
+            if gz is not None:
+                moves.append(Rotation(rel, home.relative(gz), compressed=True))
+    packed = {m.source_file for m in moves if m.compressed}
+    moves = [m for m in moves if not m.compressed]
     # Records whose bytes are nowhere move aside: an archive gone with no copy anywhere was
     # deleted (rotation's retention, or compressed), so later runs stop looking for it; and a
     # name a move takes over may not keep another content's records.
     gone = {rel for rel in archives & lost_names if not (home.root / rel).exists()}
-    aside = sorted((gone | (claimed & lost_names)) - moving)
+    aside = sorted((gone | packed | (claimed & lost_names)) - moving)
     if not moves and not aside:
         return moves
     with transaction(con):
         for name in aside:
-            set_aside(con, name)
+            set_aside(con, name)  # marked an archive: gone, never a missing-file fault
         # through temporary names: a chain (.1 -> .2 while the file -> .1) moves at once
         for i, m in enumerate(moves):
             rename_records(con, m.source_file, f"<rotating {i}>")
@@ -156,7 +175,8 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
             rename_records(con, f"<rotating {i}>", m.moved_to)
             con.execute("update ingest_files set rotated_from = ? where source_file = ?",
                         [m.source_file, m.moved_to])
-    return moves
+    return moves + [Rotation(rel, home.relative(_compressed_copy(home.root / rel)), True)
+                    for rel in sorted(packed)]
 
 
 def archive_paths(con, home: RolloutHome) -> list[Path]:
@@ -167,6 +187,10 @@ def archive_paths(con, home: RolloutHome) -> list[Path]:
 
 
 def describe(rotations: list[Rotation]) -> list[str]:
-    return [f"canary file {r.source_file} was rotated to {r.moved_to}: its cursor, batches and "
+    return [f"canary file {r.source_file} was rotated and compressed to {r.moved_to} at once: "
+            "lines written to it after the last run cannot be read and are lost (use "
+            "logrotate's delaycompress); a new file under its name is read from its first line"
+            if r.compressed else
+            f"canary file {r.source_file} was rotated to {r.moved_to}: its cursor, batches and "
             "quarantine rows follow it, its new lines are read there, and "
             f"{Path(r.source_file).name} is read again from its first line" for r in rotations]

@@ -12,7 +12,13 @@ from datetime import timedelta
 from rollout_assets.cli import main
 from rollout_assets.runner import run_range
 from rollout_assets_tests.conftest import write_canary
-from rollout_assets_tests.reliability_helpers import T0, promote_to, query, window_events
+from rollout_assets_tests.reliability_helpers import (
+    T0,
+    instance_of,
+    promote_to,
+    query,
+    window_events,
+)
 
 W = timedelta(minutes=15)
 BASE = "reports/canary/phase-A-1.jsonl"
@@ -201,3 +207,33 @@ def test_a_rotated_file_no_cursor_had_read_is_read_from_its_first_line(home):
     assert rows["reports/canary/phase-A-1.jsonl.2"] == (48, 48, 0, 0, BASE)  # w2 + w3
     assert sum(r[1] for r in rows.values()) == query(
         home, "select count(*) from canary_events")[0][0] == 5 * 24
+
+
+def test_a_file_rotated_and_compressed_at_once_is_not_a_missing_file(home):
+    """logrotate with `compress` but no `delaycompress`: the old bytes are only in a `.gz`,
+    which cannot be read by line. Not a missing canary file (it paged P1 and rolled A-1 back,
+    found by an independent audit): the records are set aside, the loss of the lines written
+    after the last run is said in the run's log, and a new file is read from its start."""
+    import gzip
+
+    promote_to(home, "A-1")
+    base = home.root / BASE
+    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    run(home, T0, T0)
+    append(base, window_events("A-1", T0 + W, "lost"))
+    with open(base, "rb") as src, gzip.open(home.root / (ARCHIVE + ".gz"), "wb") as dst:
+        dst.write(src.read())
+    base.unlink()  # nothing under the name yet
+    summary = run_range(home, T0 + W, T0 + 2 * W, log=lambda m: None)
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    assert query(home, "select phase from flag_state") == [("A-1",)]  # no rollback
+    instance = instance_of(home)
+    try:
+        said = [e.user_message for e in instance.all_logs(summary.run_id)
+                if "rotated and compressed" in (e.user_message or "")]
+    finally:
+        instance.dispose()
+    assert len(said) == 1 and "are lost" in said[0] and ARCHIVE + ".gz" in said[0]
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
+    run(home, T0 + 2 * W, T0 + 2 * W)
+    assert stored(home, "w2") == 24 and files(home)[BASE] == (24, 24, 0, 0, None)
