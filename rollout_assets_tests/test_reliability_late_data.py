@@ -131,6 +131,19 @@ def test_late_events_in_a_file_rotated_before_the_sensor_looked_still_rescore(ho
         ("2025-01-18-09:00", "2025-01-18-09:00")]
     assert verdict(home, W0) == [(True, True, "A-0", "P2", ["restore_success"])]
     assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    # a numbered chain with nothing late: `.1` (a name the sensor has a mark for) now holds
+    # what was the file; it carries on from that file's mark, not from its first line (it
+    # re-scored every window of the rotated file; found by an independent audit)
+    write_canary(home, "A-1", window_events("A-1", W2, "w2"))
+    run_range(home, W2, W2 + timedelta(minutes=15), log=lambda m: None)
+    tick_canary_sensor(instance, defs, log=lambda m: None)  # sees W2's lines (one re-score)
+    before = len(late_runs(instance))
+    base.with_name("phase-A-1.jsonl.2").rename(base.with_name("phase-A-1.jsonl.3"))
+    base.with_name("phase-A-1.jsonl.1").rename(base.with_name("phase-A-1.jsonl.2"))
+    base.rename(base.with_name("phase-A-1.jsonl.1"))
+    write_canary(home, "A-1", [])
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    assert len(late_runs(instance)) == before
     instance.dispose()
 
 

@@ -217,8 +217,13 @@ class Notifier(dg.ConfigurableResource):
     def raise_for_failures(self) -> None:
         """Fail the step with one clear message if any delivery failed since the last call."""
         if self._failures:
-            # once per message: a message retried in the same run failed once for the caller
-            failures = list({f.idempotency_key: f for f in self._failures}.values())
+            # once per message: a message retried in the same run failed once for the caller,
+            # with the error of its last real try (not a later "not tried")
+            by_key: dict[str, DeliveryFailure] = {}
+            for f in self._failures:
+                if f.attempts or f.idempotency_key not in by_key:
+                    by_key[f.idempotency_key] = f
+            failures = list(by_key.values())
             self._failures = []
             raise DeliveryError(failures)
 

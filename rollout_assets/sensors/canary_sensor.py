@@ -181,8 +181,9 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
                 new[rel] = old
                 continue
             start = old.offset if old is not None and _holds(path, old) else 0
-            if old is None:
-                donor = next((d for d, m in donors.items() if _holds(path, m)), None)
+            if start == 0:  # new to the sensor, or its own mark's bytes are gone: rotated here?
+                donor = next((d for d, m in donors.items() if d != rel and _holds(path, m)),
+                             None)
                 if donor is not None:  # its lines up to the donor's mark were scanned
                     start = donors.pop(donor).offset
             found, offset = scan_appended(path, start, st.st_size)
