@@ -198,3 +198,11 @@ def add_banner(path: Path, banner: str) -> None:
         return
     title, sep, rest = text.partition("\n")
     atomic_write(path, f"{title}\n\n{banner}\n{rest}" if sep else f"{text}\n\n{banner}\n")
+
+def remove_banner(path: Path, banner: str) -> None:
+    """Take back a banner `add_banner` put under the title (the rest as it is)."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    if banner in text:
+        atomic_write(path, text.replace(f"\n\n{banner}\n", "\n", 1).replace(banner, "", 1))

@@ -192,7 +192,8 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
     order = {name: i for i, name in enumerate(policy.phase_names)}
     open_inc = con.execute(
         "select incident_id, phase, exists (select 1 from rollbacks r where r.phase = i.phase "
-        "and r.status = 'succeeded' and r.window_start >= i.opened_window) "
+        "and r.status = 'succeeded' "
+        "and r.window_start >= coalesce(i.began_window, i.opened_window)) "
         "from incidents i where status = 'open' order by 1").fetchall()
     restarting = [iid for iid, phase, rolled_back in open_inc
                   if rolled_back and order.get(phase, -1) >= order[target]]

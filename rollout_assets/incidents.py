@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from rollout_assets.collect import add_banner, atomic_write, now_utc
+from rollout_assets.collect import add_banner, atomic_write, now_utc, remove_banner
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import window_stamp
 from rollout_assets.policy import Policy
@@ -23,6 +23,8 @@ from rollout_assets.scoring import max_level
 from rollout_assets.warehouse import transaction
 
 AUTO_START, AUTO_END = "<!-- auto:start -->", "<!-- auto:end -->"
+WITHDRAWN_DRAFT = ("> **Withdrawn**: late data re-scored this incident's windows and no breach "
+                   "remains; there is no incident to analyse unless a rollback ran.")
 
 
 @dataclass(frozen=True)
@@ -136,14 +138,15 @@ def load_outcomes(con, policy: Policy) -> list[WindowOutcome]:
     return list(by_window.values())
 
 
-def _checklist(con, policy: Policy, inc: Incident) -> dict:
-    """Seed §8 steps 1–3 from the ledger: alert received, escalation decided, rollback run."""
+def _checklist(con, policy: Policy, inc: Incident, since: datetime) -> dict:
+    """Seed §8 steps 1–3 from the ledger: alert received, escalation decided, rollback run
+    (`since`: the incident's first window, or its predecessor's when it was renamed)."""
     # the first alert of any of its breached windows: a late breach that moved the incident's
     # first window earlier was announced after the windows it now precedes
     alert = con.execute(
         "select min(created_at) from notifications where kind = 'alert' and phase = ? "
         "and window_start >= ? and window_start <= ?",
-        [inc.phase, inc.opened_window, inc.last_breach_window]).fetchone()[0]
+        [inc.phase, since, inc.last_breach_window]).fetchone()[0]
     if alert is None:
         alert = con.execute(
             "select judged_at from window_verdicts where phase = ? and window_start = ?",
@@ -152,7 +155,7 @@ def _checklist(con, policy: Policy, inc: Incident) -> dict:
     rb = con.execute(
         "select started_at, exit_code, status from rollbacks where phase = ? and window_start >= ? "
         "and window_start <= ? and status <> 'skipped' order by started_at limit 1",
-        [inc.phase, inc.opened_window, inc.last_breach_window]).fetchone()
+        [inc.phase, since, inc.last_breach_window]).fetchone()
     decided = rb[0] if rb else (alert if not inc.rollback_required else None)
     late = None
     if alert is not None and decided is not None:
@@ -167,7 +170,7 @@ INCIDENT_COLUMNS = (
     "breach_windows", "failed_slos", "rollback_required", "alert_received_at",
     "escalation_decided_at", "escalation_late", "rollback_executed_at", "rollback_exit_code",
     "rca_path", "rca_created_at", "rca_due", "owner", "green_cycles", "closed_window", "closed_at",
-    "policy_version", "updated_at",
+    "policy_version", "updated_at", "began_window",
 )
 
 
@@ -179,18 +182,23 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
     incidents = fold_incidents(load_outcomes(con, policy),
                                policy.incidents.close_after_green_cycles)
     previous = {
-        r[0]: dict(zip(("phase", "opened_window", "rca_due", "rca_created_at", "closed_at",
-                        "policy_version"), r[1:], strict=True))
+        r[0]: dict(zip(("phase", "opened_window", "last_breach_window", "rca_due",
+                        "rca_created_at", "closed_at", "policy_version", "began_window"),
+                       r[1:], strict=True))
         for r in con.execute(
-            "select incident_id, phase, opened_window, rca_due, rca_created_at, closed_at, "
-            "policy_version from incidents"
+            "select incident_id, phase, opened_window, last_breach_window, rca_due, "
+            "rca_created_at, closed_at, policy_version, began_window from incidents"
         ).fetchall()
     }
     renamed = _renamed(previous, incidents)
     rows = []
     for inc in incidents:
         prev = previous.get(inc.incident_id) or previous.get(renamed.get(inc.incident_id), {})
-        check = _checklist(con, policy, inc)
+        # a renamed incident's rollback may have run for a window now outside it (its first
+        # breach withdrawn by late data): its checklist looks from where it began, kept
+        began = min(inc.opened_window, prev.get("began_window") or inc.opened_window,
+                    prev.get("opened_window") or inc.opened_window)
+        check = _checklist(con, policy, inc, began)
         level = inc.level
         if check["rollback_exit_code"] not in (None, 0):
             level = "P1"  # a failed rollback escalates (seed §8 step 3)
@@ -207,6 +215,7 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
             closed_window=inc.closed_window,
             closed_at=(prev.get("closed_at") or now) if inc.closed_window else None,
             policy_version=prev.get("policy_version") or policy.version, updated_at=now,
+            began_window=began,
         )
         rows.append(row)
     with transaction(con):
@@ -227,10 +236,9 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
                        - set(renamed.values())):
         draft = home.rca_dir / f"{gone}.md"
         if draft.is_file():  # what people wrote stays; the draft says the incident is gone
-            add_banner(home.inside(draft),
-                       f"> **Withdrawn**: late data re-scored {gone}'s windows and no breach "
-                       "remains; there is no incident to analyse unless a rollback ran.")
+            add_banner(home.inside(draft), WITHDRAWN_DRAFT)
     for inc, row in zip(incidents, rows, strict=True):
+        remove_banner(home.rca_dir / f"{inc.incident_id}.md", WITHDRAWN_DRAFT)  # it is back
         old = renamed.get(inc.incident_id)
         if old is not None:
             was = previous[old]
@@ -243,19 +251,20 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
 
 
 def _renamed(previous: dict[str, dict], incidents: list[Incident]) -> dict[str, str]:
-    """{new id: the id it had}: an incident whose id is gone because a late breach moved its
-    first window earlier (or joined it to an earlier one) lives on in the incident of its phase
-    whose span now holds its first window (the earliest such, when several merged)."""
+    """{new id: the id it had}: an incident whose id is gone because late data moved its first
+    window lives on in the incident of its phase that now holds its windows: earlier (a late
+    breach just before it, or joining an earlier one) or later (its first breach withdrawn,
+    the next one now first); the earliest such, when several merged."""
     current = {inc.incident_id for inc in incidents}
     out: dict[str, str] = {}
     for old_id, old in sorted(previous.items(), key=lambda kv: kv[1]["opened_window"]):
         if old_id in current:
             continue
         for inc in incidents:
-            if (inc.phase == old["phase"] and inc.opened_window <= old["opened_window"]
-                    and (inc.closed_window is None
-                         or old["opened_window"] <= inc.closed_window)
-                    and inc.incident_id not in previous):
+            end = inc.closed_window or inc.last_breach_window
+            if (inc.phase == old["phase"] and inc.incident_id not in previous
+                    and inc.opened_window <= (old["last_breach_window"] or old["opened_window"])
+                    and old["opened_window"] <= end):
                 out.setdefault(inc.incident_id, old_id)
                 break
     return out
@@ -273,8 +282,7 @@ def _carry_draft(home: RolloutHome, old_id: str, new_id: str,
     for was, now in head:
         text = text.replace(was, now, 1)
     heading = f"# RCA draft: {new_id}\n"
-    note = (f"\n> Renamed from {old_id}: a late breach moved the incident's first window "
-            "earlier.\n")
+    note = f"\n> Renamed from {old_id}: late data moved the incident's first window.\n"
     text = text.replace(heading, heading + note, 1) if heading in text else note + text
     atomic_write(home.inside(new), text)
     old.unlink()

@@ -15,8 +15,8 @@ from typing import Any
 _MRKDWN_ESCAPES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
 STATUS_BLOCK_ID = "rollout_status"
 PAGERDUTY_SOURCE = "rollout-assets"
-PAGERDUTY_ACTIONS = {"alert": "trigger", "escalation": "trigger", "acknowledge": "acknowledge",
-                     "resolve": "resolve"}
+PAGERDUTY_ACTIONS = {"alert": "trigger", "escalation": "trigger", "reopen": "trigger",
+                     "acknowledge": "acknowledge", "resolve": "resolve"}
 LEVEL_EMOJI = {"P1": ":rotating_light:", "P2": ":warning:", "warning": ":large_yellow_circle:"}
 HEADER_MAX = 150  # Slack's limit for a header block's text
 SECTION_MAX = 3000  # Slack's limit for a section's text

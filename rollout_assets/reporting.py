@@ -265,32 +265,59 @@ def mark_withdrawn(path: Path) -> None:
 
 def withdrawn_messages(con) -> list[Message]:
     """A resolve for every incident that was announced (an alert delivered under its id) and no
-    longer exists, on each channel its alerts went to: late data re-scored its windows so that
-    no breach remains, or a late breach just before it renamed it (the incident carries on
-    under the new id, paged under that key). Its page would otherwise stay open for good."""
+    longer exists, on each channel its alerts went to, so its page does not stay open for good:
+    at once when late data left no breach of it (`[withdrawn]`); when the incident it became
+    closes, if late data moved its first window (a late breach before it, or its first breach
+    withdrawn): its page stands for that incident until then."""
     rows = con.execute(f"""
-        select n.incident_id, n.phase,
-            arg_max(n.level, case n.level when 'P1' then 3 when 'P2' then 2 else 1 end),
-            min(n.window_start), n.channel,
-            (select min(i.incident_id) from incidents i where i.phase = n.phase
-                and i.opened_window <= min(n.window_start)
-                and (i.closed_window is null or i.closed_window >= min(n.window_start))
-            ) as successor
-        from notifications n
-        where n.kind = 'alert' and n.incident_id is not null and {delivered_sql('n')}
-            and n.incident_id not in (select incident_id from incidents)
-            and not exists (select 1 from notifications d where d.kind = 'resolve'
-                and d.incident_id = n.incident_id and d.channel = n.channel
-                and {delivered_sql('d')})
-        group by n.incident_id, n.phase, n.channel
-        order by min(n.window_start), n.incident_id, n.channel
+        with gone as (
+            select n.incident_id, n.phase, n.channel,
+                arg_max(n.level, case n.level when 'P1' then 3 when 'P2' then 2 else 1 end)
+                    as level,
+                min(n.window_start) as first, max(n.window_start) as last
+            from notifications n
+            where n.kind = 'alert' and n.incident_id is not null and {delivered_sql('n')}
+                and n.incident_id not in (select incident_id from incidents)
+                and not exists (select 1 from notifications d where d.kind = 'resolve'
+                    and d.incident_id = n.incident_id and d.channel = n.channel
+                    and {delivered_sql('d')})
+            group by n.incident_id, n.phase, n.channel
+        )
+        select g.incident_id, g.phase, g.level, g.first, g.channel,
+            arg_min(i.incident_id, i.opened_window), bool_or(i.status = 'open')
+        from gone g left join incidents i on i.phase = g.phase
+            and i.opened_window <= g.last
+            and coalesce(i.closed_window, i.last_breach_window) >= g.first
+        group by all
+        order by g.first, g.incident_id, g.channel
     """).fetchall()
     out = []
-    for iid, phase, level, first, channel, successor in rows:
-        text = (f"[merged] {iid} continues as {successor}: a late breach moved its first window"
-                if successor else
+    for iid, phase, level, first, channel, successor, still_open in rows:
+        if still_open:
+            continue  # the page stands for the incident it became, until that one closes
+        text = (f"[resolved] {iid} (continued as {successor}) closed" if successor else
                 f"[withdrawn] {iid}: late data re-scored its windows and no breach remains; a "
                 "rollback it triggered stays in force until the phase is promoted again")
         out.append(Message(first, phase, channel, "resolve", level, text, {"dedup_key": iid},
                            incident_id=iid))
     return out
+
+
+def reopened_messages(con) -> list[Message]:
+    """A withdrawn incident whose breach came back (more late data): its page was resolved and
+    its alerts are already in the ledger, so it is triggered again, once, on each channel the
+    withdrawal went to."""
+    rows = con.execute(f"""
+        select distinct i.incident_id, i.phase, i.level, i.opened_window, w.channel
+        from incidents i join notifications w on w.incident_id = i.incident_id
+            and w.kind = 'resolve' and {delivered_sql('w')}
+            and (i.closed_window is null or w.window_start <> i.closed_window)
+        where i.status = 'open'
+            and {_not_delivered("i.opened_window", "i.phase", "w.channel", "reopen",
+                                "i.incident_id")}
+        order by i.opened_window, i.incident_id, w.channel
+    """).fetchall()
+    return [Message(opened, phase, channel, "reopen", level,
+                    f"[reopened] {iid}: late data made its windows breach again",
+                    {"dedup_key": iid}, incident_id=iid)
+            for iid, phase, level, opened, channel in rows]

@@ -157,7 +157,10 @@ DDL: dict[str, str] = {
             escalation_late BOOLEAN, rollback_executed_at TIMESTAMP, rollback_exit_code INTEGER,
             rca_path VARCHAR, rca_created_at TIMESTAMP, rca_due DATE, owner VARCHAR,
             green_cycles INTEGER NOT NULL, closed_window TIMESTAMP, closed_at TIMESTAMP,
-            policy_version VARCHAR NOT NULL, updated_at TIMESTAMP NOT NULL
+            policy_version VARCHAR NOT NULL, updated_at TIMESTAMP NOT NULL,
+            -- the first window of the incident's history: earlier than `opened_window` when
+            -- late data withdrew its first breach (its rollback may have run for that window)
+            began_window TIMESTAMP
         )""",
     "incident_timeline": """
         create table if not exists incident_timeline (
@@ -342,9 +345,10 @@ def _schema_is_current(con) -> bool:
                     and schema_name = 'main' and table_name = 'canary_events'
                     and column_name = 'event_id'),
                (select count(*) from duckdb_columns() where database_name = current_database()
-                    and schema_name = 'main' and table_name = 'ingest_files'
-                    and column_name in ('tail_hash', 'rotated_from'))""").fetchone()
-    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0 and tail == 2
+                    and schema_name = 'main' and (table_name, column_name) in (
+                        ('ingest_files', 'tail_hash'), ('ingest_files', 'rotated_from'),
+                        ('incidents', 'began_window')))""").fetchone()
+    return tables == len(DDL) and n_views == len(VIEWS) and stale == 0 and tail == 3
 
 
 def ensure_schema(con) -> None:
@@ -382,6 +386,7 @@ def _create_schema(con) -> None:
     # the name an archive was rotated from
     con.execute("alter table ingest_files add column if not exists tail_hash VARCHAR")
     con.execute("alter table ingest_files add column if not exists rotated_from VARCHAR")
+    con.execute("alter table incidents add column if not exists began_window TIMESTAMP")
     # resolves are keyed per incident since the same release as `rotated_from` (so every
     # older warehouse passes here once): `<window>:<phase>:<channel>:resolve:<incident>`
     con.execute("update notifications set idempotency_key = idempotency_key || ':' || "

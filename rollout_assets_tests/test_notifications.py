@@ -803,6 +803,71 @@ def test_a_breach_withdrawn_by_late_data_resolves_its_page_and_keeps_the_rollbac
     assert len(_delivered_pd(endpoints)) == 2  # nothing twice
 
 
+def test_an_incident_whose_first_breach_is_withdrawn_keeps_its_page_until_it_closes(
+        home, endpoints, monkeypatch):
+    """A-1 breaches at 09:00 and 09:15 (one incident, paged under INC-…0900Z, rolled back).
+    Late data makes 09:00 a pass: the incident carries on as INC-…0915Z, whose windows were
+    paged under the old key. The old page must stand until the incident closes, then be
+    resolved; the rollback stays on its checklist (it was withdrawn at once, the new incident
+    was never paged, and its rollback showed as pending; found by an independent audit)."""
+    quiet_rollback_policy(home)
+    promote_to(home, "A-1")
+    w = [W0900 + timedelta(minutes=15 * i) for i in range(4)]
+    write_canary(home, "A-1", [e for i, ws in enumerate(w)
+                               for e in window_events("A-1", ws, "restore", bad=int(i < 2),
+                                                      tenant="qa")])
+    set_env(monkeypatch, endpoints)
+    run_range(home, w[0], w[1] + timedelta(minutes=15), log=lambda m: None)
+    old, new = "INC-20250118T0900Z-A-1", "INC-20250118T0915Z-A-1"
+    assert _delivered_pd(endpoints) == [("trigger", old), ("trigger", old)]
+    late = [event(event_id=f"late-{i}", phase="A-1", kind="restore", ok=True, tenant="qa",
+                  ts=f"2025-01-18T09:{10 + i % 4:02d}:00Z") for i in range(300)]
+    write_canary(home, "A-1", late)
+    run_range(home, w[0], w[0] + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", old)] * 2  # no resolve yet: it goes on
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        assert c.execute("select incident_id, status, rollback_exit_code, began_window "
+                         "from incidents").fetchall() == [(new, "open", 0, w[0])]
+    run_range(home, w[2], w[3] + timedelta(minutes=15), log=lambda m: None)  # two green
+    assert _delivered_pd(endpoints) == [("trigger", old)] * 2 + [("resolve", old)]
+    assert [p["text"] for p in endpoints.delivered_posts()
+            if p["text"].startswith("[resolved] " + old)] == [
+        f"[resolved] {old} (continued as {new}) closed"]
+
+
+def test_a_withdrawn_breach_that_comes_back_is_paged_again(home, endpoints, monkeypatch):
+    """Withdrawn by late successes, then more late failures make 09:00 breach again: its page
+    was resolved and its alerts are in the ledger, so it is triggered again (nothing was
+    sent: PagerDuty stayed resolved while the incident was open; found by an independent
+    audit), the RCA draft's Withdrawn banner goes, and its close resolves it."""
+    quiet_rollback_policy(home)
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", W0900, "restore", bad=1, tenant="qa"))
+    set_env(monkeypatch, endpoints)
+    one = timedelta(minutes=15)
+    run_range(home, W0900, W0900 + one, log=lambda m: None)
+    inc = "INC-20250118T0900Z-A-1"
+    write_canary(home, "A-1", [event(event_id=f"ok-{i}", phase="A-1", kind="restore", ok=True,
+                                     tenant="qa", ts=f"2025-01-18T09:{10 + i % 4:02d}:00Z")
+                               for i in range(300)])
+    run_range(home, W0900, W0900 + one, log=lambda m: None)
+    assert "**Withdrawn**" in (home.rca_dir / f"{inc}.md").read_text()
+    write_canary(home, "A-1", [event(event_id=f"bad-{i}", phase="A-1", kind="restore",
+                                     ok=False, tenant="qa", ts="2025-01-18T09:12:00Z")
+                               for i in range(20)])
+    run_range(home, W0900, W0900 + one, log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", inc), ("resolve", inc), ("trigger", inc)]
+    assert "**Withdrawn**" not in (home.rca_dir / f"{inc}.md").read_text()
+    assert [p["text"] for p in endpoints.delivered_posts() if p["text"].startswith(
+        "[reopened]")] == [f"[reopened] {inc}: late data made its windows breach again"]
+    write_canary(home, "A-1", [e for k in (1, 2) for e in window_events(
+        "A-1", W0900 + k * one, "restore", tenant="qa")])
+    run_range(home, W0900 + one, W0900 + 3 * one, log=lambda m: None)
+    assert _delivered_pd(endpoints)[-1] == ("resolve", inc)
+    run_range(home, W0900, W0900 + 3 * one, log=lambda m: None)
+    assert len(_delivered_pd(endpoints)) == 4  # nothing twice
+
+
 def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held_back(
         home, endpoints, monkeypatch):
     """PagerDuty fails every request. The window run tries the page (4 attempts); the rollback

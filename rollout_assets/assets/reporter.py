@@ -23,6 +23,7 @@ from rollout_assets.reporting import (
     mark_withdrawn,
     rca_messages,
     render_alert,
+    reopened_messages,
     resolve_messages,
 )
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
@@ -96,6 +97,8 @@ def alert_reports(
                     partition_key=partition_key(ws),
                 )
         for msg in rca_messages(con, home.policy()):  # before the closing notices
+            notifier.send(con, msg)
+        for msg in reopened_messages(con):  # a withdrawn breach that came back
             notifier.send(con, msg)
         # resolves after the alerts: PagerDuty must see trigger before resolve
         resolves = {"queued": 0, "sent": 0, "failed": 0, "duplicate": 0}

@@ -73,7 +73,7 @@ class Message:
     window_start: datetime
     phase: str
     channel: str  # a Slack channel ("#merge-ops") or "pagerduty:<service name>"
-    kind: str  # alert | rollback | resolve | acknowledge | escalation
+    kind: str  # alert | rollback | resolve | reopen | acknowledge | escalation | rca
     level: str
     text: str
     payload: dict = field(default_factory=dict)
@@ -85,7 +85,7 @@ class Message:
         moved earlier) closes in the window the incident it replaced closed in, and its own
         PagerDuty trigger needs its own resolve."""
         return f"{RESOLVE_KEY_SEP}{self.incident_id}" if (
-            self.kind == "resolve" and self.incident_id) else ""
+            self.kind in ("resolve", "reopen") and self.incident_id) else ""
 
     @property
     def idempotency_key(self) -> str:
