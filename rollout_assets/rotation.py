@@ -62,9 +62,10 @@ def _compressed_copy(path: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def _holds(path: Path, offset: int, fingerprint: str) -> bool | None:
-    """Whether `path` holds, before `offset`, the bytes a cursor fingerprinted. False when it
-    is missing, shorter or different; None when it cannot be read (the probe reports that)."""
+def holds(path: Path, offset: int, fingerprint: str) -> bool | None:
+    """Whether `path` holds, before `offset`, the bytes a cursor fingerprinted (`tail_hash`).
+    False when it is missing, shorter or different; None when it cannot be read (the probe
+    reports that). The late-data sensor's marks use it too."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
@@ -80,6 +81,17 @@ def _holds(path: Path, offset: int, fingerprint: str) -> bool | None:
         return tail_hash(fd, path, offset) == fingerprint
     except (OSError, RetryableIOError):
         return None
+    finally:
+        os.close(fd)
+
+
+def fingerprint(path: Path, offset: int) -> str | None:
+    """`tail_hash` of `path` at `offset` (None at 0: nothing before it to tell files apart)."""
+    if offset <= 0:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        return tail_hash(fd, path, offset)
     finally:
         os.close(fd)
 
@@ -106,7 +118,7 @@ def follow_rotations(con, home: RolloutHome) -> list[Rotation]:
         "from ingest_files where not regexp_matches(source_file, ?) order by source_file",
         [ASIDE_NAME_RE]).fetchall()  # records set aside name no file
     lost = [(rel, offset, fp) for rel, offset, fp, _ in rows
-            if offset and fp is not None and _holds(home.root / rel, offset, fp) is False]
+            if offset and fp is not None and holds(home.root / rel, offset, fp) is False]
     moves = _move(con, home, rows, lost) if lost else []
     _adopt_unread(con, home)
     return moves
@@ -143,7 +155,7 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
             name = home.relative(cand)
             if name == rel or name in settled or name in claimed:
                 continue
-            if _holds(cand, offset, fp):
+            if holds(cand, offset, fp):
                 moves.append(Rotation(rel, name))
                 claimed.add(name)
                 break

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +41,11 @@ from dagster._core.storage.tags import (
 )
 
 from rollout_assets.home import RolloutHome
-from rollout_assets.ingest import RetryableIOError, tail_hash
+from rollout_assets.ingest import RetryableIOError
 from rollout_assets.jobs import window_job
 from rollout_assets.partitions import WINDOW, floor_window, partition_key, window_partitions
 from rollout_assets.resources.home import HomeResource
+from rollout_assets.rotation import fingerprint, holds
 from rollout_assets.run_health import reap_dead_runs
 
 SENSOR_NAME = "canary_late_data_sensor"
@@ -67,27 +67,17 @@ class FileMark:
 
 
 def _mark(path: Path, size: int, mtime: float, offset: int) -> FileMark:
-    return FileMark(size, mtime, offset, _fingerprint(path, offset))
-
-
-def _fingerprint(path: Path, offset: int) -> str | None:
-    if offset <= 0:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return tail_hash(fd, path, offset)
-    finally:
-        os.close(fd)
+    return FileMark(size, mtime, offset, fingerprint(path, offset))
 
 
 def _holds(path: Path, mark: FileMark) -> bool:
     """Whether `path` still holds the bytes `mark` scanned (a mark from before fingerprints:
     whether it is at least as long)."""
+    if mark.tail is not None:
+        return holds(path, mark.offset, mark.tail) is True
     try:
-        if path.stat().st_size < mark.offset:
-            return False
-        return mark.tail is None or _fingerprint(path, mark.offset) == mark.tail
-    except (OSError, RetryableIOError):
+        return path.stat().st_size >= mark.offset
+    except OSError:
         return False
 
 
