@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from rollout_assets.policy import LEVEL_ORDER
+
 # Slack's control characters in mrkdwn (https://api.slack.com/reference/surfaces/formatting)
 _MRKDWN_ESCAPES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
 STATUS_BLOCK_ID = "rollout_status"
@@ -159,12 +161,23 @@ def slack_message(msg, *, run_url: str | None = None, status: str | None = None)
     return {"text": _clip(mrkdwn(msg.text), SECTION_MAX), "blocks": blocks}
 
 
-def with_status(body: dict, status: str) -> dict:
-    """A copy of a posted message (`text` + `blocks`) whose status block says `status`."""
+def with_status(body: dict, status: str, level: str | None = None) -> dict:
+    """A copy of a posted message (`text` + `blocks`) whose status block says `status`; with
+    `level`, an alert's header and text say the thread's worst level when it is worse than the
+    one they were posted with (a P2 joined a warning's incident)."""
     out = copy.deepcopy(body)
     blocks = [b for b in out.get("blocks", []) if b.get("block_id") != STATUS_BLOCK_ID]
     blocks.append(status_block(status))
     out["blocks"] = blocks
+    header = blocks[0] if blocks and blocks[0].get("type") == "header" else None
+    posted = next((lvl for lvl in LEVEL_EMOJI if header and header["text"]["text"].startswith(
+        f"{LEVEL_EMOJI[lvl]} {lvl} SLO breach")), None)
+    if level in LEVEL_EMOJI and posted and LEVEL_ORDER.index(level) > LEVEL_ORDER.index(posted):
+        rest = header["text"]["text"].split(" SLO breach", 1)[1]
+        header["text"] = _plain(f"{LEVEL_EMOJI[level]} {level} SLO breach{rest} "
+                                f"(was {posted})")
+        if out.get("text", "").startswith(f"[{posted}]"):
+            out["text"] = f"[{level}, was {posted}]" + out["text"][len(posted) + 2:]
     return out
 
 

@@ -386,6 +386,20 @@ def test_incident_replies_in_thread_updates_status_and_resolves(home, con, endpo
     assert resolve == {"routing_key": PD_AUTOSAVE, "event_action": "resolve", "dedup_key": inc}
 
 
+def test_a_thread_root_says_its_incident_was_escalated(home, con, endpoints):
+    """A warning opens the incident's thread; a P2 breach joins it: the root's header and
+    text say P2 now (they kept "[warning]"; found by an independent audit)."""
+    inc = "INC-20250118T0900Z-A-2"
+    n = make_notifier(home, endpoints)
+    assert n.send(con, alert(level="warning", incident=inc)) == "sent"
+    assert n.send(con, alert(ws=W0900 + timedelta(minutes=15), incident=inc)) == "sent"
+    root_ts = ledger(con)[alert(incident=inc).idempotency_key]["message_ts"]
+    root = endpoints.message(FakeEndpoints.channel_id("#launch-autosave"), root_ts)
+    assert root["blocks"][0]["text"]["text"] == (
+        ":warning: P2 SLO breach: A-2 (beta) (was warning)")
+    assert root["text"].startswith("[P2, was warning] A-2 breached restore_success")
+
+
 def test_rerun_never_sends_twice_and_retries_what_failed(home, con, endpoints):
     run1 = make_notifier(home, endpoints)
     first = alert(incident="INC-1")

@@ -43,6 +43,7 @@ from rollout_assets.resources.slack import (
     HttpOutcome,
     RolloutSlackResource,
 )
+from rollout_assets.scoring import max_level
 
 SLACK_TOKEN_ENV = "SLACK_BOT_TOKEN"
 SLACK_BASE_URL_ENV = "ROLLOUT_SLACK_BASE_URL"
@@ -557,7 +558,13 @@ class Notifier(dg.ConfigurableResource):
         if not root or not root[1]:
             return
         status = self._thread_status(ledger, msg, thread_ts, channel_id)
-        body = messages.with_status(json.loads(root[1]), status)
+        levels = [r[0] for r in ledger.execute(
+            "select level from notifications where transport = 'slack' and status = 'sent' "
+            "and kind = 'alert' and thread_ts = ? and channel_id = ?",
+            [thread_ts, channel_id]).fetchall()]
+        if msg.kind == "alert":
+            levels.append(msg.level)
+        body = messages.with_status(json.loads(root[1]), status, max_level(levels))
         out, attempts = self._retry(lambda: self.slack.call(
             "chat.update", channel=channel_id, ts=thread_ts, **body))
         if out.ok:
