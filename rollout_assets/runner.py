@@ -159,7 +159,7 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         defs = _defs(home)
     try:
         with frozen_heap():
-            return _run_windows(home, instance, defs, windows, keys, log, progress)
+            return _run_windows(instance, defs, windows, keys, log, progress)
     finally:
         instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
 
@@ -178,20 +178,15 @@ def _query_warehouse(path: Path, read: Callable, default):
         con.close()
 
 
-def _incident_facts(home: RolloutHome) -> set[tuple]:
-    from rollout_assets.governance import incident_facts
-
-    return _query_warehouse(home.db_path, incident_facts, set())
-
-
-def _run_windows(home: RolloutHome, instance: dg.DagsterInstance, defs: dg.Definitions,
+def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions,
                  windows: list[datetime], keys: list[str], log: Callable[[str], None],
                  progress: bool) -> RunSummary:
     """The window run, the breach sensor's rollbacks, then the daily SLA run of its days and of
-    the days whose incidents they changed."""
-    from rollout_assets.governance import days_of_changed_incidents
+    the days whose incidents they changed (as the `incidents` events of those runs name them,
+    the ones `sla_refresh_sensor` reads under the daemon)."""
+    from rollout_assets.sensors.sla_sensor import latest_storage_ids, stale_days
 
-    incidents_before = _incident_facts(home)
+    events_before = latest_storage_ids(instance)
     job = defs.resolve_job_def("rollout_window_job")
     log(f"materializing {len(keys)} window(s) {keys[0]} .. {keys[-1]} in one Dagster run")
     result = job.execute_in_process(
@@ -216,8 +211,8 @@ def _run_windows(home: RolloutHome, instance: dg.DagsterInstance, defs: dg.Defin
         tick_breach_sensor(instance, defs, log)
         raise RunError(f"window run {result.run_id} failed: {msg}")
     summary.rollbacks = tick_breach_sensor(instance, defs, log)
-    days = sorted({w.date() for w in windows}
-                  | days_of_changed_incidents(incidents_before, _incident_facts(home)))
+    touched, _ = stale_days(instance, events_before, skip_cli=False)
+    days = sorted({w.date() for w in windows} | set(touched))
     daily = defs.resolve_job_def("rollout_daily_job").execute_in_process(
         instance=instance, raise_on_error=False, run_config=QUIET,
         tags={ASSET_PARTITION_RANGE_START_TAG: days[0].isoformat(),

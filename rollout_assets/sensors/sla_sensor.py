@@ -34,10 +34,11 @@ def _fetchers(instance: dg.DagsterInstance):
             "observation": instance.fetch_observations}
 
 
-def stale_days(instance: dg.DagsterInstance, cursor: dict[str, int]
+def stale_days(instance: dg.DagsterInstance, cursor: dict[str, int], skip_cli: bool = True
                ) -> tuple[dict[date, int], dict[str, int]]:
     """{day: newest storage id naming it} from `incidents` events after the cursor (runs the
-    CLI launched left out), and the cursor after them."""
+    CLI launched left out unless `skip_cli` is false: `rollout run` reads its own this way),
+    and the cursor after them."""
     days: dict[date, int] = {}
     new_cursor = dict(cursor)
     cli_runs: dict[str, bool] = {}
@@ -52,10 +53,10 @@ def stale_days(instance: dg.DagsterInstance, cursor: dict[str, int]
             if entry is None or not entry.value:
                 continue
             run_id = record.run_id
-            if run_id not in cli_runs:
+            if skip_cli and run_id not in cli_runs:
                 run = instance.get_run_by_id(run_id)
                 cli_runs[run_id] = run is not None and run.tags.get(CLI_TAG[0]) == CLI_TAG[1]
-            if cli_runs[run_id]:
+            if skip_cli and cli_runs[run_id]:
                 continue
             for text in str(entry.value).split(","):
                 d = date.fromisoformat(text)
