@@ -199,14 +199,26 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
     return out
 
 
-def _not_delivered(window: str, phase: str, channel: str, kind: str,
-                   incident: str | None = None) -> str:
+def _not_delivered(window: str, phase: str, channel: str, kind: str) -> str:
     """SQL: no message of this ledger key has been delivered (the notifier's duplicate test), so
     a Reporter run offers only what is still owed, however many incidents history holds."""
-    of_incident = f"and d.incident_id = {incident} " if incident else ""
     return (f"not exists (select 1 from notifications d where d.window_start = {window} "
             f"and d.phase = {phase} and d.channel = {channel} and d.kind = '{kind}' "
-            f"{of_incident}and {delivered_sql('d')})")
+            f"and {delivered_sql('d')})")
+
+
+def _cycles() -> str:
+    """SQL: per incident and channel, the resolves and reopens delivered. An incident's page
+    goes trigger (its alerts), resolve, reopen, resolve, ...: a resolve is owed while it has
+    had no more resolves than reopens there, a reopen while it has had fewer."""
+    return f"""cycles as (
+            select incident_id, channel, count(*) filter (where kind = 'resolve') as resolves,
+                count(*) filter (where kind = 'reopen') as reopens
+            from notifications d
+            where kind in ('resolve', 'reopen') and incident_id is not null
+                and {delivered_sql('d')}
+            group by all
+        )"""
 
 
 def rca_messages(con, policy: Policy) -> list[Message]:
@@ -243,15 +255,16 @@ def resolve_messages(con, policy: Policy) -> list[Message]:
             union
             select incident_id, phase, level, closed_window, $channel
             from incidents where status = 'closed' and $close_step
-        )
-        select incident_id, phase, level, closed_window, channel from channels c
-        where {_not_delivered("c.closed_window", "c.phase", "c.channel", "resolve",
-                              "c.incident_id")}
-        order by closed_window, incident_id, channel = $channel, channel
+        ), {_cycles()}
+        select c.incident_id, phase, level, closed_window, c.channel,
+            coalesce(resolves, 0) + 1 as cycle
+        from channels c left join cycles using (incident_id, channel)
+        where coalesce(resolves, 0) <= coalesce(reopens, 0)
+        order by closed_window, c.incident_id, c.channel = $channel, c.channel
     """, {"channel": policy.notifications.incident_channel, "close_step": close_step}).fetchall()
     return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},
-                    incident_id=iid)
-            for iid, phase, level, closed, ch in rows] + withdrawn_messages(con)
+                    incident_id=iid, cycle=cycle)
+            for iid, phase, level, closed, ch, cycle in rows] + withdrawn_messages(con)
 
 
 WITHDRAWN = ("> **Withdrawn**: late data re-scored this window and it no longer breaches. The "
@@ -270,20 +283,19 @@ def withdrawn_messages(con) -> list[Message]:
     closes, if late data moved its first window (a late breach before it, or its first breach
     withdrawn): its page stands for that incident until then."""
     rows = con.execute(f"""
-        with gone as (
+        with {_cycles()}, gone as (
             select n.incident_id, n.phase, n.channel,
                 arg_max(n.level, case n.level when 'P1' then 3 when 'P2' then 2 else 1 end)
                     as level,
-                min(n.window_start) as first, max(n.window_start) as last
-            from notifications n
+                min(n.window_start) as first, max(n.window_start) as last,
+                coalesce(any_value(c.resolves), 0) + 1 as cycle
+            from notifications n left join cycles c using (incident_id, channel)
             where n.kind = 'alert' and n.incident_id is not null and {delivered_sql('n')}
                 and n.incident_id not in (select incident_id from incidents)
-                and not exists (select 1 from notifications d where d.kind = 'resolve'
-                    and d.incident_id = n.incident_id and d.channel = n.channel
-                    and {delivered_sql('d')})
+                and coalesce(c.resolves, 0) <= coalesce(c.reopens, 0)
             group by n.incident_id, n.phase, n.channel
         )
-        select g.incident_id, g.phase, g.level, g.first, g.channel,
+        select g.incident_id, g.phase, g.level, g.first, g.channel, g.cycle,
             arg_min(i.incident_id, i.opened_window), bool_or(i.status = 'open')
         from gone g left join incidents i on i.phase = g.phase
             and i.opened_window <= g.last
@@ -292,32 +304,29 @@ def withdrawn_messages(con) -> list[Message]:
         order by g.first, g.incident_id, g.channel
     """).fetchall()
     out = []
-    for iid, phase, level, first, channel, successor, still_open in rows:
+    for iid, phase, level, first, channel, cycle, successor, still_open in rows:
         if still_open:
             continue  # the page stands for the incident it became, until that one closes
         text = (f"[resolved] {iid} (continued as {successor}) closed" if successor else
                 f"[withdrawn] {iid}: late data re-scored its windows and no breach remains; a "
                 "rollback it triggered stays in force until the phase is promoted again")
         out.append(Message(first, phase, channel, "resolve", level, text, {"dedup_key": iid},
-                           incident_id=iid))
+                           incident_id=iid, cycle=cycle))
     return out
 
 
 def reopened_messages(con) -> list[Message]:
-    """A withdrawn incident whose breach came back (more late data): its page was resolved and
-    its alerts are already in the ledger, so it is triggered again, once, on each channel the
-    withdrawal went to."""
+    """An incident whose page was resolved (withdrawn, or closed) and whose breach came back
+    (more late data): its alerts are already in the ledger, so it is triggered again on each
+    channel the resolve went to, once per time it came back."""
     rows = con.execute(f"""
-        select distinct i.incident_id, i.phase, i.level, i.opened_window, w.channel
-        from incidents i join notifications w on w.incident_id = i.incident_id
-            and w.kind = 'resolve' and {delivered_sql('w')}
-            and (i.closed_window is null or w.window_start <> i.closed_window)
-        where i.status = 'open'
-            and {_not_delivered("i.opened_window", "i.phase", "w.channel", "reopen",
-                                "i.incident_id")}
-        order by i.opened_window, i.incident_id, w.channel
+        with {_cycles()}
+        select i.incident_id, i.phase, i.level, i.opened_window, c.channel, c.reopens + 1
+        from incidents i join cycles c using (incident_id)
+        where i.status = 'open' and c.reopens < c.resolves
+        order by i.opened_window, i.incident_id, c.channel
     """).fetchall()
     return [Message(opened, phase, channel, "reopen", level,
                     f"[reopened] {iid}: late data made its windows breach again",
-                    {"dedup_key": iid}, incident_id=iid)
-            for iid, phase, level, opened, channel in rows]
+                    {"dedup_key": iid}, incident_id=iid, cycle=cycle)
+            for iid, phase, level, opened, channel, cycle in rows]

@@ -882,6 +882,57 @@ def test_a_withdrawn_breach_that_comes_back_is_paged_again(home, endpoints, monk
     assert len(_delivered_pd(endpoints)) == 4  # nothing twice
 
 
+def test_a_breach_withdrawn_and_brought_back_twice_is_resolved_and_paged_each_time(
+        home, endpoints, monkeypatch):
+    """Late data withdraws A-1's 09:00 breach, brings it back, withdraws it again and brings it
+    back again. The page must follow each turn: resolve, trigger, resolve, trigger, and the
+    close resolves it (the second withdrawal sent nothing and the second return nothing: each
+    was keyed once per incident; the page stayed open, then stayed resolved while the incident
+    was open)."""
+    quiet_rollback_policy(home)
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", W0900, "restore", bad=1, tenant="qa"))
+    set_env(monkeypatch, endpoints)
+    one = timedelta(minutes=15)
+    inc = "INC-20250118T0900Z-A-1"
+    batches = 0
+
+    def late(n: int, ok: bool) -> None:
+        nonlocal batches
+        batches += 1
+        write_canary(home, "A-1", [event(event_id=f"late{batches}-{i}", phase="A-1",
+                                         kind="restore", ok=ok, tenant="qa",
+                                         ts=f"2025-01-18T09:{10 + i % 4:02d}:00Z")
+                                   for i in range(n)])
+        run_range(home, W0900, W0900 + one, log=lambda m: None)
+
+    run_range(home, W0900, W0900 + one, log=lambda m: None)  # 19 / 20: breach
+    late(300, ok=True)  # 319 / 320 >= 0.995: withdrawn
+    late(20, ok=False)  # 319 / 340: back
+    late(4000, ok=True)  # 4319 / 4340 = 0.99516: withdrawn again
+    late(30, ok=False)  # 4319 / 4370: back again
+    assert _delivered_pd(endpoints) == [("trigger", inc), ("resolve", inc)] * 2 + [
+        ("trigger", inc)]
+    texts = [p["text"].split(":")[0] for p in endpoints.delivered_posts()
+             if p["text"].startswith(("[withdrawn]", "[reopened]"))]
+    assert texts == [f"[withdrawn] {inc}", f"[reopened] {inc}"] * 2
+    assert "**Withdrawn**" not in (home.rca_dir / f"{inc}.md").read_text()
+
+    write_canary(home, "A-1", [e for k in (1, 2) for e in window_events(
+        "A-1", W0900 + k * one, "restore", tenant="qa")])
+    run_range(home, W0900 + one, W0900 + 3 * one, log=lambda m: None)  # two green: closed
+    assert _delivered_pd(endpoints)[-2:] == [("trigger", inc), ("resolve", inc)]
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        keys = [k for (k,) in c.execute(
+            "select idempotency_key from notifications where channel like 'pagerduty:%' "
+            "and kind in ('resolve', 'reopen') order by created_at").fetchall()]
+    assert [k.split(":", 4)[-1] for k in keys] == [
+        f"resolve:{inc}", f"reopen:{inc}", f"resolve:{inc}:2", f"reopen:{inc}:2",
+        f"resolve:{inc}:3"]
+    run_range(home, W0900, W0900 + 3 * one, log=lambda m: None)
+    assert len(_delivered_pd(endpoints)) == 6  # nothing twice
+
+
 def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held_back(
         home, endpoints, monkeypatch):
     """PagerDuty fails every request. The window run tries the page (4 attempts); the rollback

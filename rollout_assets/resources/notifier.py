@@ -79,14 +79,19 @@ class Message:
     text: str
     payload: dict = field(default_factory=dict)
     incident_id: str | None = None
+    cycle: int = 1  # a resolve or reopen: the how-manyth of its incident on its channel
 
     @property
     def _per_incident(self) -> str:
         """A resolve names its incident: one that a late breach renamed (its first window
         moved earlier) closes in the window the incident it replaced closed in, and its own
-        PagerDuty trigger needs its own resolve."""
-        return f"{RESOLVE_KEY_SEP}{self.incident_id}" if (
-            self.kind in ("resolve", "reopen") and self.incident_id) else ""
+        PagerDuty trigger needs its own resolve. An incident that late data withdraws and
+        brings back more than once is resolved and reopened again each time: from the
+        second, the key ends with the cycle's number."""
+        if self.kind not in ("resolve", "reopen") or not self.incident_id:
+            return ""
+        cycle = f"{RESOLVE_KEY_SEP}{self.cycle}" if self.cycle > 1 else ""
+        return f"{RESOLVE_KEY_SEP}{self.incident_id}{cycle}"
 
     @property
     def idempotency_key(self) -> str:
