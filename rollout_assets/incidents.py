@@ -165,6 +165,12 @@ def _checklist(con, policy: Policy, inc: Incident, since: datetime) -> dict:
                 rollback_exit_code=rb[1] if rb else None)
 
 
+def _closed_at(recorded: datetime, alert: datetime | None) -> datetime:
+    """When the close was recorded, but never before the alert: a range run closes an incident
+    in its incidents step, before its Reporter sends the alert of the same incident."""
+    return max(recorded, alert) if alert is not None else recorded
+
+
 INCIDENT_COLUMNS = (
     "incident_id", "phase", "level", "status", "opened_window", "last_breach_window",
     "breach_windows", "failed_slos", "rollback_required", "alert_received_at",
@@ -213,7 +219,8 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
                                       policy.incidents.rca_business_days),
             owner=rca_owner(policy, inc.phase), green_cycles=inc.green_cycles,
             closed_window=inc.closed_window,
-            closed_at=(prev.get("closed_at") or now) if inc.closed_window else None,
+            closed_at=_closed_at(prev.get("closed_at") or now, check["alert_received_at"])
+            if inc.closed_window else None,
             policy_version=prev.get("policy_version") or policy.version, updated_at=now,
             began_window=began,
         )

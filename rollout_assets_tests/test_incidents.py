@@ -114,3 +114,28 @@ def test_failed_rollback_escalates_to_p1(con, home, policy):
     rows = refresh_incidents(con, home, policy)
     assert rows[0]["level"] == "P1"
     assert rows[0]["rollback_exit_code"] == 3
+
+
+def test_an_incident_never_closes_before_its_alert_was_received(con, home, policy):
+    """A range run closes an incident (two green windows after its breach) in its incidents
+    step, before its Reporter step sends the alert: the next refresh found the alert received
+    after the close (found by an independent audit). A close is recorded no earlier than the
+    alert."""
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    _verdict(con, T0 + W, "A-2", "pass")
+    _verdict(con, T0 + 2 * W, "A-2", "pass")
+    t1 = datetime(2025, 1, 18, 12, 0)
+    (row,) = refresh_incidents(con, home, policy, now=t1)
+    assert row["status"] == "closed" and row["closed_at"] == t1
+    assert row["alert_received_at"] <= t1  # judged_at, until an alert is delivered
+    sent = t1 + timedelta(seconds=3)  # the Reporter, after the incidents step
+    con.execute(
+        "insert into notifications (idempotency_key, window_start, phase, channel, kind, level, "
+        "transport, status, attempts, incident_id, created_at, updated_at) values "
+        "('k', ?, 'A-2', '#launch-autosave', 'alert', 'P2', 'slack', 'sent', 1, "
+        "'INC-20250117T0900Z-A-2', ?, ?)", [T0, sent, sent])
+    (row,) = refresh_incidents(con, home, policy, now=t1 + timedelta(minutes=15))
+    assert row["alert_received_at"] == sent
+    assert row["closed_at"] == sent
+    assert con.execute("select closed_at >= alert_received_at from incidents").fetchone() == (
+        True,)
