@@ -42,15 +42,26 @@ class RolloutHome:
     def canary_files(self) -> list[Path]:
         return sorted(self.canary_dir.glob("phase-*.jsonl"))
 
+    def rotation_dirs(self) -> list[Path]:
+        """Where log rotation leaves canary files: beside them, or in a folder inside the
+        canary folder (logrotate's `olddir`, e.g. `reports/canary/old/`)."""
+        try:
+            inside = sorted(p for p in self.canary_dir.iterdir()
+                            if not p.name.startswith(".") and p.is_dir() and not p.is_symlink())
+        except OSError:
+            inside = []
+        return [self.canary_dir, *inside]
+
     def rotated_canary_files(self) -> list[Path]:
-        """What log rotation leaves beside the canary files: `phase-A-1.jsonl.1`,
-        `phase-A-1.jsonl-20250118` (regular files; compressed ones cannot be read line by
-        line and are left alone)."""
+        """What log rotation leaves in `rotation_dirs`: `phase-A-1.jsonl.1`,
+        `phase-A-1.jsonl-20250118`, `old/phase-A-1.jsonl.1` (regular files; compressed ones
+        cannot be read line by line and are left alone)."""
         out = set()
-        for pattern in ("phase-*.jsonl.*", "phase-*.jsonl-*"):
-            out.update(p for p in self.canary_dir.glob(pattern)
-                       if not p.name.endswith(COMPRESSED_SUFFIXES) and not p.is_symlink()
-                       and p.is_file())
+        for folder in self.rotation_dirs():
+            for pattern in ("phase-*.jsonl.*", "phase-*.jsonl-*"):
+                out.update(p for p in folder.glob(pattern)
+                           if not p.name.endswith(COMPRESSED_SUFFIXES) and not p.is_symlink()
+                           and p.is_file())
         return sorted(out)
 
     @property

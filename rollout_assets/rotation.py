@@ -8,8 +8,9 @@ file renamed with nothing in its place was a "missing file" P1.
 
 Before each ingest, `follow_rotations` looks at every cursor (`ingest_files`) whose name no
 longer holds the bytes it fingerprinted (`ingest.tail_hash` of the 256 bytes before the
-cursor): missing, shorter, or other bytes there. A regular file in the same folder that does
-hold them is the same content under its new name: the cursor, its batches and its quarantine
+cursor): missing, shorter, or other bytes there. A regular file in the canary folder, or in a
+folder inside it (logrotate's `olddir`), that does hold them is the same content under its
+new name: the cursor, its batches and its quarantine
 rows move to that name (one transaction), which is marked an **archive** (`rotated_from`).
 Archives are read like canary files while they exist (the lines the writer added after the
 last run are not lost), whatever their name, and one that goes away is retention, not a
@@ -54,11 +55,12 @@ class Rotation:
     compressed: bool = False  # only a compressed copy holds them: unread lines are lost
 
 
-def _compressed_copy(path: Path) -> Path | None:
-    """A compressed rotation of `path` (`phase-A-1.jsonl.1.gz`, `…-20250118.gz`), if any: the
-    newest."""
-    found = [p for pattern in (f"{path.name}.*", f"{path.name}-*")
-             for p in path.parent.glob(pattern) if p.name.endswith(COMPRESSED_SUFFIXES)]
+def _compressed_copy(home: RolloutHome, path: Path) -> Path | None:
+    """A compressed rotation of `path` (`phase-A-1.jsonl.1.gz`, `…-20250118.gz`, in any of the
+    home's `rotation_dirs`), if any: the newest."""
+    found = [p for folder in home.rotation_dirs()
+             for pattern in (f"{path.name}.*", f"{path.name}-*")
+             for p in folder.glob(pattern) if p.name.endswith(COMPRESSED_SUFFIXES)]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
@@ -140,7 +142,7 @@ def _adopt_unread(con, home: RolloutHome) -> None:
                 "insert into ingest_files (source_file, byte_offset, lines_read, loaded, "
                 "duplicates, quarantined, size_bytes, mtime, updated_at, tail_hash, "
                 "rotated_from) values (?, 0, 0, 0, 0, 0, 0, 0, ?, NULL, ?)",
-                [home.relative(path), now, home.relative(path.with_name(base))])
+                [home.relative(path), now, home.relative(home.canary_dir / base)])
 
 
 def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
@@ -150,8 +152,9 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
     settled = {rel for rel, *_ in rows} - lost_names  # names that still hold their bytes
     moves: list[Rotation] = []
     claimed: set[str] = set()
+    candidates = [f for folder in home.rotation_dirs() for f in _regular_files(folder)]
     for rel, offset, fp in lost:
-        for cand in _regular_files((home.root / rel).parent):
+        for cand in candidates:
             name = home.relative(cand)
             if name == rel or name in settled or name in claimed:
                 continue
@@ -165,7 +168,7 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
     # lines written after the cursor are lost.
     for rel, _, _ in lost:
         if rel not in moving and rel not in archives:
-            gz = _compressed_copy(home.root / rel)
+            gz = _compressed_copy(home, home.root / rel)
             if gz is not None:
                 moves.append(Rotation(rel, home.relative(gz), compressed=True))
     packed = {m.source_file for m in moves if m.compressed}
@@ -187,7 +190,7 @@ def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:
             rename_records(con, f"<rotating {i}>", m.moved_to)
             con.execute("update ingest_files set rotated_from = ? where source_file = ?",
                         [m.source_file, m.moved_to])
-    return moves + [Rotation(rel, home.relative(_compressed_copy(home.root / rel)), True)
+    return moves + [Rotation(rel, home.relative(_compressed_copy(home, home.root / rel)), True)
                     for rel in sorted(packed)]
 
 

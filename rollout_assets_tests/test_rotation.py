@@ -237,3 +237,41 @@ def test_a_file_rotated_and_compressed_at_once_is_not_a_missing_file(home):
     write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
     run(home, T0 + 2 * W, T0 + 2 * W)
     assert stored(home, "w2") == 24 and files(home)[BASE] == (24, 24, 0, 0, None)
+
+
+def test_a_file_rotated_into_an_olddir_is_followed_there(home):
+    """logrotate's `olddir old`: the file is renamed into `reports/canary/old/`, its next
+    rotation moves it on to `.2` there, and a file that was empty at the last run is rotated
+    there unread. Each is followed or adopted like a rotation beside the canary files (it was a
+    missing file: P1 and a rollback of A-1; found by the last session's own review)."""
+    promote_to(home, "A-1")
+    base = home.root / BASE
+    old = home.root / "reports/canary/old"
+    write_canary(home, "A-1", window_events("A-1", T0, "w0"))
+    old.mkdir()
+    run(home, T0, T0)
+    append(base, window_events("A-1", T0 + W, "w1"))  # after the run, then rotated
+    base.rename(old / "phase-A-1.jsonl.1")
+    run(home, T0 + W, T0 + W)
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    assert query(home, "select phase from flag_state") == [("A-1",)]
+    assert stored(home, "w1") == 24
+    assert files(home) == {"reports/canary/old/phase-A-1.jsonl.1": (48, 48, 0, 0, BASE)}
+
+    write_canary(home, "A-1", window_events("A-1", T0 + 2 * W, "w2"))
+    run(home, T0 + 2 * W, T0 + 2 * W)
+    append(base, window_events("A-1", T0 + 3 * W, "w3"))
+    (old / "phase-A-1.jsonl.1").rename(old / "phase-A-1.jsonl.2")
+    base.rename(old / "phase-A-1.jsonl.1")
+    write_canary(home, "A-1", [])  # `create`: empty, filled and rotated before the next run
+    append(base, window_events("A-1", T0 + 4 * W, "w4"))
+    (old / "phase-A-1.jsonl.2").unlink()  # `rotate 2`
+    (old / "phase-A-1.jsonl.1").rename(old / "phase-A-1.jsonl.2")
+    base.rename(old / "phase-A-1.jsonl.1")  # w4, never under a cursor
+    run(home, T0 + 3 * W, T0 + 4 * W)
+    assert [stored(home, f"w{i}") for i in range(5)] == [24] * 5
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    rows = files(home)
+    assert rows["reports/canary/old/phase-A-1.jsonl.2"] == (48, 48, 0, 0, BASE)  # w2 + w3
+    assert rows["reports/canary/old/phase-A-1.jsonl.1"] == (24, 24, 0, 0, BASE)  # w4
+    assert query(home, "select count(*) from canary_events")[0][0] == 5 * 24
