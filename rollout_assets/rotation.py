@@ -142,7 +142,7 @@ def _adopt_unread(con, home: RolloutHome) -> None:
                 "insert into ingest_files (source_file, byte_offset, lines_read, loaded, "
                 "duplicates, quarantined, size_bytes, mtime, updated_at, tail_hash, "
                 "rotated_from) values (?, 0, 0, 0, 0, 0, 0, 0, ?, NULL, ?)",
-                [home.relative(path), now, home.relative(home.canary_dir / base)])
+                [home.relative(path), now, f"{home.relative(home.canary_dir)}/{base}"])
 
 
 def _move(con, home: RolloutHome, rows: list, lost: list) -> list[Rotation]:

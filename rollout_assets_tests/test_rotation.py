@@ -275,3 +275,33 @@ def test_a_file_rotated_into_an_olddir_is_followed_there(home):
     assert rows["reports/canary/old/phase-A-1.jsonl.2"] == (48, 48, 0, 0, BASE)  # w2 + w3
     assert rows["reports/canary/old/phase-A-1.jsonl.1"] == (24, 24, 0, 0, BASE)  # w4
     assert query(home, "select count(*) from canary_events")[0][0] == 5 * 24
+
+
+def test_a_current_symlink_to_dated_files_is_read_once_and_its_targets_are_archives(home):
+    """The writer logs to dated files and points `phase-A-1.jsonl` at today's. A file is read
+    under the name it resolves to, so each dated file is read once, under its own cursor, also
+    the lines written to it after the link moved on; each is an archive of `phase-A-1.jsonl`,
+    so retention deleting an old one is no missing file (each named itself as what it was
+    rotated from)."""
+    promote_to(home, "A-1")
+    canary = home.root / "reports/canary"
+    write_canary(home, "A-1", [])
+    (canary / "phase-A-1.jsonl").unlink()
+    day1, day2 = canary / "phase-A-1.jsonl-20250118", canary / "phase-A-1.jsonl-20250119"
+    d1, d2 = (f"reports/canary/{p.name}" for p in (day1, day2))
+    append(day1, window_events("A-1", T0, "w0"))
+    (canary / "phase-A-1.jsonl").symlink_to(day1.name)
+    run(home, T0, T0)
+    assert files(home) == {d1: (24, 24, 0, 0, BASE)}  # read once
+
+    append(day1, window_events("A-1", T0 + W, "w1"))  # after the run, before the switch
+    append(day2, window_events("A-1", T0 + 2 * W, "w2"))
+    (canary / "phase-A-1.jsonl").unlink()
+    (canary / "phase-A-1.jsonl").symlink_to(day2.name)
+    run(home, T0 + W, T0 + 2 * W)
+    assert [stored(home, f"w{i}") for i in range(3)] == [24] * 3
+    assert files(home) == {d1: (48, 48, 0, 0, BASE), d2: (24, 24, 0, 0, BASE)}
+    day1.unlink()  # retention
+    run(home, T0 + 3 * W, T0 + 3 * W)
+    assert query(home, "select count(*) from collector_faults") == [(0,)]
+    assert query(home, "select phase from flag_state") == [("A-1",)]
