@@ -249,6 +249,7 @@ def cmd_files(args, home: RolloutHome) -> int:
 def cmd_replay(args, home: RolloutHome) -> int:
     from rollout_assets.policy import PolicyError, load_policy
     from rollout_assets.replay import describe, replay
+    from rollout_assets.retention import kept_before
     from rollout_assets.warehouse import connect
 
     try:
@@ -262,6 +263,15 @@ def cmd_replay(args, home: RolloutHome) -> int:
         raise CliError(f"no warehouse at {home.db_path}: run `rollout run` first")
     con = connect(home.db_path)
     try:
+        kept = kept_before(con, candidate)
+        if kept is not None and end <= kept:
+            raise CliError(f"every window in the range is kept as it was: the events of windows "
+                           f"before {kept:%Y-%m-%dT%H:%MZ}, or the history their verdicts read, "
+                           "were deleted by retention (retention.canary_events_days)")
+        if kept is not None and start < kept:
+            print(f"windows before {kept:%Y-%m-%dT%H:%MZ} are not replayed: their events were "
+                  "deleted by retention")
+            start = kept
         replay_id, diffs, compared = replay(con, candidate, start, end)
     finally:
         con.close()

@@ -228,6 +228,12 @@ class Promotion(_Model):
     min_green_windows: int = Field(ge=0)
 
 
+class Retention(_Model):
+    # days of canary events kept, counted back from the day of the newest stored window; None
+    # keeps every event (see rollout_assets/retention.py)
+    canary_events_days: int | None = Field(default=None, ge=1)
+
+
 class Policy(_Model):
     version_label: str
     document_id: str
@@ -243,6 +249,7 @@ class Policy(_Model):
     rollback: RollbackCommand
     exclusions: tuple[Exclusion, ...]
     phases: tuple[Phase, ...] = Field(min_length=1)
+    retention: Retention = Retention()
     # content hash and text of the YAML this policy was parsed from (set by parse_policy)
     content_hash: str = ""
     source_text: str = Field(default="", repr=False)
@@ -279,7 +286,21 @@ class Policy(_Model):
                              f"{self.baseline.cohort_exclusion!r}")
         if self.baseline.phase not in names:
             raise ValueError(f"baseline.phase: unknown phase {self.baseline.phase!r}")
+        days = self.retention.canary_events_days
+        if days is not None and days * 24 * 60 < self.event_history_minutes + 24 * 60:
+            raise ValueError(
+                f"retention.canary_events_days: {days} day(s) cannot keep the "
+                f"{self.event_history_minutes / 60:g} h of events a verdict reads (the crash "
+                "baseline's lookback_hours, the longest burn-rate long_minutes) and one day of "
+                "windows that can be re-run")
         return self
+
+    @property
+    def event_history_minutes(self) -> int:
+        """How far before a window its verdict reads the stored events: the crash baseline's
+        lookback or the longest burn-rate window."""
+        return max([self.baseline.lookback_hours * 60]
+                   + [b.long_minutes for _, b in self.all_burn_rules()])
 
     # ---- lookups -------------------------------------------------------------------------
     @cached_property

@@ -153,6 +153,14 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
             f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
             f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
             "has not closed yet cannot be judged")
+    kept = _kept_before(home)
+    if kept is not None and windows[-1] < kept:
+        raise BadRange(f"every window in the range is kept as it was and cannot be re-run: the "
+                       f"events of windows before {kept:%Y-%m-%dT%H:%MZ}, or the history their "
+                       "verdicts read, were deleted by retention (retention.canary_events_days)")
+    if kept is not None and windows[0] < kept:
+        log(f"windows before {kept:%Y-%m-%dT%H:%MZ} are kept as they were (their events were "
+            "deleted by retention): only the later ones are recomputed")
     with paused_gc():  # the lazy imports (storage, pandas, the assets) and the definitions
         instance = prepare_instance(home)
         reap_dead_runs(instance, log)  # a killed run must not hold the pool or a run key forever
@@ -162,6 +170,18 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
             return _run_windows(instance, defs, windows, keys, log, progress)
     finally:
         instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
+
+
+def _kept_before(home: RolloutHome) -> datetime | None:
+    """The windows retention keeps as they were start before this (rollout_assets/retention.py);
+    the assets skip them whoever runs them, the runner says so before it starts."""
+    from rollout_assets.policy import load_policy
+    from rollout_assets.retention import kept_before
+
+    policy = load_policy(home.policy_path)
+    if policy.retention.canary_events_days is None:
+        return None
+    return _query_warehouse(home.db_path, lambda con: kept_before(con, policy), None)
 
 
 def _query_warehouse(path: Path, read: Callable, default):

@@ -87,6 +87,12 @@ DDL: dict[str, str] = {
             loaded BIGINT NOT NULL, reason VARCHAR NOT NULL, actor VARCHAR NOT NULL,
             forgotten_at TIMESTAMP NOT NULL
         )""",
+    "event_retention": """
+        create table if not exists event_retention (
+            purged_before TIMESTAMP NOT NULL, deleted_events BIGINT NOT NULL,
+            newest_window TIMESTAMP NOT NULL, canary_events_days INTEGER NOT NULL,
+            purged_at TIMESTAMP NOT NULL
+        )""",
     # ---- Analyzer --------------------------------------------------------------------------
     "slo_scores": """
         create table if not exists slo_scores (

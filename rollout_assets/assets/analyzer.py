@@ -11,7 +11,7 @@ from rollout_assets.assets.common import (
     log_events,
     on_last_window,
     run_totals,
-    run_windows,
+    windows_to_compute,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.checks.slo_checks import slo_check_evaluations
@@ -33,11 +33,11 @@ def slo_scores(
     governance/policy.yaml: their history is the governance audit trail.
     """
     policy = home.policy()
-    windows = run_windows(context)
     with warehouse.connect() as con:
         if record_policy_version(con, policy, home.home.relative(home.home.policy_path)):
             context.log.info(f"policy version {policy.version} ({policy.version_label}) recorded")
-        scores = score_range(con, policy, windows[0], windows[-1], now_utc())
+        windows = windows_to_compute(context, con, policy)
+        scores = score_range(con, policy, windows[0], windows[-1], now_utc()) if windows else []
         schema = column_schema(con, "slo_scores")
     log_events(context, slo_check_evaluations(scores, policy.version))
     failed = [s for s in scores if s.passed is False]
@@ -69,9 +69,10 @@ def window_verdicts(
     them from Dagster's event log (not from DuckDB) and launches `rollback_job`.
     """
     policy = home.policy()
-    windows = run_windows(context)
     with warehouse.connect() as con:
-        verdicts = judge_range(con, policy, windows[0], windows[-1], now_utc())
+        windows = windows_to_compute(context, con, policy)
+        verdicts = judge_range(con, policy, windows[0], windows[-1],
+                               now_utc()) if windows else []
         schema = column_schema(con, "window_verdicts")
     by_window: dict = {}
     for v in verdicts:

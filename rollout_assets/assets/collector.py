@@ -10,6 +10,7 @@ from rollout_assets.assets.common import (
     on_last_window,
     run_totals,
     run_windows,
+    windows_to_compute,
 )
 from rollout_assets.checks.etl_slots import slot_evaluations
 from rollout_assets.collect import (
@@ -28,6 +29,7 @@ from rollout_assets.collector_faults import (
 from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
+from rollout_assets.retention import purge_events
 from rollout_assets.rotation import archive_paths, follow_rotations
 from rollout_assets.rotation import describe as describe_rotations
 
@@ -47,12 +49,21 @@ def canary_events(
     retried with back-off, and what still fails is recorded in `collector_faults` for this run's
     windows, where the Analyzer escalates it (missing/unreadable: P1 + rollback_required;
     retryable: P2).
+
+    With `retention.canary_events_days` in the policy, events older than that many days before
+    the newest stored window are deleted first (`event_retention`; rollout_assets/retention.py).
     """
     policy = home.policy()
     windows = run_windows(context)
     end = windows[-1] + WINDOW
     now = now_utc()
     with warehouse.connect() as con:
+        purge = purge_events(con, policy, now)
+        if purge:
+            context.log.info(
+                f"retention: deleted {purge.deleted_events} event(s) of windows before "
+                f"{purge.purged_before:%Y-%m-%d %H:%M} UTC ({policy.retention.canary_events_days} "
+                f"day(s) before the newest stored window, {purge.newest_window:%Y-%m-%d %H:%M})")
         for text in describe_rotations(follow_rotations(con, home.home)):
             context.log.warning(text)
         faults, skip = check_canary_files(
@@ -96,6 +107,7 @@ def canary_events(
     return run_totals(context, {
         "lines_read": read, "loaded": loaded, "duplicates": dups, "quarantined": quarantined,
         "stored_events_total": totals[0], "quarantine_total": totals[1],
+        "deleted_by_retention": purge.deleted_events if purge else 0,
     })
 
 
@@ -110,11 +122,12 @@ def window_metrics(
     `reports/monitoring/<window>.jsonl`, one line per phase with a fixed schema.
     """
     policy = home.policy()
-    windows = run_windows(context)
-    first, last = windows[0], windows[-1]
     with warehouse.connect() as con:
-        metrics = compute_window_metrics(con, policy, first, last, now_utc())
-        excl = exclusions_by_window(con, first, last)
+        windows = windows_to_compute(context, con, policy)
+        metrics, excl = [], {}
+        if windows:
+            metrics = compute_window_metrics(con, policy, windows[0], windows[-1], now_utc())
+            excl = exclusions_by_window(con, windows[0], windows[-1])
         schema = column_schema(con, "window_metrics")
     files = export_monitoring(home.home, metrics, excl, windows, policy)
     by_window: dict = {}

@@ -15,7 +15,8 @@ from dagster._core.storage.tags import (
 
 from rollout_assets.instance_storage import BatchingSqliteEventLogStorage
 from rollout_assets.metrics_catalog import METRICS
-from rollout_assets.partitions import window_from_key, window_partitions
+from rollout_assets.partitions import partition_key, window_from_key, window_partitions
+from rollout_assets.retention import kept_before, kept_note, split_kept
 
 WAREHOUSE_POOL = "rollout_warehouse"
 OWNERS = ["team:release-engineering"]
@@ -31,6 +32,20 @@ WINDOW_ASSET_KWARGS = dict(
 def run_windows(context) -> list[datetime]:
     """The windows this run materializes: one (live schedule) or a range (backfill)."""
     return [window_from_key(k) for k in context.partition_keys]
+
+
+def windows_to_compute(context, con, policy) -> list[datetime]:
+    """This run's windows whose rows are recomputed: those retention keeps as they are (their
+    events, or the history their verdicts read, are deleted) get a `kept` note instead."""
+    windows = run_windows(context)
+    kept = kept_before(con, policy)
+    live, frozen = split_kept(windows, kept)
+    for w in frozen:
+        context.add_asset_metadata({"kept": kept_note(kept)}, partition_key=partition_key(w))
+    if frozen:
+        context.log.warning(f"{len(frozen)} window(s) {partition_key(frozen[0])} .. "
+                            f"{partition_key(frozen[-1])} {kept_note(kept)}")
+    return live
 
 
 def run_window_days(tags) -> set[date]:
