@@ -1092,39 +1092,56 @@ def _line_start(fd: int, path: Path, pos: int) -> int:
 
 def _complete_truncated_line(con, fd: int, path: Path, rel: str, cur: _Cursor, st,
                              now: datetime, phases: frozenset[str], stats: FileIngest) -> bool:
-    """An earlier run quarantined the file's unterminated last line as truncated once it had
-    settled, and its writer has since written the rest: the rest belongs to that line, not to
-    a line of its own (every later line's number would be one too high). The whole line
-    replaces the quarantined start under its own number: stored when it is valid now, else
-    quarantined again as it reads whole. A rest still without its newline waits while the file
-    is fresh (`SETTLE_SECONDS`), like any last line: returns True while it waits."""
+    """An earlier run read the file's last line before its newline, and its writer has since
+    written more of it: the rest belongs to that line, not to a line of its own (every later
+    line's number would be one too high). That line was quarantined as truncated once it had
+    settled, or stored at once because it already was a valid event (then the rest, more than
+    blanks, makes the line invalid: the event is taken back). The whole line replaces what the
+    start was under its own number: stored when it is valid now, else quarantined as it reads
+    whole. A rest still without its newline waits while the file is fresh (`SETTLE_SECONDS`),
+    like any last line: returns True while it waits."""
     line_no = cur.lines
     held = con.execute("select 1 from quarantine where source_file = ? and line_no = ? "
                        "and starts_with(reason, 'truncated last line')",
                        [rel, line_no]).fetchone()
-    if held is None:  # the last line was stored: what follows is a line of its own
-        return False
     end = cur.offset + _read_until_newline(fd, path, cur.offset, st.st_size)
-    terminated = _pread(fd, 1, end - 1, path) == b"\n"
+    rest = _pread(fd, end - cur.offset, cur.offset, path)
+    terminated = rest.endswith(b"\n")
     if not terminated and time.time() - st.st_mtime < SETTLE_SECONDS:
         stats.pending_bytes = st.st_size - cur.offset
         return True
+    if held is None and not rest.strip():  # blanks (and its newline): the event stands
+        stats.bytes_read += end - cur.offset
+        cur.offset = end
+        with transaction(con):
+            _save_cursor(con, rel, cur, st, now, fd, path)
+        return False
     start = _line_start(fd, path, cur.offset)
     whole = _pread(fd, end - start, start, path)
     parsed = parse_chunk(whole, line_no, rel, phases, now)
     if not terminated:
         parsed.quarantine = [(n, raw, f"truncated last line: {reason}")
                              for n, raw, reason in parsed.quarantine]
+    if held is None:
+        parsed.quarantine = [(n, raw, f"more of the line arrived after its event was read: "
+                                      f"{reason}") for n, raw, reason in parsed.quarantine]
     before = _Cursor(offset=start, lines=line_no - 1)
     with transaction(con):
-        con.execute("delete from quarantine where source_file = ? and line_no = ?",
-                    [rel, line_no])
+        if held is not None:
+            con.execute("delete from quarantine where source_file = ? and line_no = ?",
+                        [rel, line_no])
+            taken = {"quarantined": 1}
+        else:  # the event stored from the line's start (or the duplicate it counted as)
+            (stored,) = con.execute(
+                "delete from canary_events where line_no = ? and batch_id in (select batch_id "
+                "from ingest_batches where source_file = ?)", [line_no, rel]).fetchone()
+            taken = {"loaded": stored, "duplicates": 1 - stored}
         valid, kept = _store_parsed(con, parsed, end - start, rel, before, now,
                                     _phase_order(phases))
         for obj in (stats, cur):
-            obj.loaded += kept
-            obj.duplicates += valid - kept
-            obj.quarantined += len(parsed.quarantine) - 1
+            obj.loaded += kept - taken.get("loaded", 0)
+            obj.duplicates += valid - kept - taken.get("duplicates", 0)
+            obj.quarantined += len(parsed.quarantine) - taken.get("quarantined", 0)
         stats.bytes_read += end - cur.offset
         cur.offset = end
         _save_cursor(con, rel, cur, st, now, fd, path)

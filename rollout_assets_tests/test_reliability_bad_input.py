@@ -348,6 +348,46 @@ def test_the_rest_of_a_line_quarantined_as_truncated_completes_it(home, policy):
     assert raw == line["d"][:20].decode() + 'oops"}' and not reason.startswith("truncated")
 
 
+def test_more_of_a_line_read_as_a_valid_event_takes_the_event_back(home, policy):
+    """A last line without its newline that is already a valid event is read at once. If its
+    writer then writes more on that line, the line is no longer that event: it is quarantined
+    whole under its own number and the event is taken back, and the next line keeps its
+    number (the rest was read as a line of its own: every later line number was one too high
+    and the file had one line more than it holds; found by an independent audit). A newline
+    alone, or blanks and a newline, change nothing."""
+    path = home.canary_dir / "phase-A-1.jsonl"
+    home.canary_dir.mkdir(parents=True)
+    ev = {"event_id": "a", "ts": "2025-01-18T09:00:00Z", "phase": "A-1", "kind": "session"}
+    line = {k: json.dumps({**ev, "event_id": k}).encode() for k in "abcde"}
+    path.write_bytes(line["a"] + b"\n" + line["b"])
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (True, "b")]})
+    with open(path, "ab") as f:
+        f.write(b"  \n" + line["c"])
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (True, "b"), (True, "c")]})
+
+    with open(path, "ab") as f:  # more of line 3, then line 4
+        f.write(b',"note":"late"}\n' + line["d"] + b"\n")
+    ingest(home, policy)
+    check_counts(home, {"phase-A-1.jsonl": [(True, "a"), (True, "b"), (False, None),
+                                            (True, "d")]})
+    with open(path, "ab") as f:
+        f.write(b'{"event_id": "bad"}\n')
+    ingest(home, policy)
+    con = connect(home.db_path, read_only=True)
+    try:
+        assert con.execute("select line_no, raw, starts_with(reason, 'more of the line "
+                           "arrived after its event was read') from quarantine order by 1"
+                           ).fetchall() == [
+            (3, line["c"].decode() + ',"note":"late"}', True), (5, '{"event_id": "bad"}', False)]
+        assert con.execute("select lines_read, loaded, duplicates, quarantined from "
+                           "ingest_files").fetchall() == [(5, 3, 0, 2)]
+        assert con.execute("select count(*) from canary_events").fetchone() == (3,)
+    finally:
+        con.close()
+
+
 def test_lines_of_several_megabytes(home, policy):
     """A valid event carrying a 4 MB unknown field is stored; 6 MB of junk and a 3 MB JSON array
     on one line are quarantined; the lines around them are unaffected."""

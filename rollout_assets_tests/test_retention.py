@@ -117,6 +117,17 @@ def test_old_events_are_deleted_and_their_windows_kept_as_they_were(home, capsys
     assert query(home, "select sum(lines_read), sum(loaded), sum(duplicates + quarantined) "
                        "from ingest_files") == [(6 * 24 + 1, 6 * 24 + 1, 0)]
 
+    # a replay does not re-score kept windows from what is left of their history
+    policy = str(home.root / "governance" / "policy.yaml")
+    capsys.readouterr()
+    assert main(["--home", str(home.root), "replay", "--policy", policy, "--from",
+                 f"{FIRST:%Y-%m-%dT%H:%MZ}", "--to", f"{T0 + 2 * W:%Y-%m-%dT%H:%MZ}"]) == 0
+    out = capsys.readouterr().out
+    assert f"windows before {kept:%Y-%m-%dT%H:%MZ} are not replayed" in out
+    assert "over 3 (window, phase) verdicts; 0 would change" in out
+    assert main(["--home", str(home.root), "replay", "--policy", policy, "--from",
+                 f"{FIRST:%Y-%m-%dT%H:%MZ}", "--to", f"{kept:%Y-%m-%dT%H:%MZ}"]) == 2
+
     # the UI says why a kept window's materialization changed nothing
     instance = instance_of(home)
     try:
