@@ -32,8 +32,9 @@ def is_local_instance(instance: dg.DagsterInstance) -> bool:
     return "sqlite" in type(instance.run_storage).__name__.lower()
 
 
-def run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The pid of the process executing the run, from its first in-process engine event."""
+def run_pid(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """The pid of the process executing the run, from its first engine event that names one,
+    and that event's time: the process had started by then."""
     records = instance.get_records_for_run(
         run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=20).records
     for rec in records:
@@ -42,7 +43,7 @@ def run_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
         pid = data.metadata.get("pid") if data is not None and data.metadata else None
         if pid is not None:
             try:
-                return int(pid.value)
+                return int(pid.value), rec.event_log_entry.timestamp
             except (TypeError, ValueError):
                 continue
     return None
@@ -61,7 +62,9 @@ def _proc_start_epoch(pid: int) -> tuple[float | None, str | None]:
     return btime + start_ticks / os.sysconf("SC_CLK_TCK"), state
 
 
-def process_alive(pid: int, run_started: float | None = None) -> bool:
+def process_alive(pid: int, seen_at: float | None = None) -> bool:
+    """Whether `pid` is still the process that was seen running at `seen_at` (epoch seconds):
+    it exists, is no zombie, and did not start after then (a reused pid)."""
     if pid == os.getpid():
         return True
     try:
@@ -73,9 +76,9 @@ def process_alive(pid: int, run_started: float | None = None) -> bool:
     started, state = _proc_start_epoch(pid)
     if state == "Z":
         return False
-    if started is not None and run_started is not None and (
-            started > run_started + PID_REUSE_SLACK_SECONDS):
-        return False  # the pid was reused by a process younger than the run
+    if started is not None and seen_at is not None and (
+            started > seen_at + PID_REUSE_SLACK_SECONDS):
+        return False  # the pid was reused by a process younger than the one seen
     return True
 
 
@@ -87,12 +90,14 @@ def reap_dead_runs(instance: dg.DagsterInstance,
         return []
     reaped = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS)):
-        pid = run_pid(instance, run.run_id)
-        if pid is None:
+        found = run_pid(instance, run.run_id)
+        if found is None:
             continue
-        record = instance.get_run_record_by_id(run.run_id)
-        started = (record.start_time or record.create_timestamp.timestamp()) if record else None
-        if process_alive(pid, started):
+        # compared with when the pid was recorded, not with when the run was created or
+        # started: a queued run's process starts long after its creation (it waited for the
+        # pool), and it reports its pid before the run starts
+        pid, seen_at = found
+        if process_alive(pid, seen_at):
             continue
         message = (f"run process {pid} is gone (killed or crashed); marked failed by rollout so "
                    "its pool slot and run key are released. Its writes were rolled back; re-run "

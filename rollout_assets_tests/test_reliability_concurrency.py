@@ -171,3 +171,43 @@ def test_a_killed_run_does_not_hold_the_pool_slot_forever(home, tmp_path):
     assert instance.event_log_storage.get_concurrency_run_ids() == set()
     assert query(home, "select count(*) from window_verdicts where phase = 'A-1'") == [(4,)]
     instance.dispose()
+
+
+def test_a_queued_run_whose_worker_started_late_is_not_reaped(tmp_path, monkeypatch):
+    """A run waits in the queue for the warehouse pool, then its worker starts and reports its
+    pid, and is still importing when another process reaps. The worker started long after
+    the run was created: the reaper took that for a reused pid and marked the live run failed,
+    and its worker gave up (found by an independent audit, under `rollout ui` with a backfill
+    beside `rollout run`). A pid is now compared with when it was recorded. A process that
+    really is gone is still reaped."""
+    import subprocess
+
+    from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+
+    from rollout_assets import run_health
+
+    monkeypatch.setattr(run_health, "PID_REUSE_SLACK_SECONDS", 0.2)
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        @dg.job
+        def queued():
+            pass
+
+        def started_run(argv: list[str]) -> tuple[dg.DagsterRun, subprocess.Popen]:
+            run = instance.create_run_for_job(queued, status=dg.DagsterRunStatus.NOT_STARTED)
+            time.sleep(1.5)  # in the queue (/proc start times are exact to ~1 s)
+            worker = subprocess.Popen(argv)
+            instance.handle_run_event(run.run_id, DagsterEvent(
+                DagsterEventType.PIPELINE_STARTING.value, job_name=run.job_name))
+            instance.report_engine_event(
+                f"Started process for run (pid: {worker.pid}).", run,
+                EngineEventData(metadata={"pid": dg.MetadataValue.text(str(worker.pid))}))
+            return run, worker
+
+        live, live_worker = started_run(["sleep", "30"])
+        try:
+            dead, dead_worker = started_run(["true"])
+            dead_worker.wait()
+            assert run_health.reap_dead_runs(instance) == [dead.run_id]
+            assert instance.get_run_by_id(live.run_id).status == dg.DagsterRunStatus.STARTING
+        finally:
+            live_worker.kill()
