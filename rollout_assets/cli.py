@@ -156,6 +156,8 @@ def cmd_run(args, home: RolloutHome) -> int:
 # ---- flags ------------------------------------------------------------------------------------
 def cmd_flags(args, home: RolloutHome) -> int:
     from rollout_assets import flags
+    from rollout_assets.governance import check_phase_history
+    from rollout_assets.policy import PolicyError
     from rollout_assets.warehouse import connect
 
     policy = _policy(home)
@@ -166,6 +168,7 @@ def cmd_flags(args, home: RolloutHome) -> int:
         raise CliError(str(exc)) from None
     con = connect(home.db_path)
     try:
+        check_phase_history(con, policy)
         if args.flags_cmd == "show":
             state = flags.current_state(con, policy)
             print(f"phase: {state.phase} ({policy.phase(state.phase).title})")
@@ -196,7 +199,7 @@ def cmd_flags(args, home: RolloutHome) -> int:
                                       actor=args.actor, force=args.force)
         print(msg)
         return 0
-    except flags.FlagError as exc:
+    except (flags.FlagError, PolicyError) as exc:
         raise CliError(str(exc)) from None
     finally:
         con.close()

@@ -8,7 +8,7 @@ from datetime import date, datetime, timedelta
 
 from rollout_assets.collect import atomic_write, now_utc
 from rollout_assets.home import RolloutHome
-from rollout_assets.policy import Policy
+from rollout_assets.policy import Policy, PolicyError
 from rollout_assets.warehouse import transaction
 
 
@@ -22,6 +22,30 @@ def record_policy_version(con, policy: Policy, source: str) -> bool:
                 [policy.version, policy.content_hash, policy.version_label, now_utc(), source,
                  policy.source_text])
     return True
+
+
+_PHASE_HISTORY = ("flag_state", "window_verdicts", "incidents", "window_metrics")
+
+
+def check_phase_history(con, policy: Policy) -> None:
+    """Refuse a policy without a phase the warehouse's history uses (the flag store, verdicts,
+    incidents, metrics): re-run under it, that phase's stored events were measured but never
+    judged, its verdicts and incidents deleted and its SLA rows rewritten, without a word, and
+    the flag store pointed at a phase that no longer exists."""
+    missing: dict[str, list[str]] = {}
+    for table in _PHASE_HISTORY:
+        for phase, n in con.execute(f"select phase::VARCHAR, count(*) from {table} "
+                                    "group by 1 order by 1").fetchall():
+            if phase not in policy.phase_names:
+                missing.setdefault(phase, []).append(
+                    f"{n} row{'s' * (n != 1)} of {table}" if table != "flag_state"
+                    else "the flag store is at it")
+    if missing:
+        uses = "; ".join(f"{phase!r} ({', '.join(w)})" for phase, w in sorted(missing.items()))
+        raise PolicyError(
+            f"the policy has no phase {uses}, which the warehouse's history uses: a phase with "
+            "history cannot be renamed or removed (its verdicts, incidents and SLA rows would "
+            "be lost); put it back, with `slos: []` if it is retired")
 
 
 # ---- sla_daily -------------------------------------------------------------------------------

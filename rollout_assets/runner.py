@@ -153,7 +153,7 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
             f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
             f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
             "has not closed yet cannot be judged")
-    kept = _kept_before(home)
+    kept = _preflight(home)
     if kept is not None and windows[-1] < kept:
         raise BadRange(f"every window in the range is kept as it was and cannot be re-run: the "
                        f"events of windows before {kept:%Y-%m-%dT%H:%MZ}, or the history their "
@@ -172,16 +172,24 @@ def run_range(home: RolloutHome, start: datetime, end: datetime,
         instance.dispose()  # closes the event log's kept connections: each shard's WAL merged
 
 
-def _kept_before(home: RolloutHome) -> datetime | None:
-    """The windows retention keeps as they were start before this (rollout_assets/retention.py);
-    the assets skip them whoever runs them, the runner says so before it starts."""
-    from rollout_assets.policy import load_policy
+def _preflight(home: RolloutHome) -> datetime | None:
+    """What the assets check too, said before the run starts: a policy that drops a phase with
+    history is refused (`governance.check_phase_history`), and the windows retention keeps as
+    they were start before the returned time (rollout_assets/retention.py)."""
+    from rollout_assets.governance import check_phase_history
+    from rollout_assets.policy import PolicyError, load_policy
     from rollout_assets.retention import kept_before
 
     policy = load_policy(home.policy_path)
-    if policy.retention.canary_events_days is None:
-        return None
-    return _query_warehouse(home.db_path, lambda con: kept_before(con, policy), None)
+
+    def read(con):
+        check_phase_history(con, policy)
+        return kept_before(con, policy)
+
+    try:
+        return _query_warehouse(home.db_path, read, None)
+    except PolicyError as exc:
+        raise BadRange(str(exc)) from None
 
 
 def _query_warehouse(path: Path, read: Callable, default):

@@ -26,7 +26,9 @@ from rollout_assets.collector_faults import (
     ingest_isolated,
     record_faults,
 )
+from rollout_assets.governance import check_phase_history
 from rollout_assets.partitions import WINDOW, partition_key
+from rollout_assets.policy import PolicyError
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.retention import purge_events
@@ -58,6 +60,10 @@ def canary_events(
     end = windows[-1] + WINDOW
     now = now_utc()
     with warehouse.connect() as con:
+        try:
+            check_phase_history(con, policy)
+        except PolicyError as exc:
+            raise dg.Failure(description=str(exc)) from None
         purge = purge_events(con, policy, now)
         if purge:
             context.log.info(
