@@ -134,22 +134,40 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
+        # The attempt is on record before the command runs. The command runs in its own
+        # session, so it outlives a run killed meanwhile and may move the flags; the next
+        # attempt then finds the flags already moved, and this row says from where.
+        interrupted = con.execute(
+            "select flags_before, dagster_run_id, started_at from rollbacks "
+            "where rollback_id = ? and status = 'running'", [rollback_id]).fetchone()
+        flags_before = interrupted[0] if interrupted else before.describe()
+        started = now_utc()
+        con.execute(
+            "insert or replace into rollbacks values "
+            "(?, ?, ?, ?, 'running', ?, NULL, NULL, NULL, ?, NULL, ?, ?, ?, NULL)",
+            [rollback_id, ws, config.phase, config.rollback_to,
+             " ".join(rollback_runner.argv(policy, config.rollback_to)), flags_before,
+             context.run_id, policy.version, started])
     warehouse.release()  # the command opens the file itself
-    started = now_utc()
     outcome = rollback_runner.run(policy, config.rollback_to)
     status = "succeeded" if outcome.exit_code == 0 else (
         "timed_out" if outcome.timed_out else "failed")
     log_path = home.home.inside(
         home.home.rollback_log_dir / f"{config.window}-{config.phase}.log")
-    atomic_write(log_path, f"$ {outcome.command}\n{outcome.output}\nExitCode={outcome.exit_code}\n")
+    earlier = (f"# an earlier attempt (run {interrupted[1]}, started "
+               f"{interrupted[2]:%Y-%m-%d %H:%M:%S} UTC) was interrupted before it recorded its "
+               f"outcome; the flags were {flags_before} then, {before.describe()} when this "
+               "attempt began\n" if interrupted else "")
+    atomic_write(log_path, f"{earlier}$ {outcome.command}\n{outcome.output}\n"
+                           f"ExitCode={outcome.exit_code}\n")
     with warehouse.connect() as con:
         after = current_state(con, policy)
         con.execute(
             "insert or replace into rollbacks values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [rollback_id, ws, config.phase, config.rollback_to, status, outcome.command,
-             outcome.exit_code, outcome.log_tail(), home.home.relative(log_path),
-             before.describe(), after.describe(), context.run_id, policy.version, started,
-             now_utc()],
+             outcome.exit_code, (earlier + outcome.log_tail()).strip(),
+             home.home.relative(log_path), flags_before, after.describe(), context.run_id,
+             policy.version, started, now_utc()],
         )
         publish_after_rollback(context, con, home, notifier, policy, ws)
         text = (f"Rollback {config.phase} → {config.rollback_to} for window {config.window}: "
@@ -168,7 +186,7 @@ def execute_rollback(
     context.log.info(text)
     metadata = {
         "command": outcome.command, "exit_code": outcome.exit_code, "status": status,
-        "flags_before": before.describe(), "flags_after": after.describe(),
+        "flags_before": flags_before, "flags_after": after.describe(),
         "log": dg.MetadataValue.md(f"```\n{outcome.log_tail(40)}\n```"),
         "seconds": round(outcome.seconds, 3),
     }

@@ -5,6 +5,8 @@ its log."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from datetime import timedelta
 
@@ -20,10 +22,15 @@ from rollout_assets.resources.rollback_runner import TIMEOUT_EXIT_CODE, Rollback
 from rollout_assets.run_health import process_alive
 from rollout_assets.runner import QUIET, prepare_instance
 from rollout_assets.warehouse import connect
+from rollout_assets_tests.conftest import write_canary
 from rollout_assets_tests.reliability_helpers import (
     T0,
+    ok,
     promote_to,
     query,
+    rollout,
+    start_run,
+    window_events,
 )
 
 BAD_PHASES = ["A-1; rm -rf /", "../../x", "A-1\n", "A-1 ", "$(reboot)", "`id`", "Z-9", "",
@@ -144,3 +151,47 @@ def test_a_failing_rollback_is_recorded_and_escalated_to_p1(home, tmp_path):
     assert "ExitCode=3: the breach is live, escalated to P1" in report
     instance.dispose()
 
+
+
+def test_a_rollback_whose_run_was_killed_while_its_command_ran_is_recorded_from_the_start(
+        home, tmp_path):
+    """`rollout run` is killed while the rollback command runs. The command runs in its own
+    session, so it finishes and moves the flags A-1 -> A-0. The next run launches the rollback
+    again, whose command finds the flags moved: its row said "A-0 -> A-0, nothing to roll
+    back", and nothing anywhere recorded the change this incident's rollback made (found by an
+    independent audit). The attempt is now on record before the command runs, so the retry's
+    row says A-1 -> A-0 and its log why."""
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", T0, "w0", failed_restores=3))
+    moved = tmp_path / "moved"
+    script = tmp_path / "slow_rollback.py"
+    script.write_text(
+        "import pathlib, subprocess, sys, time\n"
+        "home, phase, marker = sys.argv[1:4]\n"
+        "r = subprocess.run([sys.executable, '-m', 'rollout_assets.cli', '--home', home, "
+        "'flags', 'rollback', '--phase', phase])\n"
+        "pathlib.Path(marker).write_text(str(r.returncode))\n"
+        "time.sleep(2)\n"
+        "sys.exit(r.returncode)\n")
+    write_home_policy(home, ["{python}", str(script), "{home}", "{phase}", str(moved)])
+    frm, to = "2025-01-18T09:00Z", "2025-01-18T09:15Z"
+    proc = start_run(home, frm, to)
+    deadline = time.monotonic() + 120
+    while not moved.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert moved.exists(), proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGKILL)  # while the command sleeps: the run never records it
+    proc.wait(timeout=30)
+    time.sleep(2.5)  # the orphaned command finishes
+    assert query(home, "select phase from flag_state") == [("A-0",)]
+    assert query(home, "select status, flags_before like 'A-1 %' from rollbacks") == [
+        ("running", True)]
+
+    ok(rollout(home, "run", "--from", frm, "--to", to))
+    (row,) = query(home, "select status, exit_code, flags_before, flags_after, log_tail "
+                         "from rollbacks")
+    status, code, before, after, tail = row
+    assert (status, code) == ("succeeded", 0)
+    assert before.startswith("A-1 ") and after.startswith("A-0 "), row
+    assert "an earlier attempt" in tail and "was interrupted" in tail
+    assert query(home, "select count(*) from flag_history where action = 'rollback'") == [(1,)]
