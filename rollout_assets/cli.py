@@ -6,6 +6,7 @@ Exit code 0 on success; non-zero with a one-line reason on bad input.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import signal
@@ -411,12 +412,18 @@ def cmd_ui(args, home: RolloutHome) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------
+HOME_HELP = "rollout home (default: $ROLLOUT_HOME, else the current dir)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rollout", description=__doc__.splitlines()[0])
-    p.add_argument("--home", help="rollout home (default: $ROLLOUT_HOME, else the current dir)")
+    p.add_argument("--home", help=HOME_HELP)
+    # every command takes --home too, before or after its name (`rollout run --home H ...`)
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("simulate", help="write canary JSONL under the home")
+    s = sub.add_parser("simulate", help="write canary JSONL under the home", parents=[home])
     s.add_argument("--start", required=True, help="ISO time of the first window (UTC if no zone)")
     s.add_argument("--hours", type=float, required=True)
     s.add_argument("--rate", type=float, default=60.0, help="events per minute (default 60)")
@@ -431,17 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no observed-only traffic, duplicates or malformed lines")
     s.set_defaults(func=cmd_simulate)
 
-    r = sub.add_parser("run", help="materialize every window starting in [from, to) via Dagster")
+    r = sub.add_parser("run", parents=[home],
+                       help="materialize every window starting in [from, to) via Dagster")
     r.add_argument("--from", dest="from_", required=True)
     r.add_argument("--to", required=True)
     r.set_defaults(func=cmd_run)
 
-    f = sub.add_parser("flags", help="show or change the feature-flag phase")
+    f = sub.add_parser("flags", help="show or change the feature-flag phase", parents=[home])
     fs = f.add_subparsers(dest="flags_cmd", required=True)
-    fs.add_parser("show")
+    fs.add_parser("show", parents=[home])
     for name, text in (("rollback", "move the flags back to PHASE (flags:rollback)"),
                        ("promote", "move the flags one phase forward to PHASE")):
-        fr = fs.add_parser(name, help=text)
+        fr = fs.add_parser(name, help=text, parents=[home])
         fr.add_argument("--phase", required=True)
         fr.add_argument("--reason")
         fr.add_argument("--actor", default=os.environ.get("USER", "rollout"))
@@ -454,23 +462,28 @@ def build_parser() -> argparse.ArgumentParser:
                                  "recorded as promote_forced)")
     f.set_defaults(func=cmd_flags)
 
-    fl = sub.add_parser("files", help="the canary files the Collector reads, and retiring one")
+    fl = sub.add_parser("files", parents=[home],
+                        help="the canary files the Collector reads, and retiring one")
     fls = fl.add_subparsers(dest="files_cmd", required=True)
-    fls.add_parser("list", help="every canary file read: cursor, counts, whether it is gone")
-    ff = fls.add_parser("forget", help="a file read before that is gone for good: stop raising "
-                                       "it as a P1 collector fault (its events stay stored)")
+    fls.add_parser("list", parents=[home],
+                   help="every canary file read: cursor, counts, whether it is gone")
+    ff = fls.add_parser("forget", parents=[home],
+                        help="a file read before that is gone for good: stop raising "
+                             "it as a P1 collector fault (its events stay stored)")
     ff.add_argument("path", help="path under the home, absolute path, or file name")
     ff.add_argument("--reason", required=True)
     ff.add_argument("--actor", default=os.environ.get("USER", "rollout"))
     fl.set_defaults(func=cmd_files)
 
-    rp = sub.add_parser("replay", help="what-if: re-score stored windows under another policy")
+    rp = sub.add_parser("replay", parents=[home],
+                        help="what-if: re-score stored windows under another policy")
     rp.add_argument("--policy", required=True, help="candidate policy YAML")
     rp.add_argument("--from", dest="from_", required=True)
     rp.add_argument("--to", required=True)
     rp.set_defaults(func=cmd_replay)
 
-    d = sub.add_parser("demo", help="simulate a day with a breach, run it, say where to look")
+    d = sub.add_parser("demo", parents=[home],
+                       help="simulate a day with a breach, run it, say where to look")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--rate", type=float, default=40.0)
     d.add_argument("--start", help="first window (default: yesterday 00:00 UTC)")
@@ -478,11 +491,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--breach-phase", default="A-2")
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("ui", help="the Dagster UI (dagster dev) over this home's instance")
+    u = sub.add_parser("ui", parents=[home],
+                       help="the Dagster UI (dagster dev) over this home's instance")
     u.add_argument("--port", type=int, default=3000)
     u.add_argument("--host", default="127.0.0.1")
     u.set_defaults(func=cmd_ui)
     return p
+
+
+DISK_FULL = ("No space left on device", "database or disk is full")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The first error in `exc`'s chain that says the disk is full (an OSError, or a message of
+    SQLite or DuckDB wrapped by Dagster's storage), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc.strerror or DISK_FULL[0]
+        text = str(exc)
+        for marker in DISK_FULL:
+            if marker in text:
+                return marker
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +528,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        print(f"rollout: no space left on the device ({full}); free some and run the command "
+              "again (every window's rows are written whole or not at all)", file=sys.stderr)
+        return EXIT_FAILED
     except BrokenPipeError:  # `rollout ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE

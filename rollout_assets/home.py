@@ -105,8 +105,8 @@ class RolloutHome:
 
     @property
     def dagster_home(self) -> Path:
-        env = os.environ.get("DAGSTER_HOME")
-        return Path(env) if env else self.root / ".dagster"
+        env = os.environ.get("DAGSTER_HOME")  # Dagster needs it absolute
+        return Path(env).expanduser().resolve() if env else self.root / ".dagster"
 
     def relative(self, path: Path) -> str:
         try:

@@ -396,7 +396,13 @@ def load_policy(path: Path) -> Policy:
     breached window asks for it; an edit applies to the next call, no reload needed)."""
     if not path.is_file():
         raise PolicyError(f"policy file not found: {path}")
-    return _parse_cached(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot be read ({exc.strerror})") from None
+    return _parse_cached(text, str(path))
 
 
 @functools.lru_cache(maxsize=8)
