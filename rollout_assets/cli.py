@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `rollout ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         full = _disk_full(exc)
         if full is None:
@@ -535,9 +538,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rollout: no space left on the device ({full}); free some and run the command "
               "again (every window's rows are written whole or not at all)", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # `rollout ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
