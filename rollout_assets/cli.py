@@ -299,6 +299,18 @@ DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "reports/canar
                 "reports/rca", "docs/rehearsal")
 
 
+DEMO_MARKER = "data/.rollout-demo"  # the home's data was made by `rollout demo`
+
+
+def not_demo_outputs(home: RolloutHome) -> list[str]:
+    """What the demo would remove that it did not make: a home with data but no demo marker
+    (a real rollout's warehouse and canary files must never go to a mistyped `demo`)."""
+    if (home.root / DEMO_MARKER).is_file():
+        return []
+    return [rel for rel in DEMO_OUTPUTS if (home.root / rel).is_file() or (
+        (home.root / rel).is_dir() and any((home.root / rel).iterdir()))]
+
+
 def reset_demo_home(home: RolloutHome) -> None:
     for rel in DEMO_OUTPUTS:
         p = home.inside(home.root / rel)
@@ -308,6 +320,9 @@ def reset_demo_home(home: RolloutHome) -> None:
             p.unlink()
     if home.dagster_home.resolve().parent == home.root:
         shutil.rmtree(home.dagster_home, ignore_errors=True)
+    marker = home.inside(home.root / DEMO_MARKER)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by rollout demo: the next demo may reset this home\n")
 
 
 def cmd_demo(args, home: RolloutHome) -> int:
@@ -316,7 +331,7 @@ def cmd_demo(args, home: RolloutHome) -> int:
     with paused_gc():
         from rollout_assets import flags
         from rollout_assets.runner import RunError, run_range
-        from rollout_assets.simulate import phase_schedule, simulate
+        from rollout_assets.simulate import DrillRefused, phase_schedule, plan, simulate
         from rollout_assets.warehouse import connect
 
     t0 = time.monotonic()
@@ -325,6 +340,19 @@ def cmd_demo(args, home: RolloutHome) -> int:
              - timedelta(days=1))
     if args.start:
         start = _time(args.start, "--start")
+    # everything that could refuse the demo is asked before it resets the home
+    try:
+        plan(policy, start, 24, args.breach, args.breach_phase)
+    except DrillRefused:
+        raise CliError("rollout demo is a drill (it injects a breach and rolls back): refused "
+                       "in production mode (policy mode or ROLLOUT_MODE=production)") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    foreign = not_demo_outputs(home)
+    if foreign:
+        raise CliError(f"{home.root} holds data rollout demo did not make ({', '.join(foreign)}) "
+                       "and the demo starts by removing it: run it in an empty directory "
+                       "(--home DIR), or remove them first")
     print(f"rollout demo in {home.root}")
     reset_demo_home(home)
     sim = simulate(home, policy, start, 24, rate=args.rate, seed=args.seed,

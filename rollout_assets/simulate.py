@@ -89,21 +89,31 @@ def _iso(ts_ms: np.ndarray, offset_mask: np.ndarray) -> list[str]:
     return [j + "+09:00" if m else u + "Z" for u, j, m in zip(utc, jst, offset_mask, strict=True)]
 
 
-def simulate(home: RolloutHome, policy: Policy, start: datetime, hours: float, rate: float = 60.0,
-             seed: int = 7, breach_metric: str | None = None, breach_phase: str | None = None,
-             latency_ms: float = 0.0, only_phase: str | None = None, noise: bool = True,
-             progress=None) -> SimulationResult:
-    """Append simulated traffic; `progress(phase, start, end, events)` is called per phase."""
+def plan(policy: Policy, start: datetime, hours: float, breach_metric: str | None = None,
+         breach_phase: str | None = None, latency_ms: float = 0.0,
+         only_phase: str | None = None) -> tuple[list, tuple | None]:
+    """(phase schedule, breach span) of a simulation, refused as `simulate` would refuse it
+    (a drill in production mode, an unknown metric or phase) before anything is written."""
     if (breach_metric or latency_ms) and policy.effective_mode() == "production":
         raise DrillRefused(
             "--simulate-breach / --simulate-latency are drills and are refused in production mode "
             "(policy mode or ROLLOUT_MODE=production)")
     if breach_metric and breach_metric not in DEGRADED:
         raise ValueError(f"unknown metric {breach_metric!r}; choose from {', '.join(DEGRADED)}")
-    rng = np.random.default_rng(seed)
     schedule = phase_schedule(policy, start, hours, only_phase)
-    result = SimulationResult()
     span = breach_span(policy, schedule, breach_metric, breach_phase) if breach_metric else None
+    return schedule, span
+
+
+def simulate(home: RolloutHome, policy: Policy, start: datetime, hours: float, rate: float = 60.0,
+             seed: int = 7, breach_metric: str | None = None, breach_phase: str | None = None,
+             latency_ms: float = 0.0, only_phase: str | None = None, noise: bool = True,
+             progress=None) -> SimulationResult:
+    """Append simulated traffic; `progress(phase, start, end, events)` is called per phase."""
+    schedule, span = plan(policy, start, hours, breach_metric, breach_phase, latency_ms,
+                          only_phase)
+    rng = np.random.default_rng(seed)
+    result = SimulationResult()
     if span:
         result.breach = {"metric": breach_metric, "phase": span[0],
                          "from": f"{span[1]:%Y-%m-%dT%H:%MZ}", "to": f"{span[2]:%Y-%m-%dT%H:%MZ}"}

@@ -373,3 +373,39 @@ def test_dagsters_own_cli_runs_a_range_as_the_readme_says(tmp_path):
     h = RolloutHome(home.resolve())
     assert query(h, "select count(distinct window_start) from window_verdicts") == [(4,)]
     assert query(h, "select count(*) > 0 from incidents") == [(True,)]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["production", "typo", "foreign data"])
+def test_the_demo_refuses_before_it_resets_anything(tmp_path, capsys, monkeypatch, case):
+    """`rollout demo` starts by removing the home's warehouse, canary files, reports and drill
+    records. It removed them before a production home refused its drill (with a traceback),
+    before a mistyped --breach was refused, and from a home whose data it had not made (found
+    by an independent audit): each is now refused first, with one line, and nothing goes."""
+    for var in ("ROLLOUT_HOME", "DAGSTER_HOME", "ROLLOUT_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    home = RolloutHome(tmp_path.resolve())
+    args = ["--home", str(tmp_path), "demo"]
+    if case == "production":
+        monkeypatch.setenv("ROLLOUT_MODE", "production")
+        expected = "refused in production mode"
+    elif case == "typo":
+        args += ["--breach", "restore_sucess_rate"]
+        expected = "unknown metric 'restore_sucess_rate'"
+    else:
+        expected = "holds data rollout demo did not make (data/rollout.duckdb, reports/canary)"
+    (tmp_path / "reports" / "canary").mkdir(parents=True)
+    (tmp_path / "reports" / "canary" / "phase-A-1.jsonl").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rollout.duckdb").write_bytes(b"real data")
+    before = _tree(tmp_path)
+    code = cli.main(args)
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert _tree(tmp_path) == before
+    # a home the demo made may be reset by the next demo
+    cli.reset_demo_home(home)
+    assert cli.not_demo_outputs(home) == [] and (tmp_path / cli.DEMO_MARKER).is_file()
