@@ -30,7 +30,9 @@ class PolicyError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's own types only. `threshold: "2500"`, `min_sample: "10"`, `rollback: "yes"`
+    # or `threshold: true` (1.0) are refused, not converted; an int is still a valid float
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SloRule(_Model):
@@ -383,12 +385,21 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source}: not valid YAML: {_yaml_error(exc)}") from None
     if not isinstance(raw, dict):
         raise PolicyError(f"{source}: the policy must be a mapping")
+    raw = _tuples(raw)  # YAML lists are the models' tuples (strict mode takes no list for one)
     raw["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
     raw["source_text"] = text
     try:
         return Policy.model_validate(raw)
     except ValidationError as exc:
         raise PolicyError(f"{source}: invalid policy: {_format_errors(exc)}") from None
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
 
 
 def load_policy(path: Path) -> Policy:

@@ -214,3 +214,22 @@ def test_rollout_mode_env_is_validated(monkeypatch, policy: Policy):
         policy.effective_mode()
     monkeypatch.delenv("ROLLOUT_MODE")
     assert policy.effective_mode() == policy.mode
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda r: _slo(r, "A-1", "autosave_p95").update(threshold="2500"), "threshold"),
+    (lambda r: _slo(r, "A-1", "autosave_p95").update(threshold=True), "threshold"),
+    (lambda r: _slo(r, "A-1", "restore_success").update(min_sample="10"), "min_sample"),
+    (lambda r: _slo(r, "A-1", "restore_success").update(rollback="yes"), "rollback"),
+    (lambda r: _slo(r, "A-1", "restore_success").update(rollback=1), "rollback"),
+    (lambda r: r["rollback"].update(timeout_seconds="60"), "timeout_seconds"),
+    (lambda r: r["incidents"].update(close_after_green_cycles=2.0), "close_after_green_cycles"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(change, field):
+    """`threshold: "2500"` was read as 2500 and `threshold: true` as 1.0 (a p95 SLO of 1 ms),
+    `rollback: "yes"` as true (found by an independent audit): the policy takes YAML's own
+    types only; an int is still a float."""
+    msg = load_error(mutated(change))
+    assert field in msg, msg
+    ok = parse_policy(mutated(lambda r: _slo(r, "A-1", "restore_success").update(threshold=1)))
+    assert ok.phase("A-1").slos[1].threshold == 1.0
