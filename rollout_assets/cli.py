@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import shutil
 import signal
+import socket
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -46,12 +49,19 @@ def _time(text: str, flag: str) -> datetime:
 
 
 # ---- simulate ---------------------------------------------------------------------------------
+MAX_SIMULATE_HOURS = 24 * 366
 def cmd_simulate(args, home: RolloutHome) -> int:
     from rollout_assets.simulate import DrillRefused, simulate
 
     policy = _policy(home)
-    if args.hours <= 0 or args.rate <= 0:
+    if not (math.isfinite(args.hours) and math.isfinite(args.rate)) or (
+            args.hours <= 0 or args.rate <= 0):
         raise CliError("--hours and --rate must be positive")
+    if args.hours > MAX_SIMULATE_HOURS:
+        raise CliError(f"--hours: at most {MAX_SIMULATE_HOURS} (a year) at a time")
+    if args.simulate_latency is not None and not (
+            math.isfinite(args.simulate_latency) and args.simulate_latency >= 0):
+        raise CliError("--simulate-latency must be a number of milliseconds >= 0")
     if args.phase and args.phase not in policy.phase_names:
         raise CliError(f"--phase: unknown phase {args.phase!r}")
     try:
@@ -143,7 +153,8 @@ def cmd_run(args, home: RolloutHome) -> int:
     for rb in summary.rollbacks:
         state = ("succeeded" if rb.success else "FAILED") + (
             " (handled by an earlier run)" if rb.skipped else "")
-        print(f"rollback run {rb.run_key}: {state} (run {rb.run_id[:8]})")
+        print(f"rollback_job run {rb.run_id[:8]} for {rb.run_key}: {state} (what it did: the "
+              "rollback lines below)")
     for line in _verdict_summary(home, start, end):
         print(line)
     failed = [rb for rb in summary.rollbacks if not rb.success]
@@ -162,6 +173,8 @@ def cmd_flags(args, home: RolloutHome) -> int:
     from rollout_assets.warehouse import connect
 
     policy = _policy(home)
+    if getattr(args, "force", False) and not (args.reason or "").strip():
+        raise CliError("--force needs --reason: an override of the gate is recorded with why")
     try:
         if args.flags_cmd in ("rollback", "promote"):
             flags.validate_phase(policy, args.phase)
@@ -420,6 +433,14 @@ def cmd_ui(args, home: RolloutHome) -> int:
     from rollout_assets.resources.notifier import DAGSTER_URL_ENV
     from rollout_assets.runner import prepare_instance
 
+    if not 1 <= args.port <= 65535:
+        raise CliError(f"--port: {args.port} is not a TCP port (1-65535)")
+    try:  # `dagster dev` would start its daemon, then fail on the port and leave it running
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise CliError(f"--port: cannot listen on {args.host}:{args.port} ({exc.strerror})"
+                       ) from None
     prepare_instance(home)  # sets DAGSTER_HOME and ROLLOUT_HOME for the child
     # the runs the daemon launches link their messages to this UI, not to port 3000 (an address
     # set already, e.g. the one a proxy publishes, is kept)
@@ -441,6 +462,8 @@ def cmd_ui(args, home: RolloutHome) -> int:
 
 # ---- parser -----------------------------------------------------------------------------------
 HOME_HELP = "rollout home (default: $ROLLOUT_HOME, else the current dir)"
+TIME_HELP = ("start of the range: an ISO-8601 time, UTC unless it has an offset "
+             "(2025-01-18T09:00Z, 2025-01-18T18:00+09:00)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,13 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[home],
                        help="materialize every window starting in [from, to) via Dagster")
-    r.add_argument("--from", dest="from_", required=True)
-    r.add_argument("--to", required=True)
+    r.add_argument("--from", dest="from_", metavar="ISO", required=True, help=TIME_HELP)
+    r.add_argument("--to", metavar="ISO", required=True,
+                   help="end of the range (exclusive): windows starting in [from, to)")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("flags", help="show or change the feature-flag phase", parents=[home])
     fs = f.add_subparsers(dest="flags_cmd", required=True)
-    fs.add_parser("show", parents=[home])
+    fs.add_parser("show", parents=[home], help="the current phase, its flags, the last changes")
     for name, text in (("rollback", "move the flags back to PHASE (flags:rollback)"),
                        ("promote", "move the flags one phase forward to PHASE")):
         fr = fs.add_parser(name, help=text, parents=[home])
@@ -483,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         fr.add_argument("--actor", default=os.environ.get("USER", "rollout"))
         if name == "rollback":
             fr.add_argument("--dry-run", action="store_true",
-                            help="drill: write docs/rehearsal/<time>.md, change nothing")
+                            help="drill: write docs/rehearsal/<time>.md, change nothing "
+                                 "(refused in production mode)")
         else:
             fr.add_argument("--force", action="store_true",
                             help="promote although the gate does not hold (needs --reason; "
@@ -506,12 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", parents=[home],
                         help="what-if: re-score stored windows under another policy")
     rp.add_argument("--policy", required=True, help="candidate policy YAML")
-    rp.add_argument("--from", dest="from_", required=True)
-    rp.add_argument("--to", required=True)
+    rp.add_argument("--from", dest="from_", metavar="ISO", required=True, help=TIME_HELP)
+    rp.add_argument("--to", metavar="ISO", required=True,
+                    help="end of the range (exclusive): windows starting in [from, to)")
     rp.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", parents=[home],
-                       help="simulate a day with a breach, run it, say where to look")
+                       help="simulate a day with a breach, run it, say where to look (it "
+                            "resets the home first: refused for data it did not make)")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--rate", type=float, default=40.0)
     d.add_argument("--start", help="first window (default: yesterday 00:00 UTC)")
@@ -546,10 +573,34 @@ def _disk_full(exc: BaseException) -> str | None:
     return None
 
 
+STARTS_A_HOME = ("simulate", "demo")  # the commands that may create the home directory
+
+
+def _check_home(cmd: str, home: RolloutHome) -> None:
+    """A home that is not a writable directory is bad input; one that does not exist is a typo
+    (a new, empty flag store and a run over nothing would say all is well), except for the
+    commands that start a home."""
+    root = home.root
+    if root.exists() and not root.is_dir():
+        raise CliError(f"rollout home {root} is not a directory")
+    if not root.exists():
+        if cmd in STARTS_A_HOME:
+            return
+        raise CliError(f"no rollout home at {root}: check --home / ROLLOUT_HOME (`rollout "
+                       "simulate` or `rollout demo` start a new one)")
+    try:  # os.access says yes to root, also in a read-only or immutable directory
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".rollout-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CliError(f"rollout home {root} is not writable ({exc.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     home = RolloutHome.resolve(args.home)
     try:
+        _check_home(args.cmd, home)
         return args.func(args, home)
     except CliError as exc:
         print(f"rollout: {exc}", file=sys.stderr)

@@ -145,6 +145,13 @@ def known_file(con, home: RolloutHome, name: str) -> str:
     if len(matches) > 1:
         raise ForgetError(f"{name}: matches {', '.join(matches)}; give the path")
     if not matches:
+        gone = con.execute(
+            "select source_file, actor, forgotten_at from forgotten_files where source_file = ? "
+            "or source_file like '%/' || ? order by forgotten_at desc limit 1",
+            [name, Path(name).name]).fetchone()
+        if gone:
+            raise ForgetError(f"{gone[0]} was already forgotten (by {gone[1]}, "
+                              f"{gone[2]:%Y-%m-%d %H:%M} UTC)")
         raise ForgetError(f"{name}: the Collector has not read such a file")
     return matches[0]
 

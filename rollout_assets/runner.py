@@ -23,7 +23,15 @@ from dagster._core.storage.tags import (
 )
 
 from rollout_assets.home import RolloutHome
-from rollout_assets.partitions import partition_key, window_partitions, windows_between
+from rollout_assets.partitions import (
+    WINDOW,
+    ceil_window,
+    partition_key,
+    to_utc_naive,
+    window_from_key,
+    window_partitions,
+    windows_between,
+)
 from rollout_assets.progress import PROGRESS_RUN_CONFIG
 from rollout_assets.run_health import REAPED_TAG, instance_lock, reap_dead_runs
 from rollout_assets.startup import frozen_heap, paused_gc
@@ -143,16 +151,19 @@ def valid_window_keys(windows: list[datetime]) -> list[str]:
 
 def run_range(home: RolloutHome, start: datetime, end: datetime,
               log: Callable[[str], None] = print, progress: bool = False) -> RunSummary:
-    windows = windows_between(start, end)
-    if not windows:
+    # the bounds first: a year's typo (`--to 3025-...`) would list millions of windows
+    first, last = (window_from_key(window_partitions.get_first_partition_key()),
+                   window_from_key(window_partitions.get_last_partition_key()))
+    outside = ceil_window(start) < first or to_utc_naive(end) > last + WINDOW
+    windows = [] if outside else windows_between(start, end)
+    if not outside and not windows:
         raise BadRange(f"no 15-minute window starts in [{start:%Y-%m-%dT%H:%MZ}, "
                        f"{end:%Y-%m-%dT%H:%MZ})")
     keys = valid_window_keys(windows)
-    if len(keys) != len(windows):
+    if outside or len(keys) != len(windows):
         raise BadRange(
-            f"windows must lie between {window_partitions.get_first_partition_key()} and the last "
-            f"closed window {window_partitions.get_last_partition_key()} (UTC); a window that "
-            "has not closed yet cannot be judged")
+            f"windows must lie between {partition_key(first)} and the last closed window "
+            f"{partition_key(last)} (UTC); a window that has not closed yet cannot be judged")
     kept = _preflight(home)
     if kept is not None and windows[-1] < kept:
         raise BadRange(f"every window in the range is kept as it was and cannot be re-run: the "

@@ -203,6 +203,18 @@ BAD_INPUT = [
     (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "0"], "must be positive"),
     (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "1", "--simulate-breach", "p99"],
      "unknown metric"),
+    # found by an independent audit: a traceback, a run that listed millions of windows before
+    # it checked the range, events the next run quarantined, an override without its reason
+    (["run", "--from", "2025-01-18T09:00Z", "--to", "3025-01-18T09:00Z"], "has not closed yet"),
+    (["run", "--from", "0001-01-01T00:00Z", "--to", "9999-01-01T00:00Z"], "has not closed yet"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "inf"], "must be positive"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "100000"], "at most 8784"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "1", "--simulate-latency",
+      "-5000"], "--simulate-latency must be"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "1", "--simulate-latency", "nan"],
+     "--simulate-latency must be"),
+    (["flags", "promote", "--phase", "A-1", "--force"], "--force needs --reason"),
+    (["ui", "--port", "99999"], "is not a TCP port"),
 ]
 
 
@@ -409,3 +421,58 @@ def test_the_demo_refuses_before_it_resets_anything(tmp_path, capsys, monkeypatc
     # a home the demo made may be reset by the next demo
     cli.reset_demo_home(home)
     assert cli.not_demo_outputs(home) == [] and (tmp_path / cli.DEMO_MARKER).is_file()
+
+
+def test_a_home_that_is_missing_a_file_or_not_writable_is_one_line(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A mistyped --home was created silently (a new flag store at A-0, a run over nothing
+    that said all is well); a file or an unwritable directory gave a traceback (found by an
+    independent audit). `simulate` and `demo` still start a new home."""
+    for var in ("ROLLOUT_HOME", "DAGSTER_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    missing = tmp_path / "typo"
+    for argv in (["flags", "show"], ["run", "--from", FROM, "--to", TO], ["files", "list"]):
+        assert cli.main(["--home", str(missing), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rollout: no rollout home at {missing}") and err.count("\n") == 1
+    assert not missing.exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["--home", str(a_file), "flags", "show"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["--home", str(missing), "simulate", "--start", FROM, "--hours", "1",
+                     "--rate", "1"]) == 0
+    assert (missing / "reports" / "canary").is_dir()
+    capsys.readouterr()
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: make the directory immutable
+        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not supported here (root ignores chmod)")
+    else:
+        locked.chmod(0o500)
+    try:
+        assert cli.main(["--home", str(locked), "flags", "show"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rollout: rollout home {locked} is not writable")
+        assert err.count("\n") == 1
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        else:
+            locked.chmod(0o700)
+
+
+def test_rollout_ui_refuses_a_port_in_use(tmp_path, capsys, monkeypatch):
+    """`dagster dev` on a busy port left its daemon running without a UI (found by an
+    independent audit): the port is tried first."""
+    import socket
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code = cli.main(["--home", str(tmp_path), "ui", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+    assert not (tmp_path / ".dagster").exists()
