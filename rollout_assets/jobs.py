@@ -22,7 +22,12 @@ from rollout_assets.governance import (
 )
 from rollout_assets.incidents import incident_for, refresh_incidents
 from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
-from rollout_assets.reporting import pagerduty_service, rollback_run_key, slack_channels
+from rollout_assets.reporting import (
+    pagerduty_service,
+    resolve_messages,
+    rollback_run_key,
+    slack_channels,
+)
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.resources.notifier import Message, Notifier
@@ -74,6 +79,13 @@ def publish_after_rollback(context, con, home: HomeResource, notifier: Notifier,
     refresh_dashboard(context, con, home.home, policy)
 
 
+def send_resolves(con, notifier: Notifier, policy) -> None:
+    """The closing notices that waited for this rollback (`reporting.resolve_messages`): after
+    its result, as seed §8 orders them."""
+    for msg in resolve_messages(con, policy):
+        notifier.send(con, msg)
+
+
 @dg.op(pool=WAREHOUSE_POOL, tags={"kind": "rollback"})
 def execute_rollback(
     context: dg.OpExecutionContext, config: RollbackRequest, home: HomeResource,
@@ -96,6 +108,7 @@ def execute_rollback(
             # Relaunched after its process died once the command had succeeded: the flags have
             # moved and the row is written; only the publishing may be unfinished.
             publish_after_rollback(context, con, home, notifier, policy, ws)
+            send_resolves(con, notifier, policy)
             msg = f"rollback {rollback_id} already succeeded; its report and messages are current"
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
@@ -131,6 +144,7 @@ def execute_rollback(
                 [rollback_id, ws, config.phase, config.rollback_to, msg, before.describe(),
                  before.describe(), context.run_id, policy.version, now_utc(), now_utc()])
             publish_after_rollback(context, con, home, notifier, policy, ws)
+            send_resolves(con, notifier, policy)
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
@@ -183,6 +197,7 @@ def execute_rollback(
             notifier.send(con, Message(
                 ws, config.phase, f"pagerduty:{pagerduty_service(policy, config.phase)}",
                 "escalation", "P1", text, {**payload, "severity": "critical"}, incident))
+        send_resolves(con, notifier, policy)  # an incident closed before its rollback ran
     context.log.info(text)
     metadata = {
         "command": outcome.command, "exit_code": outcome.exit_code, "status": status,

@@ -3,12 +3,18 @@ Slack / PagerDuty messages the policy routes it to."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import jinja2
 
-from rollout_assets.collect import add_banner, atomic_write, exclusion_case_sql, sql_literal
+from rollout_assets.collect import (
+    add_banner,
+    atomic_write,
+    exclusion_case_sql,
+    now_utc,
+    sql_literal,
+)
 from rollout_assets.flags import read_state
 from rollout_assets.home import RolloutHome
 from rollout_assets.incidents import incident_for
@@ -240,28 +246,43 @@ def rca_messages(con, policy: Policy) -> list[Message]:
     return out
 
 
-def resolve_messages(con, policy: Policy) -> list[Message]:
+ROLLBACK_WAIT = timedelta(hours=1)
+
+
+def resolve_messages(con, policy: Policy, now: datetime | None = None) -> list[Message]:
     """One resolve per channel an incident's alerts went to (Slack threads, the PagerDuty
     service), and `incident_channel` last when the policy lists the `close` step, for every
-    closed incident whose resolve there is still owed."""
+    closed incident whose resolve there is still owed.
+
+    Seed §8's order is alert, rollback, RCA, close. A range run (a backfill, a catch-up) can
+    close an incident before the breach sensor has run its rollback: its resolve waits until the
+    rollback is recorded (the rollback run sends it after its result), or `ROLLBACK_WAIT` after
+    the close, should no rollback ever come (the breach sensor stopped)."""
     close_step = "close" in policy.notifications.incident_channel_steps
     text = f"[resolved] {{}} closed after {policy.incidents.close_after_green_cycles} green cycles"
     rows = con.execute(f"""
-        with channels as (
+        with ready as (
+            select * from incidents i
+            where i.status = 'closed' and not (
+                i.rollback_required and i.closed_at > $waited
+                and not exists (select 1 from rollbacks r where r.phase = i.phase
+                    and r.window_start >= coalesce(i.began_window, i.opened_window)
+                    and r.window_start <= i.last_breach_window and r.status <> 'running'))
+        ), channels as (
             select i.incident_id, i.phase, i.level, i.closed_window, n.channel
-            from incidents i join notifications n
+            from ready i join notifications n
                 on n.incident_id = i.incident_id and n.kind = 'alert'
-            where i.status = 'closed'
             union
             select incident_id, phase, level, closed_window, $channel
-            from incidents where status = 'closed' and $close_step
+            from ready where $close_step
         ), {_cycles()}
         select c.incident_id, phase, level, closed_window, c.channel,
             coalesce(resolves, 0) + 1 as cycle
         from channels c left join cycles using (incident_id, channel)
         where coalesce(resolves, 0) <= coalesce(reopens, 0)
         order by closed_window, c.incident_id, c.channel = $channel, c.channel
-    """, {"channel": policy.notifications.incident_channel, "close_step": close_step}).fetchall()
+    """, {"channel": policy.notifications.incident_channel, "close_step": close_step,
+          "waited": (now or now_utc()) - ROLLBACK_WAIT}).fetchall()
     return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},
                     incident_id=iid, cycle=cycle)
             for iid, phase, level, closed, ch, cycle in rows] + withdrawn_messages(con)

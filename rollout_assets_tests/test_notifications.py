@@ -933,6 +933,33 @@ def test_a_breach_withdrawn_and_brought_back_twice_is_resolved_and_paged_each_ti
     assert len(_delivered_pd(endpoints)) == 6  # nothing twice
 
 
+def test_a_range_run_resolves_an_incident_after_its_rollback_result(home, endpoints,
+                                                                     monkeypatch):
+    """Seed §8's order is alert, rollback, RCA, close. A range run closes A-1's 09:00 incident
+    (two green windows) in its Reporter step, before the breach sensor runs the rollback: the
+    resolve and "[resolved]" went out before "Rollback ... ExitCode=0" (found by an independent
+    audit). The resolve now waits for the rollback, whose run sends it after its result."""
+    quiet_rollback_policy(home)
+    promote_to(home, "A-1")
+    w = [W0900 + timedelta(minutes=15 * i) for i in range(3)]
+    write_canary(home, "A-1", [e for i, ws in enumerate(w) for e in window_events(
+        "A-1", ws, "restore", bad=3 * (i == 0), tenant="qa")])
+    set_env(monkeypatch, endpoints)
+    run_range(home, w[0], w[2] + timedelta(minutes=15), log=lambda m: None)
+    inc = "INC-20250118T0900Z-A-1"
+    assert _delivered_pd(endpoints) == [("trigger", inc), ("resolve", inc)]
+    texts = [p["text"] for p in endpoints.delivered_posts() if p["channel"] == "#launch-autosave"]
+    order = [next(i for i, t in enumerate(texts) if t.startswith(prefix))
+             for prefix in ("[P2]", "Rollback A-1", "[resolved]")]
+    assert order == sorted(order), texts
+    # the page is resolved after the rollback reply went out, not before
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        kinds = [k for (k,) in c.execute(
+            "select kind from notifications where channel like 'pagerduty:%' or "
+            "channel = '#launch-autosave' order by created_at").fetchall()]
+    assert kinds.index("rollback") < kinds.index("resolve"), kinds
+
+
 def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held_back(
         home, endpoints, monkeypatch):
     """PagerDuty fails every request. The window run tries the page (4 attempts); the rollback
