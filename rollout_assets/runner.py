@@ -67,7 +67,10 @@ ROLLOUT_YAML_HEADER = "# Written by rollout"
 
 
 # The CLI prints its own summary; Dagster's step-by-step console log stays in the event log/UI.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# The runs the CLI starts log nothing to the terminal: their events are in the instance (the
+# UI shows them), and a failure is said in one line by the CLI (Dagster's console logger
+# printed 77-156 lines of ERROR records and stack traces before it).
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 class RunError(RuntimeError):
@@ -244,7 +247,11 @@ def _run_windows(instance: dg.DagsterInstance, defs: dg.Definitions,
         while error is not None and error.cause is not None:  # Dagster wraps the user error
             error = error.cause
         if error is not None:  # the exception's own words, e.g. which notification failed
-            msg = f"{msg} {error.message.strip()}"
+            words = error.message.strip()
+            if error.cls_name and ": " in words and words.split(": ", 1)[0].endswith(
+                    error.cls_name):  # "rollout_assets.resources.notifier.DeliveryError: ..."
+                words = words.split(": ", 1)[1]
+            msg = f"step {failure.step_key} failed: {words}"
         # Verdicts that did materialize still get their rollbacks, as the daemon's sensor would
         # launch them: a Slack outage in the Reporter must not hold back a rollback.
         tick_breach_sensor(instance, defs, log)

@@ -88,6 +88,12 @@ def test_tokens_are_used_but_never_written_and_nothing_lands_outside_the_home(tm
                 ok(proc)
             else:
                 assert proc.returncode == 1 and "invalid_auth" in proc.stdout + proc.stderr
+                # one line says why: no Dagster ERROR records and stack traces before it
+                # (77-156 lines, found by an independent audit), no exception class names
+                assert proc.stderr.count("\n") == 1, proc.stderr
+                assert proc.stderr.startswith("rollout: window run ") and (
+                    "step alert_reports failed: notification delivery failed" in proc.stderr)
+                assert "Error:" not in proc.stderr and "Traceback" not in proc.stderr
         slack = ep.of("chat.postMessage")
         pages = ep.pd_events()
 
