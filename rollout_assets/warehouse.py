@@ -130,6 +130,13 @@ DDL: dict[str, str] = {
             -- PagerDuty dedup key, last error, and the payload sent (never a token or key)
             message_ts VARCHAR, channel_id VARCHAR, dedup_key VARCHAR, error VARCHAR, body JSON
         )""",
+    # a transport whose retries ran out (or whose token was refused): later runs before `until`
+    # do not wait out the same retries again (resources/notifier.py)
+    "delivery_outages": """
+        create table if not exists delivery_outages (
+            transport VARCHAR PRIMARY KEY, since TIMESTAMP NOT NULL, until TIMESTAMP NOT NULL,
+            error VARCHAR
+        )""",
     "rollbacks": """
         create table if not exists rollbacks (
             rollback_id VARCHAR PRIMARY KEY, window_start TIMESTAMP NOT NULL,

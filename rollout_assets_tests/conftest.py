@@ -17,6 +17,14 @@ from rollout_assets.warehouse import connect
 DAY = datetime(2025, 1, 18)
 
 
+@pytest.fixture(autouse=True)
+def no_outage_pause(monkeypatch):
+    """A delivery that failed is retried by the very next run here, as by the next 15-minute
+    cycle in production (`Notifier.outage_pause_seconds`, 300 s by default, keeps a run minutes
+    after an outage from waiting out the same retries again); the test of the pause sets it."""
+    monkeypatch.setenv("ROLLOUT_OUTAGE_PAUSE_SECONDS", "0")
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch) -> RolloutHome:
     """An empty rollout home; Dagster's instance lives under it, never in the developer's."""

@@ -75,7 +75,7 @@ def pd_keys(monkeypatch):
 
 
 def make_notifier(home: RolloutHome, ep: FakeEndpoints, token: str = TOKEN, **kw) -> Notifier:
-    kw = {"backoff_seconds": 0.01, "max_backoff_seconds": 5.0, **kw}
+    kw = {"backoff_seconds": 0.01, "max_backoff_seconds": 5.0, "outage_pause_seconds": 0, **kw}
     return Notifier(home=str(home.root),
                     slack=RolloutSlackResource(token=token, base_url=ep.slack_base_url),
                     pagerduty=PagerDutyEvents(url=ep.pagerduty_url), **kw)
@@ -958,6 +958,43 @@ def test_a_range_run_resolves_an_incident_after_its_rollback_result(home, endpoi
             "select kind from notifications where channel like 'pagerduty:%' or "
             "channel = '#launch-autosave' order by created_at").fetchall()]
     assert kinds.index("rollback") < kinds.index("resolve"), kinds
+
+
+def test_a_service_found_down_is_not_tried_again_by_the_next_runs_for_a_while(
+        home, endpoints, monkeypatch):
+    """PagerDuty fails every request. The window run waits out the page's retries; each
+    rollback run of the breach then waited them out again (~90 s each with a slow endpoint;
+    found by an independent audit). A service found down is not tried by any run for
+    `ROLLOUT_OUTAGE_PAUSE_SECONDS` (`delivery_outages`): the rollback's report goes out at once,
+    the page is retried by the next cycle's run, and the outage row goes when it succeeds."""
+    monkeypatch.setenv("ROLLOUT_OUTAGE_PAUSE_SECONDS", "300")
+    quiet_rollback_policy(home)
+    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    _outage(endpoints, PD_ENQUEUE, 100)
+    with pytest.raises(RunError) as exc:
+        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert len(endpoints.of(PD_ENQUEUE)) == 4  # the window run's attempts; none after it
+    assert "(HTTP 429, 4 attempts)" in str(exc.value)  # the window run's own try
+    rows = read_ledger(home)
+    assert rows["20250118T0900Z:B-0:#merge-ops:rollback"]["status"] == "sent"
+    page = rows["20250118T0900Z:B-0:pagerduty:Merge Duty:alert"]
+    assert page["status"] == "failed" and page["attempts"] == 4
+    assert page["error"].startswith("not tried: pagerduty has failed since")  # the rollback run
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        assert c.execute("select transport, until > since from delivery_outages").fetchall() \
+            == [("pagerduty", True)]
+    _outage(endpoints, PD_ENQUEUE, 0)
+    with pytest.raises(RunError):  # minutes later: still paused, not tried
+        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert len(endpoints.of(PD_ENQUEUE)) == 4
+    with duckdb.connect(str(home.db_path)) as c:  # the next cycle, 15 minutes later
+        c.execute("update delivery_outages set until = until - interval 15 minutes, "
+                  "since = since - interval 15 minutes")
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", "INC-20250118T0900Z-B-0")]
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        assert c.execute("select count(*) from delivery_outages").fetchone() == (0,)
 
 
 def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held_back(

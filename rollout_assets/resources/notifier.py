@@ -51,6 +51,8 @@ PAGERDUTY_URL_ENV = "ROLLOUT_PAGERDUTY_URL"
 PAGERDUTY_PREFIX = "pagerduty:"
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
 DAGSTER_URL_ENV = "ROLLOUT_DAGSTER_URL"  # the UI's address in run links (`rollout ui` sets it)
+OUTAGE_PAUSE_ENV = "ROLLOUT_OUTAGE_PAUSE_SECONDS"
+DEFAULT_OUTAGE_PAUSE = 300.0  # under the 15-minute cycle: the next window's run tries again
 # the Reporter also delivers what earlier windows' runs could not, this far back (a page lost
 # to a PagerDuty outage goes out with the next cycle, not only when its window is re-run)
 REDELIVERY_HORIZON = timedelta(hours=24)
@@ -177,6 +179,8 @@ class Notifier(dg.ConfigurableResource):
     max_attempts: int = 4
     backoff_seconds: float = 0.5
     max_backoff_seconds: float = 30.0
+    # a transport found down is not tried again by any run for this long (`delivery_outages`)
+    outage_pause_seconds: float = DEFAULT_OUTAGE_PAUSE
 
     _run_id: str | None = PrivateAttr(default=None)
     _failures: list = PrivateAttr(default_factory=list)
@@ -321,19 +325,22 @@ class Notifier(dg.ConfigurableResource):
         self._upsert(ledger, key, row is not None, dict(
             base, status="queued", attempts=attempts_before, body=json.dumps(body, default=str)),
             created_at=now)
-        if transport in self._down:
-            # Down earlier in this run (its retries ran out, or the token was refused): every
-            # further message would wait out the same retries, holding back the rest (a
-            # rollback's own report sat behind two passes over a failed page). Failed without
-            # a try; the next run's catch-up delivers it.
-            d = Delivery(False, 0, None, f"not tried: {transport} failed earlier in this run "
-                                         f"({self._down[transport]})")
+        down = self._down.get(transport) or self._paused(ledger, transport)
+        if down:
+            # Down earlier in this run or a recent one (its retries ran out, or the token was
+            # refused): every further message would wait out the same retries, holding back
+            # the rest (a rollback's own report sat behind two passes over a failed page, and
+            # each rollback run of a breach waited ~90 s again). Failed without a try; the
+            # next window's run (after the pause) delivers it.
+            d = Delivery(False, 0, None, f"not tried: {down}")
         elif transport == "slack":
             d = self._deliver_slack(ledger, msg, body, thread)
         else:
             d = self._deliver_pagerduty(msg, body)
         if d.down:
-            self._down[transport] = self._scrub(d.error) or "failed"
+            self._mark_down(ledger, transport, self._scrub(d.error) or "failed")
+        elif d.ok and transport in self._outages(ledger):
+            ledger.execute("delete from delivery_outages where transport = ?", [transport])
         error = self._scrub(d.error)
         self._upsert(ledger, key, True, dict(
             status="sent" if d.ok else "failed", attempts=attempts_before + d.attempts,
@@ -350,6 +357,31 @@ class Notifier(dg.ConfigurableResource):
                 self._escalate(ledger, msg, transport, error or "failed")
         self._release_resolves(ledger, msg)
         return "sent" if d.ok else "failed"
+
+    # ---- outages ---------------------------------------------------------------------------
+    def _mark_down(self, ledger, transport: str, error: str) -> None:
+        self._down[transport] = f"{transport} failed earlier in this run ({error})"
+        if self.outage_pause_seconds <= 0:
+            return
+        now = now_utc()
+        ledger.execute(
+            "insert into delivery_outages values (?, ?, ?, ?) on conflict (transport) do update "
+            "set until = excluded.until, error = excluded.error",
+            [transport, now, now + timedelta(seconds=self.outage_pause_seconds), error])
+
+    @staticmethod
+    def _outages(ledger) -> set[str]:
+        return {t for (t,) in ledger.execute("select transport from delivery_outages").fetchall()}
+
+    def _paused(self, ledger, transport: str) -> str | None:
+        """Why `transport` is not tried now: a run found it down less than the pause ago."""
+        row = ledger.execute("select since, until, error from delivery_outages where "
+                             "transport = ? and until > ?", [transport, now_utc()]).fetchone()
+        if row is None:
+            return None
+        self._down[transport] = (f"{transport} has failed since {row[0]:%Y-%m-%d %H:%M:%S} UTC "
+                                 f"({row[2]}); tried again after {row[1]:%H:%M:%S} UTC")
+        return self._down[transport]
 
     # ---- resolve ordering ----------------------------------------------------------------
     def _routes(self, phase: str, level: str) -> set[str]:
@@ -618,4 +650,6 @@ def notifier_from_env(home: str, environ: Mapping[str, str] | None = None) -> No
     return Notifier(home=home, slack=slack,
                     pagerduty=PagerDutyEvents(url=env.get(PAGERDUTY_URL_ENV)
                                               or DEFAULT_PAGERDUTY_URL),
-                    dagster_url=env.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL)
+                    dagster_url=env.get(DAGSTER_URL_ENV) or DEFAULT_DAGSTER_URL,
+                    outage_pause_seconds=float(env.get(OUTAGE_PAUSE_ENV)
+                                               or DEFAULT_OUTAGE_PAUSE))
