@@ -50,6 +50,8 @@ def _time(text: str, flag: str) -> datetime:
 
 # ---- simulate ---------------------------------------------------------------------------------
 MAX_SIMULATE_HOURS = 24 * 366
+
+
 def cmd_simulate(args, home: RolloutHome) -> int:
     from rollout_assets.simulate import DrillRefused, simulate
 
