@@ -110,3 +110,14 @@ def partition_keys_in_context(context) -> list[str]:
     if not context.has_partition_key and not context.has_partition_key_range:
         return []
     return list(context.partition_keys)
+
+
+def window_ranges(windows: list[datetime]) -> list[tuple[datetime, datetime]]:
+    """Sorted windows as contiguous runs (first, last): one run of the window job each."""
+    out: list[tuple[datetime, datetime]] = []
+    for w in windows:
+        if out and w == out[-1][1] + WINDOW:
+            out[-1] = (out[-1][0], w)
+        else:
+            out.append((w, w))
+    return out

@@ -28,6 +28,7 @@ from rollout_assets.partitions import (
     partition_key,
     window_from_key,
     window_partitions,
+    window_ranges,
     windows_between,
 )
 
@@ -59,16 +60,6 @@ def missed_windows(instance: dg.DagsterInstance, latest: datetime) -> list[datet
     return [w for w in candidates if partition_key(w) not in done and w not in busy]
 
 
-def _ranges(windows: list[datetime]) -> list[tuple[datetime, datetime]]:
-    out: list[tuple[datetime, datetime]] = []
-    for w in windows:
-        if out and w == out[-1][1] + WINDOW:
-            out[-1] = (out[-1][0], w)
-        else:
-            out.append((w, w))
-    return out
-
-
 def window_requests(instance: dg.DagsterInstance, scheduled: datetime) -> list[dg.RunRequest]:
     """The catch-up ranges, oldest first, then the window that just closed."""
     latest = floor_window(scheduled) - WINDOW  # the window that just closed
@@ -77,7 +68,7 @@ def window_requests(instance: dg.DagsterInstance, scheduled: datetime) -> list[d
         return []
     key = partition_key(latest)
     requests = []
-    for first, last in _ranges(missed_windows(instance, latest)):
+    for first, last in window_ranges(missed_windows(instance, latest)):
         start, end = partition_key(first), partition_key(last)
         requests.append(dg.RunRequest(
             run_key=f"catch-up:{start}..{end}",

@@ -43,7 +43,12 @@ from dagster._core.storage.tags import (
 from rollout_assets.home import RolloutHome
 from rollout_assets.ingest import RetryableIOError
 from rollout_assets.jobs import window_job
-from rollout_assets.partitions import WINDOW, floor_window, partition_key, window_partitions
+from rollout_assets.partitions import (
+    floor_window,
+    partition_key,
+    window_partitions,
+    window_ranges,
+)
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.rotation import fingerprint, holds
 from rollout_assets.run_health import reap_dead_runs
@@ -201,17 +206,6 @@ def scored(instance: dg.DagsterInstance, windows: set[datetime]) -> list[datetim
                   if k in done and first is not None and last is not None and first <= k <= last)
 
 
-def ranges(windows: list[datetime]) -> list[tuple[datetime, datetime]]:
-    """Contiguous runs of windows as (first, last)."""
-    out: list[tuple[datetime, datetime]] = []
-    for w in windows:
-        if out and w == out[-1][1] + WINDOW:
-            out[-1] = (out[-1][0], w)
-        else:
-            out.append((w, w))
-    return out
-
-
 def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: str | None
                        ) -> tuple[list[dg.RunRequest], str]:
     """Run requests re-scoring the already-scored windows that got new lines, and the cursor."""
@@ -220,7 +214,7 @@ def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: 
     todo = scored(instance, windows)
     digest = hashlib.sha256(json.dumps(sorted(scanned)).encode()).hexdigest()[:16]
     requests = []
-    for first, last in ranges(todo):
+    for first, last in window_ranges(todo):
         start_key, end_key = partition_key(first), partition_key(last)
         requests.append(dg.RunRequest(
             run_key=f"late:{start_key}..{end_key}:{digest}",
