@@ -63,13 +63,12 @@ def missed_windows(instance: dg.DagsterInstance, latest: datetime) -> list[datet
 def window_requests(instance: dg.DagsterInstance, scheduled: datetime) -> list[dg.RunRequest]:
     """The catch-up ranges, oldest first, then the window that just closed."""
     latest = floor_window(scheduled) - WINDOW  # the window that just closed
-    first = window_from_key(window_partitions.get_first_partition_key())
-    if latest < first:
+    if latest < window_from_key(window_partitions.get_first_partition_key()):
         return []
     key = partition_key(latest)
     requests = []
-    for first, last in window_ranges(missed_windows(instance, latest)):
-        start, end = partition_key(first), partition_key(last)
+    for lo, hi in window_ranges(missed_windows(instance, latest)):
+        start, end = partition_key(lo), partition_key(hi)
         requests.append(dg.RunRequest(
             run_key=f"catch-up:{start}..{end}",
             tags={ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end,
