@@ -18,9 +18,9 @@ import dagster as dg
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
 )
 
+from rollout_assets.assets.common import tagged_windows
 from rollout_assets.jobs import daily_job, window_job
 from rollout_assets.partitions import (
     WINDOW,
@@ -39,14 +39,6 @@ IN_FLIGHT = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED,
              dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def _run_windows(run: dg.DagsterRun) -> list[datetime]:
-    first = run.tags.get(ASSET_PARTITION_RANGE_START_TAG) or run.tags.get(PARTITION_NAME_TAG)
-    last = run.tags.get(ASSET_PARTITION_RANGE_END_TAG) or run.tags.get(PARTITION_NAME_TAG)
-    if not first or not last:
-        return []
-    return windows_between(window_from_key(first), window_from_key(last) + WINDOW)
-
-
 def missed_windows(instance: dg.DagsterInstance, latest: datetime) -> list[datetime]:
     """The windows of the `CATCH_UP` before `latest` (the window that just closed) that were
     never judged and that no window run in flight covers."""
@@ -55,8 +47,9 @@ def missed_windows(instance: dg.DagsterInstance, latest: datetime) -> list[datet
     if not candidates:
         return []
     done = instance.get_materialized_partitions(VERDICTS_KEY)
-    busy = {w for run in instance.get_runs(filters=dg.RunsFilter(
-        job_name=window_job.name, statuses=IN_FLIGHT)) for w in _run_windows(run)}
+    spans = [tagged_windows(run.tags) for run in instance.get_runs(
+        filters=dg.RunsFilter(job_name=window_job.name, statuses=IN_FLIGHT))]
+    busy = {w for span in spans if span for w in windows_between(span[0], span[1] + WINDOW)}
     return [w for w in candidates if partition_key(w) not in done and w not in busy]
 
 

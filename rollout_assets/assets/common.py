@@ -48,14 +48,23 @@ def windows_to_compute(context, con, policy) -> list[datetime]:
     return live
 
 
-def run_window_days(tags) -> set[date]:
-    """The UTC days of the windows a window run materializes, read from its tags (for an
-    asset outside the window partitions, such as `incidents`, in the same run)."""
+def tagged_windows(tags) -> tuple[datetime, datetime] | None:
+    """The first and last window a window run materializes, read from its tags (one partition,
+    or a single-run range); None for a run of no window."""
     first = tags.get(ASSET_PARTITION_RANGE_START_TAG) or tags.get(PARTITION_NAME_TAG)
     last = tags.get(ASSET_PARTITION_RANGE_END_TAG) or tags.get(PARTITION_NAME_TAG)
     if not first or not last:
+        return None
+    return window_from_key(first), window_from_key(last)
+
+
+def run_window_days(tags) -> set[date]:
+    """The UTC days of the windows a window run materializes, read from its tags (for an
+    asset outside the window partitions, such as `incidents`, in the same run)."""
+    span = tagged_windows(tags)
+    if span is None:
         return set()
-    day, end = window_from_key(first).date(), window_from_key(last).date()
+    day, end = span[0].date(), span[1].date()
     out = set()
     while day <= end:
         out.add(day)
