@@ -960,6 +960,18 @@ def test_a_range_run_resolves_an_incident_after_its_rollback_result(home, endpoi
     assert kinds.index("rollback") < kinds.index("resolve"), kinds
 
 
+def _b0_breach_while_pagerduty_is_down(home, endpoints, monkeypatch):
+    """B-0 breaches at 09:00 while PagerDuty answers 429 to everything: the range run fails on
+    the undelivered page (its rollback runs all the same). Returns the run's error."""
+    quiet_rollback_policy(home)
+    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    _outage(endpoints, PD_ENQUEUE, 100)
+    with pytest.raises(RunError) as exc:
+        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    return exc
+
+
 def test_a_service_found_down_is_not_tried_again_by_the_next_runs_for_a_while(
         home, endpoints, monkeypatch):
     """PagerDuty fails every request. The window run waits out the page's retries; each
@@ -968,12 +980,7 @@ def test_a_service_found_down_is_not_tried_again_by_the_next_runs_for_a_while(
     `ROLLOUT_OUTAGE_PAUSE_SECONDS` (`delivery_outages`): the rollback's report goes out at once,
     the page is retried by the next cycle's run, and the outage row goes when it succeeds."""
     monkeypatch.setenv("ROLLOUT_OUTAGE_PAUSE_SECONDS", "300")
-    quiet_rollback_policy(home)
-    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
-    set_env(monkeypatch, endpoints)
-    _outage(endpoints, PD_ENQUEUE, 100)
-    with pytest.raises(RunError) as exc:
-        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    exc = _b0_breach_while_pagerduty_is_down(home, endpoints, monkeypatch)
     assert len(endpoints.of(PD_ENQUEUE)) == 4  # the window run's attempts; none after it
     assert "(HTTP 429, 4 attempts)" in str(exc.value)  # the window run's own try
     rows = read_ledger(home)
@@ -1004,12 +1011,7 @@ def test_a_service_down_is_tried_once_per_run_so_the_rollback_report_is_not_held
     87 s in a timeout outage) before posting the rollback's result. Now a run stops asking a
     service whose retries ran out, and the failure names each message once (found by an
     independent audit)."""
-    quiet_rollback_policy(home)
-    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
-    set_env(monkeypatch, endpoints)
-    _outage(endpoints, PD_ENQUEUE, 100)
-    with pytest.raises(RunError) as exc:
-        run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    exc = _b0_breach_while_pagerduty_is_down(home, endpoints, monkeypatch)
     assert len(endpoints.of(PD_ENQUEUE)) == 2 * 4  # one message's attempts in each run
     page = f"20250118T0900Z:B-0:pagerduty:{MERGE}:alert"
     assert str(exc.value).count(page) == 1
