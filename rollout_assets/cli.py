@@ -598,7 +598,24 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
         raise CliError(f"rollout home {root} is not writable ({exc.strerror})") from None
 
 
+def _reexec_in_utf8_mode() -> None:
+    """Run the command again in Python's UTF-8 mode when the locale's encoding is not UTF-8
+    (`LC_ALL=C` with `PYTHONUTF8=0`): Python would then spell a non-ASCII path such as
+    "/srv/rollout-é" with surrogate escapes, which DuckDB cannot take as a file name or store in
+    a table (the rollback's command line names the home). The children (`dagster dev`, the
+    rollback command) inherit the mode."""
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "rollout_assets.cli",
+                              *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `rollout` command itself, not a caller in Python
+        _reexec_in_utf8_mode()
     args = build_parser().parse_args(argv)
     home = RolloutHome.resolve(args.home)
     try:

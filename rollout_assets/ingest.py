@@ -66,7 +66,13 @@ from rollout_assets.events import (
 )
 from rollout_assets.home import RolloutHome
 from rollout_assets.policy import Policy
-from rollout_assets.warehouse import LABEL_COLUMNS, grow_labels, sql_string, transaction
+from rollout_assets.warehouse import (
+    LABEL_COLUMNS,
+    duckdb_path,
+    grow_labels,
+    sql_string,
+    transaction,
+)
 
 MODE_ENV = "ROLLOUT_INGEST_MODE"
 # DuckDB's memory limit while the fast path stages files (restored afterwards): above it the
@@ -889,7 +895,8 @@ class _Staged:
 
     def _execute_stage(self, sql: str) -> None:
         try:
-            self.con.execute(sql, {"src": str(self.rng.path), "max_ts": self.now + FUTURE_SLACK})
+            self.con.execute(sql, {"src": duckdb_path(self.rng.path),
+                                   "max_ts": self.now + FUTURE_SLACK})
         except duckdb.Error as exc:
             raise _Inconsistent(f"DuckDB could not read the range: {exc}"[:300]) from None
 

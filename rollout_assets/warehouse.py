@@ -219,6 +219,14 @@ def _is_transient(exc: Exception, path: Path) -> bool:
     return False
 
 
+def duckdb_path(path: Path | str) -> str:
+    """`path` as DuckDB must be given it: the text its bytes spell in UTF-8. Python decodes a
+    path's bytes with the locale's encoding, so under a non-UTF-8 locale (`LC_ALL=C` with
+    `PYTHONUTF8=0`) a name such as "é" arrives as surrogate escapes, which DuckDB cannot
+    encode."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
+
+
 def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
     """Open the warehouse, waiting while another process holds the single-writer lock.
 
@@ -234,7 +242,7 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
     said = False
     while True:
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(duckdb_path(path), read_only=read_only)
             break
         except duckdb.IOException as exc:
             if not _is_transient(exc, path) or time.monotonic() > deadline:

@@ -476,3 +476,34 @@ def test_rollout_ui_refuses_a_port_in_use(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
     assert not (tmp_path / ".dagster").exists()
+
+
+def test_a_non_ascii_home_under_a_locale_that_is_not_utf8(tmp_path):
+    """`LC_ALL=C` with `PYTHONUTF8=0` made Python spell the home's "é" with surrogate escapes,
+    which DuckDB refused: the Collector failed, and so did the rollback's record of its own
+    command line (found by an independent audit). The command runs in UTF-8 mode instead."""
+    root = tmp_path / "rollout-é"
+    root.mkdir()
+    ok(rollout(root, "simulate", "--start", "2025-01-18T08:00Z", "--hours", "1", "--phase",
+               "A-1", "--rate", "20", "--simulate-breach", "restore_success_rate"))
+    in_process(root, "flags", "promote", "--phase", "A-1", "--reason", "canary")
+    proc = subprocess.run([ROLLOUT, "--home", str(root), "run", "--from", "2025-01-18T08:00Z",
+                           "--to", "2025-01-18T09:00Z"], capture_output=True, text=True,
+                          env={**clean_env(), "LC_ALL": "C", "PYTHONUTF8": "0"}, cwd=str(root),
+                          timeout=240, encoding="utf-8", errors="replace")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    home = RolloutHome(root.resolve())
+    assert query(home, "select status, command like '%rollout-é%' from rollbacks "
+                       "where status <> 'skipped'") == [("succeeded", True)]
+
+
+def test_a_path_python_spelled_with_surrogate_escapes_opens_in_duckdb(tmp_path):
+    """Called from Python under such a locale (e.g. a code location a daemon loads), the
+    warehouse still opens: its path is handed to DuckDB as the text its bytes spell."""
+    from rollout_assets.warehouse import connect, duckdb_path
+
+    escaped = str(tmp_path) + "/home-\udcc3\udca9"  # "é" as a C locale decodes its bytes
+    assert duckdb_path(escaped) == str(tmp_path) + "/home-é"
+    con = connect(Path(escaped) / "data" / "rollout.duckdb")
+    con.close()
+    assert (tmp_path / "home-é" / "data" / "rollout.duckdb").is_file()
