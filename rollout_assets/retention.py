@@ -56,6 +56,11 @@ def purge_events(con, policy: Policy, now: datetime) -> Purge | None:
     return Purge(horizon, int(deleted), newest)
 
 
+# `kept_before` as of the Collector's latest run, on its materialization of the run's last window
+# (what the late-data sensor reads: it never opens the warehouse a run may be writing)
+KEPT_BEFORE_KEY = "retention/kept_before"
+
+
 def kept_before(con, policy: Policy) -> datetime | None:
     """Windows starting before this are kept as they are (see the module); None when no event
     was ever deleted."""

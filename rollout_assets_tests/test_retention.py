@@ -9,12 +9,18 @@ from datetime import timedelta
 
 import dagster as dg
 import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from rollout_assets.cli import main
+from rollout_assets.definitions import build_definitions
 from rollout_assets.home import PROJECT_ROOT
 from rollout_assets.partitions import partition_key
 from rollout_assets.policy import PolicyError, parse_policy
 from rollout_assets.runner import BadRange, run_range
+from rollout_assets.sensors.canary_sensor import tick_canary_sensor
 from rollout_assets_tests.conftest import event, write_canary
 from rollout_assets_tests.reliability_helpers import (
     T0,
@@ -139,5 +145,22 @@ def test_old_events_are_deleted_and_their_windows_kept_as_they_were(home, capsys
             md = record.asset_materialization.metadata
             assert "deleted by retention" in md["kept"].value, key
             assert "rollbacks_required" not in md and "phases" not in md
+
+        # late lines: the late-data sensor re-scores the judged window, not the kept one (a
+        # run for it would change nothing)
+        # (the sensor reads the horizon the Collector's latest run recorded, not the warehouse)
+        (latest,) = instance.fetch_materializations(dg.AssetKey("canary_events"), limit=1).records
+        assert latest.asset_materialization.metadata["retention/kept_before"].value == (
+            kept.isoformat())
+        defs = build_definitions(home)
+        assert tick_canary_sensor(instance, defs, log=lambda m: None) == []  # first tick
+        write_canary(home, "A-1", [
+            event(event_id=f"late-{w:%d%H%M}", phase="A-1", kind="restore", ok=True,
+                  ts=f"{w + timedelta(minutes=1):%Y-%m-%dT%H:%M:%S}Z", drop=["latency_ms"])
+            for w in (FIRST, T0 + W)])
+        (run_id,) = tick_canary_sensor(instance, defs, log=lambda m: None)
+        tags = instance.get_run_by_id(run_id).tags
+        assert (tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG]) == (
+            partition_key(T0 + W), partition_key(T0 + W))
     finally:
         instance.dispose()

@@ -31,7 +31,7 @@ from rollout_assets.partitions import WINDOW, partition_key
 from rollout_assets.policy import PolicyError
 from rollout_assets.resources.duckdb_warehouse import DuckDBWarehouse
 from rollout_assets.resources.home import HomeResource
-from rollout_assets.retention import purge_events
+from rollout_assets.retention import KEPT_BEFORE_KEY, kept_before, purge_events
 from rollout_assets.rotation import archive_paths, follow_rotations
 from rollout_assets.rotation import describe as describe_rotations
 
@@ -65,6 +65,7 @@ def canary_events(
         except PolicyError as exc:
             raise dg.Failure(description=str(exc)) from None
         purge = purge_events(con, policy, now)
+        kept = kept_before(con, policy)
         if purge:
             context.log.info(
                 f"retention: deleted {purge.deleted_events} event(s) of windows before "
@@ -106,6 +107,7 @@ def canary_events(
         f"+ {quarantined} quarantined"
     )
     on_last_window(context, {
+        **({KEPT_BEFORE_KEY: kept.isoformat()} if kept is not None else {}),
         "files": dg.MetadataValue.json([s.as_dict() for s in stats]),
         "collector_fault_details": dg.MetadataValue.json([f.__dict__ for f in faults]),
         "dagster/column_schema": schema,

@@ -50,12 +50,14 @@ from rollout_assets.partitions import (
     window_ranges,
 )
 from rollout_assets.resources.home import HomeResource
+from rollout_assets.retention import KEPT_BEFORE_KEY
 from rollout_assets.rotation import fingerprint, holds
 from rollout_assets.run_health import reap_dead_runs
 
 SENSOR_NAME = "canary_late_data_sensor"
 CLI_CURSOR_KEY = "rollout/cli/canary_late_data_sensor_cursor"
 VERDICTS_KEY = dg.AssetKey("window_verdicts")
+COLLECTOR_KEY = dg.AssetKey("canary_events")
 SCAN_CHUNK = 8 * 1024 * 1024
 _TS = re.compile(rb'"ts"\s*:\s*"([^"\\]{1,64})"')
 
@@ -195,15 +197,29 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
 
 
 def scored(instance: dg.DagsterInstance, windows: set[datetime]) -> list[datetime]:
-    """The windows Dagster has already judged (others wait for the schedule), in order."""
+    """The windows Dagster has already judged (others wait for the schedule), in order, but for
+    those retention keeps as they are: a re-run would change nothing (`retention.py`)."""
     if not windows:
         return []
     done = instance.get_materialized_partitions(VERDICTS_KEY)
     first = window_partitions.get_first_partition_key()
     last = window_partitions.get_last_partition_key()
     keys = {w: partition_key(w) for w in windows}
-    return sorted(w for w, k in keys.items()
-                  if k in done and first is not None and last is not None and first <= k <= last)
+    judged = sorted(w for w, k in keys.items()
+                    if k in done and first is not None and last is not None
+                    and first <= k <= last)
+    kept = kept_by_retention(instance) if judged else None
+    return [w for w in judged if kept is None or w >= kept]
+
+
+def kept_by_retention(instance: dg.DagsterInstance) -> datetime | None:
+    """Windows before this are kept as they are, as the Collector's latest run recorded it (the
+    horizon only moves forward, and only in a Collector run); None when nothing was purged."""
+    records = instance.fetch_materializations(COLLECTOR_KEY, limit=1).records
+    if not records:
+        return None
+    value = records[0].asset_materialization.metadata.get(KEPT_BEFORE_KEY)
+    return datetime.fromisoformat(value.value) if value is not None else None
 
 
 def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: str | None
