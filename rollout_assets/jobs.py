@@ -2,7 +2,6 @@
 
 
 import json
-from datetime import timedelta
 
 import dagster as dg
 
@@ -113,30 +112,29 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
                              metadata={"status": "already succeeded"})
-        # Either side in time: windows run out of order (a late file, a backfill) may breach
-        # an earlier window of an incident another window already rolled back.
-        done = con.execute(
-            "select r.rollback_id from rollbacks r join incidents i on i.incident_id = ? "
-            "where r.status = 'succeeded' and r.phase = ? and r.window_start <> ? "
-            "and r.window_start >= i.opened_window "
-            "and (i.closed_window is null or r.window_start <= i.closed_window) "
-            "order by r.window_start limit 1",
-            [incident, config.phase, ws]).fetchone() if incident else None
-        why = f"incident {incident} was already rolled back by {done[0]}" if done else None
-        cooldown = policy.rollback.cooldown_minutes
-        recent = con.execute(
-            "select rollback_id from rollbacks where status = 'succeeded' and phase = ? and "
-            "window_start <> ? and window_start >= ? and window_start <= ? "
-            "order by abs(epoch(window_start) - epoch(?::TIMESTAMP)) limit 1",
-            [config.phase, ws, ws - timedelta(minutes=cooldown), ws + timedelta(minutes=cooldown),
-             ws]).fetchone() if cooldown else None
-        if done is None and recent:
-            done = recent
-            why = (f"{recent[0]} rolled {config.phase} back within {cooldown} minutes of "
-                   "this window (policy rollback.cooldown_minutes)")
-        if done:
-            # One incident, one rollback: later breaches of the same incident attach to it, and
-            # the cooldown stops a flapping phase from being rolled back again and again.
+        # One breach, one move back: the flags move while they are past the target. Other
+        # breaches of an incident already rolled back (in any order: windows run out of order,
+        # a late file, a backfill) find them there and record a skip. A breach after someone
+        # promoted the phase again rolls it back again, incident or not: a breaching phase is
+        # never left live (the cooldown holds the promotion back instead, `promotion_gate`).
+        # An attempt interrupted before it recorded its outcome is finished below.
+        order = policy.phase_names
+        interrupted_before = con.execute(
+            "select 1 from rollbacks where rollback_id = ? and status = 'running'",
+            [rollback_id]).fetchone()
+        why = None
+        if (before.phase in order and not interrupted_before
+                and order.index(before.phase) <= order.index(config.rollback_to)):
+            earlier = con.execute(
+                "select r.rollback_id from rollbacks r join incidents i on i.incident_id = ? "
+                "where r.status = 'succeeded' and r.phase = ? and r.window_start <> ? "
+                "and r.window_start >= i.opened_window "
+                "and (i.closed_window is null or r.window_start <= i.closed_window) "
+                "order by r.window_start limit 1",
+                [incident, config.phase, ws]).fetchone() if incident else None
+            why = (f"incident {incident} was already rolled back by {earlier[0]}" if earlier
+                   else f"the flags are at {before.phase}, not past {config.rollback_to}")
+        if why:
             msg = f"{why}; nothing to do"
             con.execute(
                 "insert or replace into rollbacks values "

@@ -196,7 +196,7 @@ class Baseline(_Model):
 class RollbackCommand(_Model):
     command: tuple[str, ...] = Field(min_length=1)
     timeout_seconds: float = Field(gt=0, le=3600)
-    # no second rollback of the same phase within this many minutes (of window time) of the last
+    # no promotion into a phase within this many minutes (wall clock) of its last rollback
     cooldown_minutes: int = Field(default=0, ge=0)
 
     @field_validator("command")

@@ -1,11 +1,14 @@
-"""No flapping: a second incident of the same phase inside the cooldown does not roll back again."""
+"""No flapping, and no breach left live: a phase rolled back is not promoted again within the
+cooldown (`rollback.cooldown_minutes`), and a breach while the flags are past its rollback target
+is always rolled back; other breaches of an incident already rolled back record a skip."""
 
 from datetime import datetime, timedelta
 
 import dagster as dg
+import pytest
 
 from rollout_assets.definitions import build_definitions
-from rollout_assets.flags import promote
+from rollout_assets.flags import FlagError, promote
 from rollout_assets.incidents import refresh_incidents
 from rollout_assets.partitions import window_stamp
 from rollout_assets.warehouse import connect
@@ -39,7 +42,11 @@ def _rollback(home, i):
         con.close()
 
 
-def test_second_incident_inside_the_cooldown_is_not_rolled_back_again(home, policy):
+def test_a_rolled_back_phase_waits_out_the_cooldown_and_is_rolled_back_again_if_forced(
+        home, policy):
+    """Found by an independent audit: after a forced re-promotion, a new breach inside the
+    cooldown was recorded as skipped and the breaching phase stayed live. The cooldown now holds
+    the promotion back instead."""
     con = connect(home.db_path)
     try:
         for phase in ("A-1", "A-2"):
@@ -52,18 +59,29 @@ def test_second_incident_inside_the_cooldown_is_not_rolled_back_again(home, poli
         con.close()
     assert _rollback(home, 0)[0] == "succeeded"  # the first incident rolls A-2 back to A-1
     con = connect(home.db_path)
-    promote(con, policy, "A-2", reason="test: re-promoted", force=True)
-    con.close()
-    status, log = _rollback(home, 3)  # 45 minutes later: a new incident, inside the cooldown
-    assert status == "skipped"
-    assert f"within {policy.rollback.cooldown_minutes} minutes of this window" in log
-    assert _rollback(home, 8)[0] == "succeeded"  # two hours later: outside the cooldown
+    try:
+        with pytest.raises(FlagError, match=r"A-2 was rolled back 0 minute\(s\) ago .*"
+                                            r"rollback.cooldown_minutes holds its promotion"):
+            promote(con, policy, "A-2", reason="re-promoted")
+        promote(con, policy, "A-2", reason="test: re-promoted by hand", force=True)
+    finally:
+        con.close()
+    status, log = _rollback(home, 3)  # a new incident while A-2 is live again: rolled back
+    assert status == "succeeded", log
+    status, log = _rollback(home, 8)  # the flags are behind A-2 already: nothing to move
+    assert status == "skipped" and "the flags are at A-1, not past A-1" in log
+    con = connect(home.db_path)
+    try:
+        assert con.execute("select count(*) from flag_history where action = 'rollback'"
+                           ).fetchone()[0] == 2
+    finally:
+        con.close()
 
 
 def test_windows_run_out_of_order_still_roll_an_incident_back_once(home, policy):
     """A late file breaches 10:00 after 10:15's breach was rolled back: both windows are one
-    incident (opened 10:00 now), which was rolled back already; and a breach 60 minutes before
-    a rollback (another incident) is inside the cooldown as much as one 60 minutes after it."""
+    incident (opened 10:00 now), which was rolled back already; and a breach of another
+    incident finds the flags rolled back already."""
     con = connect(home.db_path)
     try:
         for phase in ("A-1", "A-2"):
@@ -83,8 +101,8 @@ def test_windows_run_out_of_order_still_roll_an_incident_back_once(home, policy)
         con.close()
     status, log = _rollback(home, 4)  # the incident 10:15 rolled back now opens at 10:00
     assert status == "skipped" and "was already rolled back by 20250118T1015Z:A-2" in log
-    status, log = _rollback(home, 1)  # its own incident, 60 minutes before 10:15's rollback
-    assert status == "skipped" and "within 60 minutes of this window" in log
+    status, log = _rollback(home, 1)  # its own incident, with the flags rolled back already
+    assert status == "skipped" and "the flags are at A-1, not past A-1" in log
     con = connect(home.db_path)
     try:
         assert con.execute("select count(*) from flag_history where action = 'rollback'"

@@ -19,6 +19,7 @@ from rollout_assets.runner import CURSOR_KEY, prepare_instance, tick_breach_sens
 from rollout_assets.sensors.breach_sensor import breach_sensor
 from rollout_assets_tests.conftest import DAY
 from rollout_assets_tests.pipeline_helpers import persistent_home, query
+from rollout_assets_tests.reliability_helpers import promote_to
 
 W0900, W0915, W0930 = (DAY.replace(hour=9, minute=m) for m in (0, 15, 30))
 
@@ -44,6 +45,7 @@ def module_home(tmp_path_factory):
                                       "sys.argv[1])", "{phase}"]
         (home.root / "governance").mkdir()
         (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw))
+        promote_to(home, "A-1")  # the command prints, the flags stay past every A-1 target
         yield home
 
 
