@@ -164,3 +164,28 @@ def test_old_events_are_deleted_and_their_windows_kept_as_they_were(home, capsys
             partition_key(T0 + W), partition_key(T0 + W))
     finally:
         instance.dispose()
+
+
+def test_a_run_judges_its_own_old_windows_before_retention_deletes_them(home):
+    """Found by an independent audit: old files ingested by a run of a newer window, then a run
+    of the old window, whose purge (horizon from the newest stored window) deleted that window's
+    events first: it was "kept", never judged, and its breach lost. The horizon never passes
+    the run's own windows and their history."""
+    (home.root / "governance").mkdir()
+    (home.root / "governance" / "policy.yaml").write_text(policy_text(2))  # 1 day of history
+    promote_to(home, "A-1")
+    old = T0 - 5 * D
+    write_canary(home, "A-1", window_events("A-1", old, "old", failed_restores=6)
+                 + window_events("A-1", T0, "new"))
+    assert run_range(home, T0, T0 + W, log=lambda m: None).success  # stores both windows
+    assert query(home, "select count(*) from canary_events") == [(48,)]
+    assert run_range(home, old, old + W, log=lambda m: None).success
+    assert query(home, "select breach, rollback_to from window_verdicts "
+                       "where window_start = ?", [old]) == [(True, "A-0")]
+    assert query(home, "select coalesce(sum(deleted_events), 0) from event_retention") == [(0,)]
+    # the next live run deletes them, judged now, and the window keeps its verdict
+    write_canary(home, "A-1", window_events("A-1", T0 + W, "next"))
+    assert run_range(home, T0 + W, T0 + 2 * W, log=lambda m: None).success
+    assert query(home, "select sum(deleted_events) from event_retention") == [(24,)]
+    assert query(home, "select breach from window_verdicts where window_start = ?",
+                 [old]) == [(True,)]

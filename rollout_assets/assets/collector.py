@@ -64,13 +64,18 @@ def canary_events(
             check_phase_history(con, policy)
         except PolicyError as exc:
             raise dg.Failure(description=str(exc)) from None
-        purge = purge_events(con, policy, now)
+        purge = purge_events(con, policy, now, judging=windows[0])
         kept = kept_before(con, policy)
         if purge:
             context.log.info(
                 f"retention: deleted {purge.deleted_events} event(s) of windows before "
                 f"{purge.purged_before:%Y-%m-%d %H:%M} UTC ({policy.retention.canary_events_days} "
                 f"day(s) before the newest stored window, {purge.newest_window:%Y-%m-%d %H:%M})")
+        if purge and purge.unjudged_windows:
+            context.log.warning(
+                f"retention: {purge.unjudged_windows} of those windows had never been judged "
+                "(their events arrived after newer ones: run them before newer windows, or "
+                "raise retention.canary_events_days, to judge such backfills)")
         for text in describe_rotations(follow_rotations(con, home.home)):
             context.log.warning(text)
         faults, skip = check_canary_files(
