@@ -191,10 +191,16 @@ def execute_rollback(
         for ch in slack_channels(policy, config.phase, level, step="rollback"):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
                                        incident))
-        if outcome.exit_code != 0:
+        closed = incident is not None and con.execute(
+            "select status = 'closed' from incidents where incident_id = ?",
+            [incident]).fetchone() == (True,)
+        if outcome.exit_code != 0 and not closed:
+            # (a closed incident's page is resolved: #incident is told above, and a trigger now
+            # would reopen the page with no resolve to follow)
             notifier.send(con, Message(
                 ws, config.phase, f"pagerduty:{pagerduty_service(policy, config.phase)}",
-                "escalation", "P1", text, {**payload, "severity": "critical"}, incident))
+                "escalation", "P1", text, {**payload, "severity": "critical"}, incident,
+                about="rollback"))
         send_resolves(con, notifier, policy)  # an incident closed before its rollback ran
     context.log.info(text)
     metadata = {

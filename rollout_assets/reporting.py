@@ -21,7 +21,7 @@ from rollout_assets.incidents import incident_for
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import WINDOW, window_stamp
 from rollout_assets.policy import Policy
-from rollout_assets.resources.notifier import Message, delivered_sql
+from rollout_assets.resources.notifier import PAGERDUTY_PREFIX, Message, delivered_sql
 from rollout_assets.scoring import max_level
 
 PAGERDUTY_SEVERITY = {"P1": "critical", "P2": "error", "warning": "warning"}
@@ -271,7 +271,8 @@ def resolve_messages(con, policy: Policy, now: datetime | None = None) -> list[M
         ), channels as (
             select i.incident_id, i.phase, i.level, i.closed_window, n.channel
             from ready i join notifications n
-                on n.incident_id = i.incident_id and n.kind = 'alert'
+                on n.incident_id = i.incident_id and (n.kind = 'alert' or (
+                    n.kind = 'escalation' and starts_with(n.channel, '{PAGERDUTY_PREFIX}')))
             union
             select incident_id, phase, level, closed_window, $channel
             from ready where $close_step

@@ -116,7 +116,8 @@ def snapshot(home: RolloutHome) -> dict[str, list]:
 
 
 def promote_to(home: RolloutHome, phase: str) -> None:
-    """Move the flags forward to `phase` through the CLI's own code path (in-process)."""
+    """Move the flags forward to `phase` through the CLI's own code path (in-process); flags
+    already past it stay where they are."""
     from rollout_assets import flags
     from rollout_assets.policy import load_policy
 
@@ -124,7 +125,8 @@ def promote_to(home: RolloutHome, phase: str) -> None:
     con = connect(home.db_path)
     try:
         state = flags.current_state(con, policy)
-        while state.phase != phase:
+        order = policy.phase_names
+        while order.index(state.phase) < order.index(phase):
             flags.promote(con, policy, policy.next_phase(state.phase), actor="pytest")
             state = flags.current_state(con, policy)
     finally:

@@ -16,6 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from rollout_assets import flags
 from rollout_assets.home import PROJECT_ROOT, RolloutHome
 from rollout_assets.policy import load_policy
 from rollout_assets.reporting import rca_messages, resolve_messages
@@ -469,16 +470,24 @@ def test_the_token_is_an_envvar_so_only_its_name_is_configuration(home, monkeypa
 
 # ---- the real pipeline ------------------------------------------------------------------------
 
-def quiet_rollback_policy(home: RolloutHome) -> None:
-    """A home-local policy whose rollback command only prints: these tests are about the
-    messages, and a rollback exits 0 whatever the flag store says."""
+def quiet_rollback_policy(home: RolloutHome, exit_code: int = 0) -> None:
+    """A home-local policy whose rollback command only prints, with the flags at the last phase:
+    these tests are about the messages, and every rollback runs (the flags stay past its
+    target) and exits `exit_code`."""
     text = (PROJECT_ROOT / "governance" / "policy.yaml").read_text()
     start = text.index("  command: [")
     end = text.index("\n", start)
     (home.root / "governance").mkdir(exist_ok=True)
     (home.root / "governance" / "policy.yaml").write_text(
-        text[:start] + '  command: ["{python}", "-c", "print(\'rolled back to {phase}\')"]'
-        + text[end:])
+        text[:start] + '  command: ["{python}", "-c", "print(\'rolled back to {phase}\'); '
+        f'raise SystemExit({exit_code})"]' + text[end:])
+    policy = load_policy(home.policy_path)
+    con = connect(home.db_path)
+    try:
+        for phase in policy.phase_names[1:]:
+            flags.promote(con, policy, phase, reason="test: flags past every target", force=True)
+    finally:
+        con.close()
 
 
 def window_events(phase: str, ws: datetime, kind: str, n: int = 20, bad: int = 0,
@@ -669,6 +678,39 @@ def test_pipeline_slack_down_pages_fails_the_run_then_a_rerun_delivers_once(
     assert len(endpoints.pd_events()) == 1
     assert_home_clean(home.root)
     assert_no_secret("captured logs", "\n".join(r.getMessage() for r in caplog.records))
+
+
+def test_a_failed_rollback_pages_critical_after_a_slack_escalation_and_the_page_resolves(
+        home, endpoints, monkeypatch):
+    """Found by an independent audit: a warning breach is paged only by escalation (Slack
+    down), then its rollback fails. The critical escalation shared the Slack one's ledger key
+    and was dropped as a duplicate, and the incident's close resolved only pages sent as
+    alerts: PagerDuty kept an open `warning` page for good."""
+    quiet_rollback_policy(home, exit_code=3)
+    ws = [W0900 + timedelta(minutes=15 * i) for i in range(3)]
+    write_canary(home, "A-1", window_events("A-1", ws[0], "autosave", latency_ms=4000.0,
+                                            tenant="qa")
+                 + window_events("A-1", ws[1], "autosave", tenant="qa")
+                 + window_events("A-1", ws[2], "autosave", tenant="qa"))
+    set_env(monkeypatch, endpoints, token=WRONG_TOKEN)  # Slack answers invalid_auth
+    with pytest.raises(RunError):
+        run_range(home, ws[0], ws[1], log=lambda m: None)
+    pages = [(r.body["event_action"], r.body["payload"]["severity"], r.body["dedup_key"])
+             for r in endpoints.of(PD_ENQUEUE) if r.ok]
+    incident = "INC-20250118T0900Z-A-1"
+    assert pages == [("trigger", "warning", incident), ("trigger", "critical", incident)]
+    rows = read_ledger(home)
+    assert rows[f"20250118T0900Z:A-1:pagerduty:{AUTOSAVE}:escalation:rollback"][
+        "status"] == "sent"
+    # Slack is back; two green windows close the incident: its page is resolved
+    set_env(monkeypatch, endpoints, token=TOKEN)
+    for w in ws[1:]:
+        try:
+            run_range(home, w, w + timedelta(minutes=15), log=lambda m: None)
+        except RunError:
+            pass  # the failed rollback's run stays failed: it is not retried
+    assert _delivered_pd(endpoints)[-1] == ("resolve", incident)
+    assert [a for a, _ in _delivered_pd(endpoints)].count("resolve") == 1
 
 
 def _delivered_pd(endpoints) -> list[tuple[str, str]]:

@@ -82,6 +82,9 @@ class Message:
     payload: dict = field(default_factory=dict)
     incident_id: str | None = None
     cycle: int = 1  # a resolve or reopen: the how-manyth of its incident on its channel
+    # what an escalation escalates, when not the delivery of its window's messages: e.g.
+    # "rollback" (the rollback command failed), so that one is never taken for the other
+    about: str = ""
 
     @property
     def _per_incident(self) -> str:
@@ -96,15 +99,19 @@ class Message:
         return f"{RESOLVE_KEY_SEP}{self.incident_id}{cycle}"
 
     @property
+    def _about(self) -> str:
+        return f"{RESOLVE_KEY_SEP}{self.about}" if self.about else ""
+
+    @property
     def idempotency_key(self) -> str:
         return (f"{window_stamp(self.window_start)}:{self.phase}:{self.channel}:{self.kind}"
-                f"{self._per_incident}")
+                f"{self._about}{self._per_incident}")
 
     @property
     def file_stem(self) -> str:
         channel = re.sub(r"[^A-Za-z0-9_-]+", "-", self.channel).strip("-")
         return (f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}"
-                f"{self._per_incident}")
+                f"{self._about.replace(':', '-')}{self._per_incident}")
 
     @property
     def is_pagerduty(self) -> bool:
