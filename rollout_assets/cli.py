@@ -468,8 +468,16 @@ TIME_HELP = ("start of the range: an ISO-8601 time, UTC unless it has an offset 
              "(2025-01-18T09:00Z, 2025-01-18T18:00+09:00)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit 2, like every other refusal (argparse
+    prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"rollout: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rollout", description=__doc__.splitlines()[0])
+    p = _Parser(prog="rollout", description=__doc__.splitlines()[0])
     p.add_argument("--home", help=HOME_HELP)
     # every command takes --home too, before or after its name (`rollout run --home H ...`)
     home = argparse.ArgumentParser(add_help=False)
@@ -616,7 +624,10 @@ def _reexec_in_utf8_mode() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `rollout` command itself, not a caller in Python
         _reexec_in_utf8_mode()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or bad arguments, said in one line (`_Parser`)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     home = RolloutHome.resolve(args.home)
     try:
         _check_home(args.cmd, home)

@@ -215,6 +215,10 @@ BAD_INPUT = [
      "--simulate-latency must be"),
     (["flags", "promote", "--phase", "A-1", "--force"], "--force needs --reason"),
     (["ui", "--port", "99999"], "is not a TCP port"),
+    # argparse's own refusals: its usage block made them two lines and more
+    (["run", "--from", "2025-01-18T09:00Z"], "the following arguments are required: --to"),
+    (["rollback"], "invalid choice: 'rollback'"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "x"], "--hours: invalid float"),
 ]
 
 
