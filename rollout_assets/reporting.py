@@ -128,6 +128,7 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
         ]
         baseline = next((s["baseline"] for s in score_dicts if s["baseline"] is not None), None)
         incident = incident_for(con, phase, ws)
+        continues = announced_as(con, incident) if incident else {}
         page = level in policy.notifications.page_levels
         phases.append(dict(
             phase=phase, title=policy.phase(phase).title if phase in policy.phase_names else "",
@@ -136,7 +137,7 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             slack_channels=slack_channels(policy, phase, level), page=page,
             pagerduty_service=pagerduty_service(policy, phase),
             pagerduty_severity=PAGERDUTY_SEVERITY[level] if page else None,
-            incident_id=incident,
+            incident_id=incident, continues=continues,
             dedup_key=incident or f"rollout-{phase}-{window_stamp(ws)}",
             run_key=rollback_run_key(ws, phase),
             rollback=dict(command=rb[0], status=rb[1], exit_code=rb[2], log_tail=rb[3] or "",
@@ -156,6 +157,23 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
         flags=dict(phase=state.phase if state else "unknown", flags=state.flags if state else {}),
         phases=phases,
     )
+
+
+def announced_as(con, incident: str) -> dict[str, str]:
+    """Channel -> the id an incident's alert was delivered under there before late data renamed
+    it (a breach before its first window moved the start, so the id changed): that page stands
+    for it (`withdrawn_messages` resolves it when this incident closes)."""
+    return dict(con.execute(f"""
+        select n.channel, arg_min(n.incident_id, n.window_start)
+        from notifications n join incidents i on i.incident_id = $incident
+        where n.kind = 'alert' and n.phase = i.phase and n.incident_id is not null
+            and n.incident_id <> i.incident_id
+            and n.incident_id not in (select incident_id from incidents)
+            and n.window_start >= i.opened_window
+            and n.window_start <= coalesce(i.closed_window, i.last_breach_window)
+            and {delivered_sql('n')}
+        group by n.channel
+    """, {"incident": incident}).fetchall())
 
 
 def render_alert(home: RolloutHome, ctx: dict) -> Path:
@@ -186,6 +204,10 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
         )
         rb = p.get("rollback")
         incident = p.get("incident_id")
+        continues = p.get("continues") or {}
+        if continues:
+            summary += (f" ({incident}, announced as {', '.join(sorted(set(continues.values())))}"
+                        " before late data moved its first window)")
         payload = {
             "window": ctx["window_stamp"], "window_start_text": ctx["window_start"],
             "window_end_text": ctx["window_end"], "phase_title": p.get("title") or "",
@@ -196,8 +218,13 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
             "service": p["pagerduty_service"], "dedup_key": incident or p["dedup_key"],
         }
         for ch in p["slack_channels"]:
-            out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary, payload, incident))
-        if p["page"]:
+            # an incident announced under the id it had before late data renamed it is told in
+            # that thread, not as a new one
+            thread_of = {"thread_of": continues[ch]} if ch in continues else {}
+            out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary,
+                               {**payload, **thread_of}, incident))
+        pd_channel = f"pagerduty:{p['pagerduty_service']}"
+        if p["page"] and pd_channel not in continues:  # else the page under the old id stands
             out.append(Message(
                 ws, p["phase"], f"pagerduty:{p['pagerduty_service']}", "alert", p["level"], summary,
                 {**payload, "severity": p["pagerduty_severity"]}, incident,

@@ -793,10 +793,11 @@ def test_an_escalation_whose_page_went_out_since_is_superseded_not_sent(
 def test_an_incident_renamed_by_a_late_breach_is_resolved_and_keeps_its_draft(
         home, endpoints, monkeypatch):
     """B-0 breaches at 09:30 (INC-…0930Z) and closes at 10:00. A late file makes 09:15 a
-    breach too: the incident is now INC-…0915Z, paged under that key by the re-run, and must be
-    resolved under it as well, although its closing window's resolve was already sent for the
-    old id. Its RCA draft, with what people wrote, moves to the new id (found by an independent
-    audit: the new page stayed open for good and the old draft was left behind)."""
+    breach too: the incident is now INC-…0915Z. It was announced under the old id, and that page
+    stands for it: no second PagerDuty incident, the late alert goes into the old id's Slack
+    thread (found by independent audits: a second page and thread root, then a page that stayed
+    open for good). Its RCA draft, with what people wrote, moves to the new id (the old draft
+    was left behind)."""
     quiet_rollback_policy(home)
     w = [W0900 + timedelta(minutes=15 * i) for i in range(6)]
     write_canary(home, "B-0", [e for i, ws in enumerate(w) if i != 1  # 09:15 comes late
@@ -810,8 +811,15 @@ def test_an_incident_renamed_by_a_late_breach_is_resolved_and_keeps_its_draft(
 
     write_canary(home, "B-0", window_events("B-0", w[1], "merge", bad=10))  # the late file
     run_range(home, w[1], w[1] + timedelta(minutes=15), log=lambda m: None)
-    assert _delivered_pd(endpoints) == [("trigger", old), ("resolve", old), ("trigger", new),
-                                        ("resolve", new)]
+    assert _delivered_pd(endpoints) == [("trigger", old), ("resolve", old)]
+    posts = [p for p in endpoints.delivered_posts() if p["channel"] == "#merge-ops"]
+    root = next(p for p in posts if p["text"].startswith("[P2] B-0 breached") and "0930Z" in
+                p["text"])
+    (late,) = [p for p in posts if f"{new}, announced as {old}" in p["text"]]
+    assert late["text"].startswith("[P2] B-0 breached") and "20250118T0915Z" in late["text"]
+    rows = read_ledger(home)
+    assert late["thread_ts"] == rows["20250118T0930Z:B-0:#merge-ops:alert"]["message_ts"]
+    assert "thread_ts" not in root or not root["thread_ts"]
     assert sorted(p.name for p in home.rca_dir.iterdir()) == [f"{new}.md"]
     text = (home.rca_dir / f"{new}.md").read_text()
     assert text.startswith(f"# RCA draft: {new}\n\n> Renamed from {old}")
@@ -823,7 +831,32 @@ def test_an_incident_renamed_by_a_late_breach_is_resolved_and_keeps_its_draft(
             (new, c.execute("select min(created_at) from notifications where kind = 'alert' "
                             "and window_start = ?", [w[2]]).fetchone()[0])]
     run_range(home, w[0], w[5] + timedelta(minutes=15), log=lambda m: None)
-    assert len(_delivered_pd(endpoints)) == 4  # nothing twice
+    assert len(_delivered_pd(endpoints)) == 2  # nothing twice
+
+
+def test_an_open_incident_renamed_by_a_late_breach_keeps_its_one_page_until_it_closes(
+        home, endpoints, monkeypatch):
+    """B-0 breaches at 09:30, paged and still open; a late file makes 09:15 breach: the
+    incident is renamed, not paged again, and its one page is resolved when it closes."""
+    quiet_rollback_policy(home)
+    w = [W0900 + timedelta(minutes=15 * i) for i in range(6)]
+    write_canary(home, "B-0", window_events("B-0", w[0], "merge")
+                 + window_events("B-0", w[2], "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    run_range(home, w[0], w[2] + timedelta(minutes=15), log=lambda m: None)
+    old, new = "INC-20250118T0930Z-B-0", "INC-20250118T0915Z-B-0"
+    assert _delivered_pd(endpoints) == [("trigger", old)]
+    write_canary(home, "B-0", window_events("B-0", w[1], "merge", bad=10))  # the late file
+    run_range(home, w[1], w[1] + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", old)]
+    write_canary(home, "B-0", window_events("B-0", w[3], "merge")
+                 + window_events("B-0", w[4], "merge"))
+    for ws in w[3:5]:
+        run_range(home, ws, ws + timedelta(minutes=15), log=lambda m: None)
+    assert _delivered_pd(endpoints) == [("trigger", old), ("resolve", old)]
+    with duckdb.connect(str(home.db_path), read_only=True) as c:
+        assert c.execute("select incident_id, status from incidents").fetchall() == [
+            (new, "closed")]
 
 
 def test_a_breach_withdrawn_by_late_data_resolves_its_page_and_keeps_the_rollback_report(

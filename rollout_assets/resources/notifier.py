@@ -404,14 +404,18 @@ class Notifier(dg.ConfigurableResource):
 
     def _resolve_waits_for(self, ledger, msg: Message) -> datetime | None:
         """For a resolve: the phase's last breached window before it, if that window's alert
-        on this channel has not been handled yet (no ledger row)."""
+        on this channel has not been handled yet (no ledger row). Only windows from the
+        incident's first alert on: an id late data replaced is resolved under its own alerts,
+        and the breach that renamed it is never paged again (`reporting.announced_as`)."""
         if msg.kind != "resolve" or not msg.incident_id or msg.phase not in (
                 self.policy().phase_names):
             return None
         last = ledger.execute(
             "select window_start, level from window_verdicts where phase = ? and breach and "
-            "window_start < ? order by window_start desc limit 1",
-            [msg.phase, msg.window_start]).fetchone()
+            "window_start < ? and window_start >= coalesce((select min(window_start) from "
+            "notifications where incident_id = ? and kind = 'alert'), '-infinity'::TIMESTAMP) "
+            "order by window_start desc limit 1",
+            [msg.phase, msg.window_start, msg.incident_id]).fetchone()
         if last is None or msg.channel not in self._routes(msg.phase, last[1]):
             return None
         # delivered, not merely recorded: a trigger that failed goes out again later, and a
@@ -535,12 +539,15 @@ class Notifier(dg.ConfigurableResource):
     # ---- Slack threads -------------------------------------------------------------------
     def _thread(self, ledger, msg: Message) -> tuple[str, str] | None:
         """(thread_ts, channel_id) to reply in: the incident's first message in this channel,
+        else that of the id it was announced under before late data renamed it (`thread_of`),
         else, for a rollback/resolve, the window's alert."""
         q = ("select thread_ts, channel_id from notifications where transport = 'slack' and "
              "status = 'sent' and thread_ts is not null and channel = ? and idempotency_key <> ? ")
-        if msg.incident_id:
+        for incident in (msg.incident_id, (msg.payload or {}).get("thread_of")):
+            if not incident:
+                continue
             row = ledger.execute(q + "and incident_id = ? order by created_at limit 1",
-                                 [msg.channel, msg.idempotency_key, msg.incident_id]).fetchone()
+                                 [msg.channel, msg.idempotency_key, incident]).fetchone()
             if row:
                 return row[0], row[1]
         if msg.kind != "alert":
