@@ -424,7 +424,7 @@ def cmd_demo(args, home: RolloutHome) -> int:
     print("next:")
     print(f"  rollout --home {home.root} ui      # Dagster UI: lineage, check history, sensor, "
           "rollback runs")
-    print(f"  duckdb {home.db_path} \"select * from window_verdicts where breach\"")
+    print(f"  duckdb -readonly {home.db_path} \"select * from window_verdicts where breach\"")
     print(f"  open {home.root / 'reports' / 'dashboard' / 'index.html'}   # offline dashboard")
     return 0
 

@@ -224,19 +224,21 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
     blocking = [iid for iid, _, _ in open_inc if iid not in restarting]
     if blocking:
         reasons.append("open incident(s): " + ", ".join(blocking))
-    # No flapping: a phase rolled back is not promoted again within the cooldown (a breach of
-    # it while promoted is always rolled back: the rollback job never skips a live breach)
+    # No flapping: a phase rolled back is not promoted again until the cooldown has passed in
+    # window time (the newest judged window that long after the rolled-back one; a backfill
+    # judges hours of windows in minutes). A breach of it while promoted is always rolled
+    # back: the rollback job never skips a live breach.
     cooldown = policy.rollback.cooldown_minutes
-    rolled_back = con.execute(
-        "select max(finished_at) from rollbacks where status = 'succeeded' and phase = ?",
-        [target]).fetchone()[0] if cooldown else None
-    if rolled_back is not None:
-        ago = (now_utc() - rolled_back).total_seconds() / 60
-        if ago < cooldown:
-            reasons.append(
-                f"{target} was rolled back {max(ago, 0):.0f} minute(s) ago "
-                f"({rolled_back:%Y-%m-%d %H:%M} UTC); rollback.cooldown_minutes holds its "
-                f"promotion back for {cooldown}")
+    rolled_back, newest = con.execute(
+        "select (select max(window_start) from rollbacks where status = 'succeeded' "
+        "and phase = ?), (select max(window_start) from window_verdicts)",
+        [target]).fetchone() if cooldown else (None, None)
+    if rolled_back is not None and newest is not None and (
+            newest - rolled_back < timedelta(minutes=cooldown)):
+        reasons.append(
+            f"{target} was rolled back for window {rolled_back:%Y-%m-%d %H:%M} and the newest "
+            f"judged window is {newest:%H:%M}: rollback.cooldown_minutes holds its promotion "
+            f"back until a window {cooldown} minutes after it is judged")
     last_change = con.execute(
         "select effective_window from flag_history order by changed_at desc limit 1").fetchone()
     # NULL: the change came before any judged window (every window of the phase is after it)

@@ -61,6 +61,7 @@ class RollbackRequest(dg.Config):
     rollback_to: str
     level: str
     failed_slos: list[str]
+    retry: int = 0  # the how-manyth retry of a failed attempt (the breach sensor's)
 
 
 def publish_after_rollback(context, con, home: HomeResource, notifier: Notifier, policy,
@@ -122,6 +123,15 @@ def execute_rollback(
         interrupted_before = con.execute(
             "select 1 from rollbacks where rollback_id = ? and status = 'running'",
             [rollback_id]).fetchone()
+        if config.retry and incident is not None and con.execute(
+                "select status = 'closed' from incidents where incident_id = ?",
+                [incident]).fetchone() == (True,):
+            # the failed attempt's row (exit code, log) stays as it is
+            msg = (f"retry {config.retry} of {rollback_id}: incident {incident} closed after "
+                   "the failed attempt; the rollback is not run again")
+            context.log.info(msg)
+            return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
+                                                                     "incident": incident})
         why = None
         if (before.phase in order and not interrupted_before
                 and order.index(before.phase) <= order.index(config.rollback_to)):

@@ -196,8 +196,13 @@ class Baseline(_Model):
 class RollbackCommand(_Model):
     command: tuple[str, ...] = Field(min_length=1)
     timeout_seconds: float = Field(gt=0, le=3600)
-    # no promotion into a phase within this many minutes (wall clock) of its last rollback
+    # no promotion into a phase until a window this many minutes after its last rollback's is
+    # judged
     cooldown_minutes: int = Field(default=0, ge=0)
+    # a rollback run that failed (the command failed or timed out, its process died) is
+    # launched again by the breach sensor this many times, this long after the last attempt
+    retries: int = Field(default=3, ge=0, le=20)
+    retry_after_minutes: float = Field(default=5.0, ge=0, le=24 * 60)
 
     @field_validator("command")
     @classmethod

@@ -19,17 +19,6 @@ from rollout_assets.policy import Policy
 from rollout_assets.scoring import Verdict
 from rollout_assets.warehouse import records, transaction
 
-REPLAY_DDL = """
-create table if not exists replay_diffs (
-    replay_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
-    production_breach BOOLEAN, candidate_breach BOOLEAN NOT NULL,
-    production_level VARCHAR, candidate_level VARCHAR NOT NULL,
-    production_rollback_to VARCHAR, candidate_rollback_to VARCHAR,
-    production_failed_slos VARCHAR[], candidate_failed_slos VARCHAR[] NOT NULL,
-    production_policy_version VARCHAR, candidate_policy_version VARCHAR NOT NULL,
-    replayed_at TIMESTAMP NOT NULL
-)"""
-
 
 @dataclass(frozen=True)
 class Diff:
@@ -76,7 +65,6 @@ def replay(con, candidate: Policy, start: datetime, end: datetime) -> tuple[str,
     replay_id = "replay-" + hashlib.sha256(
         f"{candidate.version}:{start}:{end}:{now_utc()}".encode()).hexdigest()[:10]
     now = now_utc()
-    con.execute(REPLAY_DDL)
     if not diffs:
         return replay_id, diffs, compared
     with transaction(con):

@@ -284,7 +284,8 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
     cursor = instance.run_storage.get_cursor_values({CURSOR_KEY}).get(CURSOR_KEY)
     out: list[RollbackRun] = []
     while True:
-        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+        ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                      resources={"home": defs.resources["home"]})
         data = sensor.evaluate_tick(ctx)
         job = defs.resolve_job_def("rollback_job")
         for rr in data.run_requests or []:

@@ -33,6 +33,18 @@ DDL: dict[str, str] = {
             observed_only BOOLEAN NOT NULL, dry_run BOOLEAN NOT NULL,
             batch_id BIGINT NOT NULL, line_no BIGINT NOT NULL
         )""",
+    # `rollout replay`'s what-ifs (rollout_assets/replay.py): there before the first replay, so
+    # a query of it answers "none yet" rather than failing
+    "replay_diffs": """
+        create table if not exists replay_diffs (
+            replay_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, phase VARCHAR NOT NULL,
+            production_breach BOOLEAN, candidate_breach BOOLEAN NOT NULL,
+            production_level VARCHAR, candidate_level VARCHAR NOT NULL,
+            production_rollback_to VARCHAR, candidate_rollback_to VARCHAR,
+            production_failed_slos VARCHAR[], candidate_failed_slos VARCHAR[] NOT NULL,
+            production_policy_version VARCHAR, candidate_policy_version VARCHAR NOT NULL,
+            replayed_at TIMESTAMP NOT NULL
+        )""",
     "ingest_batches": """
         create table if not exists ingest_batches (
             batch_id BIGINT PRIMARY KEY, source_file VARCHAR NOT NULL,

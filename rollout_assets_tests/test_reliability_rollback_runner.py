@@ -36,6 +36,7 @@ from rollout_assets_tests.reliability_helpers import (
 BAD_PHASES = ["A-1; rm -rf /", "../../x", "A-1\n", "A-1 ", "$(reboot)", "`id`", "Z-9", "",
               "A-0\x00", "a-1", "A-1/../A-0"]
 MARKER_TOKEN = "xoxb-MARKER-do-not-leak-7f3c"
+RETRY_AFTER = 3.0  # seconds: the retry tests' rollback.retry_after_minutes
 
 
 def with_command(policy: Policy, command: list[str], timeout: float = 60) -> Policy:
@@ -151,6 +152,71 @@ def test_a_failing_rollback_is_recorded_and_escalated_to_p1(home, tmp_path):
     assert "ExitCode=3: the breach is live, escalated to P1" in report
     instance.dispose()
 
+
+
+def test_a_failed_rollback_is_retried_by_the_breach_sensor_until_it_succeeds(home, tmp_path):
+    """Found by independent audits: a failed rollback (a broken flag service; a reader holding
+    the warehouse past the command's timeout) was never tried again, and the breach stayed
+    live. The breach sensor retries it (`rollback.retries`, `retry_after_minutes`), with the
+    real rollback command once the cause is gone, and stops when it succeeds."""
+    from rollout_assets.runner import run_range, tick_breach_sensor
+
+    promote_to(home, "A-1")
+    gate = tmp_path / "flag-service-up"
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        f"if not os.path.exists({str(gate)!r}):\n"
+        "    print('flag service unavailable'); sys.exit(3)\n"
+        "sys.exit(subprocess.call([sys.executable, '-m', 'rollout_assets.cli', '--home', "
+        "sys.argv[1], 'flags', 'rollback', '--phase', sys.argv[2]]))\n")
+    write_home_policy(home, ["{python}", str(script), "{home}", "{phase}"])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=2, retry_after_minutes=RETRY_AFTER / 60)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_canary(home, "A-1", window_events("A-1", T0, "red", failed_restores=6))
+    summary = run_range(home, T0, T0 + timedelta(minutes=15), log=lambda m: None)
+    assert [(r.run_key, r.success) for r in summary.rollbacks] == [("20250118T0900Z:A-1", False)]
+    assert query(home, "select status, exit_code from rollbacks") == [("failed", 3)]
+    assert query(home, "select phase from flag_state") == [("A-1",)]
+
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    try:
+        assert tick_breach_sensor(instance, defs, log=lambda m: None) == []  # not yet
+        time.sleep(RETRY_AFTER)
+        (first,) = tick_breach_sensor(instance, defs, log=lambda m: None)  # still down
+        assert (first.run_key, first.success) == ("20250118T0900Z:A-1:retry-1", False)
+        gate.touch()  # the flag service is back
+        time.sleep(RETRY_AFTER)
+        (second,) = tick_breach_sensor(instance, defs, log=lambda m: None)
+        assert (second.run_key, second.success) == ("20250118T0900Z:A-1:retry-2", True)
+        assert query(home, "select status, exit_code from rollbacks") == [("succeeded", 0)]
+        assert query(home, "select phase from flag_state") == [("A-0",)]
+        assert tick_breach_sensor(instance, defs, log=lambda m: None) == []  # done
+    finally:
+        instance.dispose()
+
+
+def test_retries_stop_at_the_policys_count(home, tmp_path):
+    from rollout_assets.runner import run_range, tick_breach_sensor
+
+    promote_to(home, "A-1")
+    write_home_policy(home, ["{python}", "-c", "raise SystemExit(3)", "{phase}"])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=1, retry_after_minutes=0)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_canary(home, "A-1", window_events("A-1", T0, "red", failed_restores=6))
+    # (no wait: the run's own sensor tick retries at once)
+    summary = run_range(home, T0, T0 + timedelta(minutes=15), log=lambda m: None)
+    assert [(r.run_key, r.success) for r in summary.rollbacks] == [
+        ("20250118T0900Z:A-1", False), ("20250118T0900Z:A-1:retry-1", False)]
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    try:
+        assert tick_breach_sensor(instance, defs, log=lambda m: None) == []
+    finally:
+        instance.dispose()
 
 
 def test_a_rollback_whose_run_was_killed_while_its_command_ran_is_recorded_from_the_start(

@@ -69,7 +69,8 @@ def start(instance) -> str | None:
 
 
 def evaluate(instance, defs, cursor):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                  resources={"home": defs.resources["home"]})
     return breach_sensor.evaluate_tick(ctx)
 
 

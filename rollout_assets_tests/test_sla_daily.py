@@ -78,6 +78,8 @@ def test_days_run_out_of_order_refresh_the_days_whose_incidents_changed(home):
     """Day 2 (breach at 00:00, green 00:15 and 00:30) is run before day 1 (green 23:30, breach
     23:45). Day 1's run makes one incident of both breaches, opened on day 1: day 2's row must
     no longer count it, and its restore time is 23:45 -> 00:45, 60 minutes."""
+    for phase in ("A-1", "A-2", "B-0"):  # the rollbacks move the flags back from B-0
+        rollout(home, "flags", "promote", "--phase", phase, "--force", "--reason", "set-up")
     write_canary(home, "B-0", [*merges(D1.replace(hour=23, minute=30)),
                                *merges(D1.replace(hour=23, minute=45), failed=5),
                                *merges(D2, failed=5), *merges(D2 + W), *merges(D2 + 2 * W)])
@@ -101,6 +103,8 @@ def test_under_the_daemon_the_sensor_refreshes_past_days_later_runs_changed(home
     CLI's follow-up, the breach sensor's rollbacks, the `daily_sla` schedule's run of day 2. Day
     1's later window run regroups day 2's incident; only `sla_refresh_sensor` brings day 2's row
     up to date (it kept the incident and the 45-minute restore)."""
+    for phase in ("A-1", "A-2", "B-0"):  # the rollbacks move the flags back from B-0
+        rollout(home, "flags", "promote", "--phase", phase, "--force", "--reason", "set-up")
     write_canary(home, "B-0", [*merges(D1.replace(hour=23, minute=30)),
                                *merges(D1.replace(hour=23, minute=45), failed=5),
                                *merges(D2, failed=5), *merges(D2 + W), *merges(D2 + 2 * W)])
