@@ -289,7 +289,8 @@ def _carry_draft(home: RolloutHome, old_id: str, new_id: str,
     for was, now in head:
         text = text.replace(was, now, 1)
     heading = f"# RCA draft: {new_id}\n"
-    note = f"\n> Renamed from {old_id}: late data moved the incident's first window.\n"
+    note = (f"\n> Renamed from {old_id}: its first breached window moved (late data, or "
+            "windows re-judged under another policy).\n")
     text = text.replace(heading, heading + note, 1) if heading in text else note + text
     atomic_write(home.inside(new), text)
     old.unlink()

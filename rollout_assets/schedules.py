@@ -66,7 +66,8 @@ def window_requests(instance: dg.DagsterInstance, scheduled: datetime) -> list[d
             run_key=f"catch-up:{start}..{end}",
             tags={ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end,
                   "rollout/launched_by": SCHEDULE_NAME, "rollout/catch_up": "true"}))
-    requests.append(dg.RunRequest(run_key=key, partition_key=key))
+    requests.append(dg.RunRequest(run_key=key, partition_key=key,
+                                  tags={"rollout/launched_by": SCHEDULE_NAME}))
     return requests
 
 

@@ -262,3 +262,23 @@ def test_the_tables_columns_ride_once_per_run_on_the_last_windows_materializatio
         latest = instance.get_latest_materialization_event(dg.AssetKey(table))
         assert latest.asset_materialization.partition == partition_key(WINDOWS[-1])
         assert "dagster/column_schema" in latest.asset_materialization.metadata
+
+
+def test_window_metrics_metadata_counts_are_integers_and_unprefixed_keys_the_furthest_phase(
+        runs):
+    """Found by an independent audit: counts were stored as floats (`events 586.0`), and an
+    unprefixed key kept an earlier phase's value when the furthest phase's was NULL."""
+    instance = prepare_instance(runs.home)
+    (rec,) = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("window_metrics"),
+                              asset_partitions=[partition_key(BREACH_WINDOW)]), limit=1).records
+    md = {k: v.value for k, v in rec.asset_materialization.metadata.items()}
+    rows = query(runs.home, "select phase, events, restore_success_rate, autosave_p95_ms "
+                            "from window_metrics where window_start = ?", [BREACH_WINDOW])
+    assert len(rows) > 1  # several phases: the unprefixed keys are the furthest one's
+    order = ("A-0", "A-1", "A-2", "B-0", "B-1")
+    phase, events, rate, p95 = max(rows, key=lambda r: order.index(r[0]))
+    for p, n, *_ in rows:
+        assert md[f"{p}/events"] == n and isinstance(md[f"{p}/events"], int)
+    assert md["events"] == events and isinstance(md["events"], int)
+    assert md.get("restore_success_rate") == rate and md.get("autosave_p95_ms") == p95

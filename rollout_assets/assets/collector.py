@@ -124,6 +124,16 @@ def canary_events(
     })
 
 
+METADATA_COLUMNS = ("events", "autosave_p95_ms", "autosave_error_count", "restore_success_rate",
+                    "merge_auto_success_rate", "merge_conflict_rate", "crash_rate",
+                    "excluded_events")
+COUNT_COLUMNS = frozenset({"events", "autosave_error_count", "excluded_events"})
+
+
+def _number(column: str, value) -> int | float:
+    return int(value) if column in COUNT_COLUMNS else float(value)
+
+
 @dg.asset(group_name="collector", deps=[canary_events], **WINDOW_ASSET_KWARGS)
 def window_metrics(
     context: dg.AssetExecutionContext, home: HomeResource, warehouse: DuckDBWarehouse
@@ -151,14 +161,15 @@ def window_metrics(
         md: dict = {"phases": ", ".join(r["phase"] for r in rows) or "none"}
         # policy order: the furthest phase (the rollout's stage) writes the unprefixed keys last,
         # so the UI's plots of e.g. `autosave_p95_ms` run across phase changes
-        for rec in sorted(rows, key=lambda r: policy.phase_names.index(
-                r["phase"]) if r["phase"] in policy.phase_names else -1):
-            for col in ("events", "autosave_p95_ms", "autosave_error_count",
-                        "restore_success_rate", "merge_auto_success_rate", "merge_conflict_rate",
-                        "crash_rate", "excluded_events"):
-                v = rec[col]
-                if v is not None:
-                    md[f"{rec['phase']}/{col}"] = md[col] = float(v)
+        ordered = sorted(rows, key=lambda r: policy.phase_names.index(
+            r["phase"]) if r["phase"] in policy.phase_names else -1)
+        for rec in ordered:
+            for col in METADATA_COLUMNS:
+                if rec[col] is not None:
+                    md[f"{rec['phase']}/{col}"] = _number(col, rec[col])
+        for col in METADATA_COLUMNS:  # the furthest phase's own values only (NULL: no key)
+            if ordered and ordered[-1][col] is not None:
+                md[col] = _number(col, ordered[-1][col])
         md["dagster/row_count"] = len(rows)  # this window's rows, one per phase with events
         context.add_asset_metadata(md, partition_key=partition_key(w))
     log_events(context, slot_evaluations(policy, "collector", windows, now_utc()))
