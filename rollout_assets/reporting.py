@@ -313,7 +313,8 @@ def resolve_messages(con, policy: Policy, now: datetime | None = None) -> list[M
           "waited": (now or now_utc()) - ROLLBACK_WAIT}).fetchall()
     return [Message(closed, phase, ch, "resolve", level, text.format(iid), {"dedup_key": iid},
                     incident_id=iid, cycle=cycle)
-            for iid, phase, level, closed, ch, cycle in rows] + withdrawn_messages(con)
+            for iid, phase, level, closed, ch, cycle in rows] + withdrawn_messages(
+        con, policy.notifications.incident_channel if close_step else None)
 
 
 WITHDRAWN = ("> **Withdrawn**: late data re-scored this window and it no longer breaches. The "
@@ -325,9 +326,10 @@ def mark_withdrawn(path: Path) -> None:
     add_banner(path, WITHDRAWN)
 
 
-def withdrawn_messages(con) -> list[Message]:
+def withdrawn_messages(con, incident_channel: str | None = None) -> list[Message]:
     """A resolve for every incident that was announced (an alert delivered under its id) and no
-    longer exists, on each channel its alerts went to, so its page does not stay open for good:
+    longer exists, on each channel its alerts went to, and on `incident_channel` (the runbook's
+    close step) when its RCA or rollback was told there, so its page does not stay open for good:
     at once when late data left no breach of it (`[withdrawn]`); when the incident it became
     closes, if late data moved its first window (a late breach before it, or its first breach
     withdrawn): its page stands for that incident until then."""
@@ -339,7 +341,8 @@ def withdrawn_messages(con) -> list[Message]:
                 min(n.window_start) as first, max(n.window_start) as last,
                 coalesce(any_value(c.resolves), 0) + 1 as cycle
             from notifications n left join cycles c using (incident_id, channel)
-            where n.kind = 'alert' and n.incident_id is not null and {delivered_sql('n')}
+            where (n.kind = 'alert' or n.channel = $incident_channel)
+                and n.incident_id is not null and {delivered_sql('n')}
                 and n.incident_id not in (select incident_id from incidents)
                 and coalesce(c.resolves, 0) <= coalesce(c.reopens, 0)
             group by n.incident_id, n.phase, n.channel
@@ -351,11 +354,13 @@ def withdrawn_messages(con) -> list[Message]:
             and coalesce(i.closed_window, i.last_breach_window) >= g.first
         group by all
         order by g.first, g.incident_id, g.channel
-    """).fetchall()
+    """, {"incident_channel": incident_channel}).fetchall()
     out = []
     for iid, phase, level, first, channel, cycle, successor, still_open in rows:
         if still_open:
             continue  # the page stands for the incident it became, until that one closes
+        if successor and channel == incident_channel:
+            continue  # its successor's own close notice is there
         text = (f"[resolved] {iid} (continued as {successor}) closed" if successor else
                 f"[withdrawn] {iid}: late data re-scored its windows and no breach remains; a "
                 "rollback it triggered stays in force until the phase is promoted again")
