@@ -337,10 +337,13 @@ class Policy(_Model):
         return self.content_hash[:12]
 
     def effective_mode(self) -> str:
+        """The policy's mode; `ROLLOUT_MODE=production` makes a rehearsal policy production
+        (e.g. on the production host), but nothing makes a production policy a rehearsal: the
+        drills it refuses could otherwise be let in by one variable (found by an audit)."""
         env = os.environ.get("ROLLOUT_MODE")
         if env and env not in ("production", "rehearsal"):
             raise PolicyError(f"ROLLOUT_MODE must be production or rehearsal, got {env!r}")
-        return env or self.mode
+        return "production" if "production" in (env, self.mode) else self.mode
 
     def all_slos(self) -> list[tuple[Phase, SloRule]]:
         return [(p, s) for p in self.phases for s in p.slos]

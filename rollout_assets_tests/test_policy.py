@@ -233,3 +233,12 @@ def test_a_value_of_the_wrong_type_is_refused_not_converted(change, field):
     assert field in msg, msg
     ok = parse_policy(mutated(lambda r: _slo(r, "A-1", "restore_success").update(threshold=1)))
     assert ok.phase("A-1").slos[1].threshold == 1.0
+
+
+def test_rollout_mode_cannot_lift_a_production_policy(monkeypatch, policy: Policy):
+    """Found by an independent audit: ROLLOUT_MODE=rehearsal let drills (--simulate-breach,
+    dry-run rollbacks) into a home whose policy says production."""
+    prod = policy.model_copy(update={"mode": "production"})
+    monkeypatch.setenv("ROLLOUT_MODE", "rehearsal")
+    assert prod.effective_mode() == "production"
+    assert policy.effective_mode() == "rehearsal"
