@@ -713,6 +713,22 @@ def test_a_failed_rollback_pages_critical_after_a_slack_escalation_and_the_page_
     assert [a for a, _ in _delivered_pd(endpoints)].count("resolve") == 1
 
 
+def test_a_page_without_its_routing_key_while_slack_is_live_says_so(home, endpoints,
+                                                                    monkeypatch):
+    """Found by an independent audit: with Slack live and PAGERDUTY_ROUTING_KEY_MERGE unset,
+    B-0's pages went to the outbox as if delivered, without a word."""
+    quiet_rollback_policy(home)
+    write_canary(home, "B-0", window_events("B-0", W0900, "merge", bad=10))
+    set_env(monkeypatch, endpoints)
+    monkeypatch.delenv("PAGERDUTY_ROUTING_KEY_MERGE")
+    run_range(home, W0900, W0900 + timedelta(minutes=15), log=lambda m: None)
+    row = read_ledger(home)["20250118T0900Z:B-0:pagerduty:Merge Duty:alert"]
+    assert (row["transport"], row["status"]) == ("outbox", "queued")
+    assert row["error"].startswith("PAGERDUTY_ROUTING_KEY_MERGE is not set: the P2 alert of "
+                                   "20250118T0900Z B-0 for Merge Duty went to the outbox only")
+    assert endpoints.pd_events() == []
+
+
 def _delivered_pd(endpoints) -> list[tuple[str, str]]:
     return [(r.body["event_action"], r.body["dedup_key"]) for r in endpoints.of(PD_ENQUEUE)
             if r.ok]

@@ -267,6 +267,17 @@ class Notifier(dg.ConfigurableResource):
         env = self.policy().pagerduty_services[self._service_key(msg)].routing_key_env
         return os.environ.get(env) or None
 
+    def _unrouted_page(self, msg: Message) -> str | None:
+        """A page that goes to the outbox only because its service's routing key is unset while
+        Slack is live: a deployment half configured, said in the run's log and the ledger row
+        (found by an audit: such pages vanished without a word)."""
+        if not msg.is_pagerduty or not self._slack_token():
+            return None
+        env = self.policy().pagerduty_services[self._service_key(msg)].routing_key_env
+        return (f"{env} is not set: the {msg.level} {msg.kind} of {window_stamp(msg.window_start)}"
+                f" {msg.phase} for {msg.channel[len(PAGERDUTY_PREFIX):]} went to the outbox only "
+                "(reports/outbox/), while Slack is live")
+
     def _slack_token(self) -> str | None:
         if self.slack is None:
             return None
@@ -309,8 +320,11 @@ class Notifier(dg.ConfigurableResource):
                     incident_id=msg.incident_id, dedup_key=msg.dedup_key, updated_at=now)
         if transport == "outbox":
             path = self._write_outbox(msg)
+            gap = self._unrouted_page(msg)
+            if gap:
+                dg.get_dagster_logger("rollout_assets.notifier").warning(gap)
             self._upsert(ledger, key, row is not None, dict(
-                base, status="queued", attempts=attempts_before, path=path, error=None),
+                base, status="queued", attempts=attempts_before, path=path, error=gap),
                 created_at=now)
             self._release_resolves(ledger, msg)
             return "queued"
