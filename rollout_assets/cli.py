@@ -140,6 +140,7 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
 def cmd_run(args, home: RolloutHome) -> int:
     with paused_gc():  # Dagster's import: see rollout_assets/startup.py
         from rollout_assets.runner import BadRange, RunError, run_range
+        from rollout_assets.sensors.breach_sensor import RETRY_SEP
 
     _policy(home)
     start, end = _time(args.from_, "--from"), _time(args.to, "--to")
@@ -159,7 +160,10 @@ def cmd_run(args, home: RolloutHome) -> int:
               "rollback lines below)")
     for line in _verdict_summary(home, start, end):
         print(line)
-    failed = [rb for rb in summary.rollbacks if not rb.success]
+    latest = {}  # a rollback's outcome is its last attempt's (a retry may have succeeded)
+    for rb in summary.rollbacks:
+        latest[rb.run_key.split(RETRY_SEP)[0]] = rb
+    failed = [rb for rb in latest.values() if not rb.success]
     if failed:
         raise CliError("rollback failed for " + ", ".join(rb.run_key for rb in failed)
                        + ": see `rollbacks`, reports/rollbacks/ and the runs in the Dagster UI",

@@ -237,8 +237,8 @@ def promotion_gate(con, policy: Policy, current: str, target: str) -> GateResult
             newest - rolled_back < timedelta(minutes=cooldown)):
         reasons.append(
             f"{target} was rolled back for window {rolled_back:%Y-%m-%d %H:%M} and the newest "
-            f"judged window is {newest:%H:%M}: rollback.cooldown_minutes holds its promotion "
-            f"back until a window {cooldown} minutes after it is judged")
+            f"judged window is {newest:%Y-%m-%d %H:%M}: rollback.cooldown_minutes holds its "
+            f"promotion back until a window {cooldown} minutes after it is judged")
     last_change = con.execute(
         "select effective_window from flag_history order by changed_at desc limit 1").fetchone()
     # NULL: the change came before any judged window (every window of the phase is after it)

@@ -22,6 +22,7 @@ from rollout_assets.governance import (
 from rollout_assets.incidents import incident_for, refresh_incidents
 from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
 from rollout_assets.reporting import (
+    announced_as,
     pagerduty_service,
     resolve_messages,
     rollback_run_key,
@@ -86,6 +87,33 @@ def send_resolves(con, notifier: Notifier, policy) -> None:
         notifier.send(con, msg)
 
 
+def _not_live(con, policy, flags_phase: str, config: RollbackRequest, incident: str | None,
+              ws) -> str | None:
+    """Why the breach of `config.phase` at window `ws` is not a live one to roll back (see
+    `execute_rollback`), or None when it is."""
+    order = policy.phase_names
+    if flags_phase not in order:
+        return None  # the command says what is wrong with the flag store
+    phase = config.phase
+    if order.index(flags_phase) <= order.index(config.rollback_to):
+        earlier = con.execute(
+            "select r.rollback_id from rollbacks r join incidents i on i.incident_id = ? "
+            "where r.status = 'succeeded' and r.phase = ? and r.window_start <> ? "
+            "and r.window_start >= i.opened_window "
+            "and (i.closed_window is null or r.window_start <= i.closed_window) "
+            "order by r.window_start limit 1",
+            [incident, phase, ws]).fetchone() if incident else None
+        return (f"incident {incident} was already rolled back by {earlier[0]}" if earlier else
+                f"the flags are at {flags_phase}, not past {config.rollback_to}")
+    entered = con.execute(
+        "select effective_window from flag_history where to_phase = ? "
+        "order by changed_at desc limit 1", [phase]).fetchone()
+    if entered and entered[0] is not None and ws <= entered[0]:
+        return (f"window {ws:%Y-%m-%d %H:%M} was judged before the flags last moved to {phase} "
+                f"(after window {entered[0]:%Y-%m-%d %H:%M}): a breach of an earlier stint")
+    return None
+
+
 @dg.op(pool=WAREHOUSE_POOL, tags={"kind": "rollback"})
 def execute_rollback(
     context: dg.OpExecutionContext, config: RollbackRequest, home: HomeResource,
@@ -113,13 +141,17 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
                              metadata={"status": "already succeeded"})
-        # One breach, one move back: the flags move while they are past the target. Other
-        # breaches of an incident already rolled back (in any order: windows run out of order,
-        # a late file, a backfill) find them there and record a skip. A breach after someone
-        # promoted the phase again rolls it back again, incident or not: a breaching phase is
-        # never left live (the cooldown holds the promotion back instead, `promotion_gate`).
-        # An attempt interrupted before it recorded its outcome is finished below.
-        order = policy.phase_names
+        # One breach, one move back, and only of a live breach: the flags must be past the
+        # breach's target, and the window judged after they last moved into the breached phase
+        # (the newest judged window then, `flag_history.effective_window`). Otherwise it is
+        # history: breaches of an incident already rolled back (in any order: windows run out
+        # of order, a late file, a backfill) find the flags no further than the target; one
+        # from before the phase was promoted again belongs to an earlier stint. A breach after
+        # someone promoted the phase again rolls it back again, incident or not (the cooldown
+        # holds the promotion back instead, `promotion_gate`). The target is the policy's for
+        # the breached phase (seed §3), also when the flags have moved past that phase.
+        # A retry after the incident closed, and an attempt interrupted before it recorded its
+        # outcome, are handled first.
         interrupted_before = con.execute(
             "select 1 from rollbacks where rollback_id = ? and status = 'running'",
             [rollback_id]).fetchone()
@@ -132,18 +164,8 @@ def execute_rollback(
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
-        why = None
-        if (before.phase in order and not interrupted_before
-                and order.index(before.phase) <= order.index(config.rollback_to)):
-            earlier = con.execute(
-                "select r.rollback_id from rollbacks r join incidents i on i.incident_id = ? "
-                "where r.status = 'succeeded' and r.phase = ? and r.window_start <> ? "
-                "and r.window_start >= i.opened_window "
-                "and (i.closed_window is null or r.window_start <= i.closed_window) "
-                "order by r.window_start limit 1",
-                [incident, config.phase, ws]).fetchone() if incident else None
-            why = (f"incident {incident} was already rolled back by {earlier[0]}" if earlier
-                   else f"the flags are at {before.phase}, not past {config.rollback_to}")
+        why = None if interrupted_before else _not_live(con, policy, before.phase, config,
+                                                         incident, ws)
         if why:
             msg = f"{why}; nothing to do"
             con.execute(
@@ -198,19 +220,24 @@ def execute_rollback(
         level = config.level if outcome.exit_code == 0 else "P1"
         payload = {"exit_code": outcome.exit_code, "status": status,
                    "rollback_to": config.rollback_to, "command": outcome.command}
+        # a retry's outcome is news of its own (the failed attempt's message is in the ledger)
+        attempt = f"retry-{config.retry}" if config.retry else ""
         for ch in slack_channels(policy, config.phase, level, step="rollback"):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
-                                       incident))
+                                       incident, about=attempt))
         closed = incident is not None and con.execute(
             "select status = 'closed' from incidents where incident_id = ?",
             [incident]).fetchone() == (True,)
         if outcome.exit_code != 0 and not closed:
             # (a closed incident's page is resolved: #incident is told above, and a trigger now
             # would reopen the page with no resolve to follow)
+            pd_channel = f"pagerduty:{pagerduty_service(policy, config.phase)}"
+            # an incident renamed by late data is paged under the id it was announced with
+            paged_as = announced_as(con, incident).get(pd_channel, incident) if incident else None
             notifier.send(con, Message(
-                ws, config.phase, f"pagerduty:{pagerduty_service(policy, config.phase)}",
-                "escalation", "P1", text, {**payload, "severity": "critical"}, incident,
-                about="rollback"))
+                ws, config.phase, pd_channel, "escalation", "P1", text,
+                {**payload, "severity": "critical"}, paged_as,
+                about=f"rollback{':' + attempt if attempt else ''}"))
         send_resolves(con, notifier, policy)  # an incident closed before its rollback ran
     context.log.info(text)
     metadata = {

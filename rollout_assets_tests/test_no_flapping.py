@@ -59,7 +59,7 @@ def test_a_rolled_back_phase_waits_out_the_cooldown_and_is_rolled_back_again_if_
     con = connect(home.db_path)
     try:
         with pytest.raises(FlagError, match=r"A-2 was rolled back for window 2025-01-18 09:00 "
-                                            r"and the newest judged window is 09:30: "
+                                            r"and the newest judged window is 2025-01-18 09:30: "
                                             r"rollback.cooldown_minutes holds its promotion"):
             promote(con, policy, "A-2", reason="re-promoted")
         promote(con, policy, "A-2", reason="test: re-promoted by hand", force=True)
@@ -133,5 +133,36 @@ def test_a_relaunched_rollback_that_already_succeeded_keeps_its_record(home, pol
                            ).fetchall() == first
         assert con.execute("select count(*) from flag_history where action = 'rollback'"
                            ).fetchone()[0] == 1
+    finally:
+        con.close()
+
+
+def test_a_late_breach_from_before_a_re_promotion_does_not_roll_the_new_stint_back(home, policy):
+    """Found by an independent audit: A-2 breached at 10:00 and was rolled back; windows up to
+    11:00 were judged and A-2 promoted again; then late data made 09:45 breach. That breach
+    belongs to the earlier stint, already rolled back: the healthy re-promoted phase stays."""
+    con = connect(home.db_path)
+    try:
+        for phase in ("A-1", "A-2"):
+            promote(con, policy, phase, reason="test", force=True)
+        _verdicts(con, [(4, "breach")])
+        refresh_incidents(con, home, policy)
+    finally:
+        con.close()
+    assert _rollback(home, 4)[0] == "succeeded"
+    con = connect(home.db_path)
+    try:
+        _verdicts(con, [(i, "pass") for i in range(5, 9)])  # 10:15 .. 11:00
+        promote(con, policy, "A-2", reason="test: re-promoted", force=True)
+        _verdicts(con, [(3, "breach")])  # 09:45, late
+        refresh_incidents(con, home, policy)
+    finally:
+        con.close()
+    status, log = _rollback(home, 3)
+    assert status == "skipped" and ("window 2025-01-18 09:45 was judged before the flags last "
+                                    "moved to A-2 (after window 2025-01-18 11:00)") in log
+    con = connect(home.db_path)
+    try:
+        assert con.execute("select phase from flag_state").fetchone() == ("A-2",)
     finally:
         con.close()

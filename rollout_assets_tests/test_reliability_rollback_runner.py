@@ -194,8 +194,40 @@ def test_a_failed_rollback_is_retried_by_the_breach_sensor_until_it_succeeds(hom
         assert query(home, "select status, exit_code from rollbacks") == [("succeeded", 0)]
         assert query(home, "select phase from flag_state") == [("A-0",)]
         assert tick_breach_sensor(instance, defs, log=lambda m: None) == []  # done
+        # each attempt's outcome was told (a retry's message had the first one's ledger key
+        # and was dropped: the channel kept saying ExitCode=3, found by an independent audit)
+        assert query(home, "select idempotency_key from notifications where kind = 'rollback' "
+                           "and channel = '#launch-autosave' order by created_at") == [
+            ("20250118T0900Z:A-1:#launch-autosave:rollback",),
+            ("20250118T0900Z:A-1:#launch-autosave:rollback:retry-1",),
+            ("20250118T0900Z:A-1:#launch-autosave:rollback:retry-2",)]
     finally:
         instance.dispose()
+
+
+def test_rollout_run_exits_0_when_its_own_retry_succeeded(home, tmp_path, capsys):
+    """Found by an independent audit: the run printed the retry's success, then exited 1 for
+    the first attempt."""
+    promote_to(home, "A-1")
+    gate = tmp_path / "tried-once"
+    script = tmp_path / "second-time-lucky.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        f"if not os.path.exists({str(gate)!r}):\n"
+        f"    open({str(gate)!r}, 'w').close(); sys.exit(3)\n"
+        "sys.exit(subprocess.call([sys.executable, '-m', 'rollout_assets.cli', '--home', "
+        "sys.argv[1], 'flags', 'rollback', '--phase', sys.argv[2]]))\n")
+    write_home_policy(home, ["{python}", str(script), "{home}", "{phase}"])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=1, retry_after_minutes=0)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_canary(home, "A-1", window_events("A-1", T0, "red", failed_restores=6))
+    code = cli.main(["--home", str(home.root), "run", "--from", "2025-01-18T09:00Z",
+                     "--to", "2025-01-18T09:15Z"])
+    out = capsys.readouterr().out
+    assert "20250118T0900Z:A-1: FAILED" in out and "20250118T0900Z:A-1:retry-1: succeeded" in out
+    assert code == 0
+    assert query(home, "select phase from flag_state") == [("A-0",)]
 
 
 def test_retries_stop_at_the_policys_count(home, tmp_path):
