@@ -26,6 +26,18 @@ def _verdicts(con, rows):
                      "P2" if breach else "ok", ["restore_success"] if breach else [], ws])
 
 
+def at_a2_with(home, policy, rows) -> None:
+    """The flags at A-2 (forced), these A-2 verdicts stored, the incidents folded from them."""
+    con = connect(home.db_path)
+    try:
+        for phase in ("A-1", "A-2"):
+            promote(con, policy, phase, reason="test", force=True)
+        _verdicts(con, rows)
+        refresh_incidents(con, home, policy)
+    finally:
+        con.close()
+
+
 def _rollback(home, i):
     defs = build_definitions(home)
     with dg.instance_for_test() as instance:
@@ -47,14 +59,7 @@ def test_a_rolled_back_phase_waits_out_the_cooldown_and_is_rolled_back_again_if_
     """Found by an independent audit: after a forced re-promotion, a new breach inside the
     cooldown was recorded as skipped and the breaching phase stayed live. The cooldown now holds
     the promotion back instead (in window time)."""
-    con = connect(home.db_path)
-    try:
-        for phase in ("A-1", "A-2"):
-            promote(con, policy, phase, reason="test", force=True)
-        _verdicts(con, [(0, "breach"), (1, "pass"), (2, "pass")])
-        refresh_incidents(con, home, policy)
-    finally:
-        con.close()
+    at_a2_with(home, policy, [(0, "breach"), (1, "pass"), (2, "pass")])
     assert _rollback(home, 0)[0] == "succeeded"  # the first incident rolls A-2 back to A-1
     con = connect(home.db_path)
     try:
@@ -84,14 +89,7 @@ def test_windows_run_out_of_order_still_roll_an_incident_back_once(home, policy)
     """A late file breaches 10:00 after 10:15's breach was rolled back: both windows are one
     incident (opened 10:00 now), which was rolled back already; and a breach of another
     incident finds the flags rolled back already."""
-    con = connect(home.db_path)
-    try:
-        for phase in ("A-1", "A-2"):
-            promote(con, policy, phase, reason="test", force=True)
-        _verdicts(con, [(5, "breach"), (6, "pass"), (7, "pass")])
-        refresh_incidents(con, home, policy)
-    finally:
-        con.close()
+    at_a2_with(home, policy, [(5, "breach"), (6, "pass"), (7, "pass")])
     assert _rollback(home, 5)[0] == "succeeded"
     con = connect(home.db_path)
     try:
@@ -114,14 +112,7 @@ def test_windows_run_out_of_order_still_roll_an_incident_back_once(home, policy)
 
 
 def test_a_relaunched_rollback_that_already_succeeded_keeps_its_record(home, policy):
-    con = connect(home.db_path)
-    try:
-        for phase in ("A-1", "A-2"):
-            promote(con, policy, phase, reason="test", force=True)
-        _verdicts(con, [(0, "breach")])
-        refresh_incidents(con, home, policy)
-    finally:
-        con.close()
+    at_a2_with(home, policy, [(0, "breach")])
     assert _rollback(home, 0)[0] == "succeeded"
     con = connect(home.db_path)
     first = con.execute("select flags_before, flags_after, started_at from rollbacks").fetchall()
@@ -141,14 +132,7 @@ def test_a_late_breach_from_before_a_re_promotion_does_not_roll_the_new_stint_ba
     """Found by an independent audit: A-2 breached at 10:00 and was rolled back; windows up to
     11:00 were judged and A-2 promoted again; then late data made 09:45 breach. That breach
     belongs to the earlier stint, already rolled back: the healthy re-promoted phase stays."""
-    con = connect(home.db_path)
-    try:
-        for phase in ("A-1", "A-2"):
-            promote(con, policy, phase, reason="test", force=True)
-        _verdicts(con, [(4, "breach")])
-        refresh_incidents(con, home, policy)
-    finally:
-        con.close()
+    at_a2_with(home, policy, [(4, "breach")])
     assert _rollback(home, 4)[0] == "succeeded"
     con = connect(home.db_path)
     try:
