@@ -595,6 +595,11 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
     (a new, empty flag store and a run over nothing would say all is well), except for the
     commands that start a home."""
     root = home.root
+    try:
+        os.fsencode(root).decode("utf-8")
+    except UnicodeDecodeError:  # bytes that are not UTF-8: DuckDB takes UTF-8 file names only
+        raise CliError(f"rollout home {ascii(str(root))} is not a UTF-8 path: the warehouse "
+                       "(DuckDB) needs one; rename the directory") from None
     if root.exists() and not root.is_dir():
         raise CliError(f"rollout home {root} is not a directory")
     if not root.exists():

@@ -511,3 +511,14 @@ def test_a_path_python_spelled_with_surrogate_escapes_opens_in_duckdb(tmp_path):
     con = connect(Path(escaped) / "data" / "rollout.duckdb")
     con.close()
     assert (tmp_path / "home-é" / "data" / "rollout.duckdb").is_file()
+
+
+def test_a_home_whose_name_is_not_utf8_is_a_one_line_reason(tmp_path):
+    """Found by an independent audit: a traceback (DuckDB takes UTF-8 file names only)."""
+    root = os.fsencode(tmp_path) + b"/home-\xe9"
+    os.mkdir(root)
+    proc = subprocess.run([ROLLOUT, "--home", root, "flags", "show"], capture_output=True,
+                          env={**clean_env(), "LC_ALL": "C", "PYTHONUTF8": "0"}, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is not a UTF-8 path" in err
