@@ -160,13 +160,14 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
 
 
 def announced_as(con, incident: str) -> dict[str, str]:
-    """Channel -> the id an incident's alert was delivered under there before late data renamed
-    it (a breach before its first window moved the start, so the id changed): that page stands
-    for it (`withdrawn_messages` resolves it when this incident closes)."""
+    """Channel -> the id an incident's alert (or RCA draft, in `#incident`) was delivered under
+    there before late data renamed it (a breach before its first window moved the start, so
+    the id changed): that page and thread stand for it (`withdrawn_messages` resolves it when
+    this incident closes)."""
     return dict(con.execute(f"""
         select n.channel, arg_min(n.incident_id, n.window_start)
         from notifications n join incidents i on i.incident_id = $incident
-        where n.kind = 'alert' and n.phase = i.phase and n.incident_id is not null
+        where n.kind in ('alert', 'rca') and n.phase = i.phase and n.incident_id is not null
             and n.incident_id <> i.incident_id
             and n.incident_id not in (select incident_id from incidents)
             and n.window_start >= i.opened_window
@@ -268,8 +269,14 @@ def rca_messages(con, policy: Policy) -> list[Message]:
     ).fetchall():
         text = (f"[RCA] {iid} ({level}, {phase}): draft {path}, owner {owner}, due {due} "
                 "(one business day)")
+        # a renamed incident's draft is told in the thread of the id it was announced under
+        was = announced_as(con, iid).get(channel)
+        if was:
+            text += f"; announced as {was} before its first window moved"
         out.append(Message(opened, phase, channel, "rca", level, text,
-                           {"dedup_key": iid, "report": path}, incident_id=iid))
+                           {"dedup_key": iid, "report": path, **({"thread_of": was} if was
+                                                                  else {})},
+                           incident_id=iid))
     return out
 
 

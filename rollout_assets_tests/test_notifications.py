@@ -873,6 +873,13 @@ def test_an_open_incident_renamed_by_a_late_breach_keeps_its_one_page_until_it_c
     with duckdb.connect(str(home.db_path), read_only=True) as c:
         assert c.execute("select incident_id, status from incidents").fetchall() == [
             (new, "closed")]
+    # #incident keeps one thread: the new id's RCA post replies in the old one's (a second
+    # root, found by an independent audit)
+    rows = read_ledger(home)
+    root = rows["20250118T0930Z:B-0:#incident:rca"]["message_ts"]
+    (rca,) = [p for p in endpoints.delivered_posts() if p["channel"] == "#incident"
+              and p["text"].startswith(f"[RCA] {new}")]
+    assert rca["thread_ts"] == root and f"announced as {old}" in rca["text"]
 
 
 def test_a_breach_withdrawn_by_late_data_resolves_its_page_and_keeps_the_rollback_report(
