@@ -208,7 +208,7 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
         continues = p.get("continues") or {}
         if continues:
             summary += (f" ({incident}, announced as {', '.join(sorted(set(continues.values())))}"
-                        " before late data moved its first window)")
+                        " before its first window moved)")
         payload = {
             "window": ctx["window_stamp"], "window_start_text": ctx["window_start"],
             "window_end_text": ctx["window_end"], "phase_title": p.get("title") or "",
@@ -224,10 +224,10 @@ def alert_messages(ctx: dict, ws: datetime, report_rel: str) -> list[Message]:
             thread_of = {"thread_of": continues[ch]} if ch in continues else {}
             out.append(Message(ws, p["phase"], ch, "alert", p["level"], summary,
                                {**payload, **thread_of}, incident))
-        pd_channel = f"pagerduty:{p['pagerduty_service']}"
+        pd_channel = f"{PAGERDUTY_PREFIX}{p['pagerduty_service']}"
         if p["page"] and pd_channel not in continues:  # else the page under the old id stands
             out.append(Message(
-                ws, p["phase"], f"pagerduty:{p['pagerduty_service']}", "alert", p["level"], summary,
+                ws, p["phase"], pd_channel, "alert", p["level"], summary,
                 {**payload, "severity": p["pagerduty_severity"]}, incident,
             ))
     return out
