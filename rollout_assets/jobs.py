@@ -87,6 +87,12 @@ def send_resolves(con, notifier: Notifier, policy) -> None:
         notifier.send(con, msg)
 
 
+def _closed(con, incident: str | None) -> bool:
+    return incident is not None and con.execute(
+        "select status = 'closed' from incidents where incident_id = ?",
+        [incident]).fetchone() == (True,)
+
+
 def _not_live(con, policy, flags_phase: str, config: RollbackRequest, incident: str | None,
               ws) -> str | None:
     """Why the breach of `config.phase` at window `ws` is not a live one to roll back (see
@@ -155,9 +161,7 @@ def execute_rollback(
         interrupted_before = con.execute(
             "select 1 from rollbacks where rollback_id = ? and status = 'running'",
             [rollback_id]).fetchone()
-        if config.retry and incident is not None and con.execute(
-                "select status = 'closed' from incidents where incident_id = ?",
-                [incident]).fetchone() == (True,):
+        if config.retry and _closed(con, incident):
             # the failed attempt's row (exit code, log) stays as it is
             msg = (f"retry {config.retry} of {rollback_id}: incident {incident} closed after "
                    "the failed attempt; the rollback is not run again")
@@ -225,10 +229,7 @@ def execute_rollback(
         for ch in slack_channels(policy, config.phase, level, step="rollback"):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
                                        incident, about=attempt))
-        closed = incident is not None and con.execute(
-            "select status = 'closed' from incidents where incident_id = ?",
-            [incident]).fetchone() == (True,)
-        if outcome.exit_code != 0 and not closed:
+        if outcome.exit_code != 0 and not _closed(con, incident):
             # (a closed incident's page is resolved: #incident is told above, and a trigger now
             # would reopen the page with no resolve to follow)
             pd_channel = f"pagerduty:{pagerduty_service(policy, config.phase)}"
