@@ -8,17 +8,19 @@ instead of leaving a stale state behind. First-recorded facts (RCA created, clos
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import get_args
 
 import jinja2
 
 from rollout_assets.collect import add_banner, atomic_write, now_utc, remove_banner
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import window_stamp
-from rollout_assets.policy import Policy
+from rollout_assets.policy import Policy, Severity
 from rollout_assets.scoring import max_level
 from rollout_assets.warehouse import transaction
 
@@ -331,6 +333,11 @@ def _fmt_ts(v) -> str:
     return "-" if v is None else f"{v:%Y-%m-%d %H:%M} UTC" if isinstance(v, datetime) else str(v)
 
 
+# the header's level line as templates/rca/draft.md writes it
+_GENERATED_LEVEL = re.compile(
+    "^- Level: (" + "|".join(map(re.escape, get_args(Severity))) + ")$", re.MULTILINE)
+
+
 def write_rca(con, home: RolloutHome, policy: Policy, inc: Incident, row: dict) -> Path:
     """Create the draft from templates/rca/draft.md; later runs only refresh the generated part
     between the auto markers, so what people wrote in the draft is kept."""
@@ -341,6 +348,9 @@ def write_rca(con, home: RolloutHome, policy: Policy, inc: Incident, row: dict) 
         if AUTO_START in text and AUTO_END in text:
             head, rest = text.split(AUTO_START, 1)
             _, tail = rest.split(AUTO_END, 1)
+            # the header's level as generated follows an escalation; a line a person
+            # rewrote ("- Level: P1 (IC call)") no longer matches and is left alone
+            head = _GENERATED_LEVEL.sub(f"- Level: {row['level']}", head, count=1)
             new = head + auto + tail
             if new != text:
                 atomic_write(path, new)

@@ -116,6 +116,30 @@ def test_failed_rollback_escalates_to_p1(con, home, policy):
     assert rows[0]["rollback_exit_code"] == 3
 
 
+def test_the_rca_header_follows_an_escalation_and_keeps_a_level_people_wrote(con, home,
+                                                                             policy):
+    """The draft is written once, when the incident opens at P2; a failed rollback (or a later
+    P1 breach) escalates it, and the header said P2 for good (found by an independent audit).
+    The generated level line follows the incident; one a person rewrote is theirs."""
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    refresh_incidents(con, home, policy)
+    rca = home.rca_dir / "INC-20250117T0900Z-A-2.md"
+    assert "\n- Level: P2\n" in rca.read_text()
+    rca.write_text(rca.read_text().replace("_Fill in._", "A bad index.", 1))
+    con.execute(
+        "insert into rollbacks values ('k', ?, 'A-2', 'A-1', 'failed', 'cmd', 3, 'boom', NULL, "
+        "'A-2', 'A-2', 'run', 'test', ?, ?)", [T0, T0 + W, T0 + W])
+    refresh_incidents(con, home, policy)
+    text = rca.read_text()
+    assert "\n- Level: P1\n" in text and "- Level: P2" not in text
+    assert "A bad index." in text
+    # the on-call's own words on the level stay as they wrote them
+    rca.write_text(text.replace("- Level: P1\n", "- Level: P1 (IC call: sev-1)\n"))
+    _verdict(con, T0 + W, "A-2", "breach", "P1", ["restore_success"], True, "A-1")
+    refresh_incidents(con, home, policy)
+    assert "- Level: P1 (IC call: sev-1)\n" in rca.read_text()
+
+
 def test_an_incident_never_closes_before_its_alert_was_received(con, home, policy):
     """A range run closes an incident (two green windows after its breach) in its incidents
     step, before its Reporter step sends the alert: the next refresh found the alert received
