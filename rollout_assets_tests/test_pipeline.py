@@ -136,6 +136,10 @@ def test_files_are_written(runs):
     report = files[alerts[0]].decode()
     assert "restore_success" in report and "ExitCode=0" in report
     assert any(f.startswith("reports/outbox/") for f in files)
+    # every file name is portable: a resolve's outbox file was named "...-resolve:INC-...",
+    # which Windows, many sync tools and `scp host:path` cannot take (an audit found it)
+    assert any("-resolve-INC-" in f for f in files)
+    assert [f for f in files if set(f) & set(':*?"<>|\\')] == []
 
 
 def test_the_breach_rolled_the_flags_back_once(runs):

@@ -110,8 +110,8 @@ class Message:
     @property
     def file_stem(self) -> str:
         channel = re.sub(r"[^A-Za-z0-9_-]+", "-", self.channel).strip("-")
-        return (f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}"
-                f"{self._about.replace(':', '-')}{self._per_incident}")
+        tail = f"{self._about}{self._per_incident}".replace(RESOLVE_KEY_SEP, "-")
+        return f"{window_stamp(self.window_start)}-{self.phase}-{channel}-{self.kind}{tail}"
 
     @property
     def is_pagerduty(self) -> bool:
