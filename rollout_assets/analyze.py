@@ -93,10 +93,6 @@ def burn_history(con, policy: Policy, phase: str, rule: BurnRateRule, first: dat
     return {ws: (n, ok / n) for ws, by_kind in history.items() for n, ok in [by_kind[kind]]}
 
 
-def _needs_baseline(phase) -> bool:
-    return any(r.metric == "crash_rate_delta" for r in phase.slos)
-
-
 def score_metrics(con, policy: Policy, metrics: Sequence[dict], first: datetime,
                   end: datetime) -> list[SloScore]:
     """Score `window_metrics` rows of windows in [first, end) under `policy`: each phase's SLOs
@@ -105,14 +101,15 @@ def score_metrics(con, policy: Policy, metrics: Sequence[dict], first: datetime,
     same events gives the same scores."""
     judged = [rec for rec in metrics if rec["phase"] in policy.phase_names]
     baselines = baseline_rates(con, policy, sorted({
-        rec["window_start"] for rec in judged if _needs_baseline(policy.phase(rec["phase"]))}))
+        rec["window_start"] for rec in judged
+        if policy.phase(rec["phase"]).judged_against_baseline}))
     compared: dict[str, dict] = {}  # phase -> window -> comparison values, one query a phase
     burns: dict[tuple[str, str], dict] = {}  # (phase, rule) -> window -> (sample, rate)
     scores: list[SloScore] = []
     for rec in judged:  # a phase the policy does not know is not judged
         phase = policy.phase(rec["phase"])
         ws = rec["window_start"]
-        baseline = baselines[ws][0] if _needs_baseline(phase) else None
+        baseline = baselines[ws][0] if phase.judged_against_baseline else None
         if needs_comparison(phase):
             if phase.name not in compared:
                 compared[phase.name] = compare_windows(con, policy, phase.name, first, end)

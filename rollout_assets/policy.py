@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 from collections.abc import Hashable
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollout_assets.metrics_catalog import METRICS
+from rollout_assets.partitions import WINDOW
 
 Comparator = Literal["<=", "<", ">=", ">"]
 Severity = Literal["warning", "P2", "P1"]
@@ -137,6 +139,12 @@ class Phase(_Model):
     gate: GaGate | None = None
     slos: tuple[SloRule, ...] = ()
     burn_rate_alerts: tuple[BurnRateRule, ...] = ()
+
+    @property
+    def judged_against_baseline(self) -> bool:
+        """Whether this phase's verdicts read the crash baseline (the baseline phase's events
+        over `baseline.lookback_hours` before the window)."""
+        return any(r.metric == "crash_rate_delta" for r in self.slos)
 
     @model_validator(mode="after")
     def _unique_slos(self) -> Phase:
@@ -308,6 +316,19 @@ class Policy(_Model):
         lookback or the longest burn-rate window."""
         return max([self.baseline.lookback_hours * 60]
                    + [b.long_minutes for _, b in self.all_burn_rules()])
+
+    def read_later(self, phase: str) -> timedelta:
+        """How far after a window the verdicts of later windows read the events of `phase`
+        stored in it: windows `(w, w + this]` are judged against them too. The crash
+        baseline's lookback when `phase` is the baseline phase and some phase is judged
+        against it; the longest of the phase's own burn-rate windows, which end with the
+        window judged (`long_minutes` less one window). Zero when no later verdict reads them."""
+        reach = [timedelta(minutes=b.long_minutes) - WINDOW
+                 for p in self.phases if p.name == phase for b in p.burn_rate_alerts]
+        if phase == self.baseline.phase and any(p.judged_against_baseline
+                                                for p in self.phases):
+            reach.append(timedelta(hours=self.baseline.lookback_hours))
+        return max(reach, default=timedelta(0))
 
     # ---- lookups -------------------------------------------------------------------------
     @cached_property

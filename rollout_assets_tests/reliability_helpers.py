@@ -115,9 +115,10 @@ def snapshot(home: RolloutHome) -> dict[str, list]:
         con.close()
 
 
-def promote_to(home: RolloutHome, phase: str) -> None:
+def promote_to(home: RolloutHome, phase: str, force: bool = False) -> None:
     """Move the flags forward to `phase` through the CLI's own code path (in-process); flags
-    already past it stay where they are."""
+    already past it stay where they are. `force`: past the promotion gate, as
+    `--force --reason` does (a set-up with no judged traffic yet)."""
     from rollout_assets import flags
     from rollout_assets.policy import load_policy
 
@@ -127,7 +128,8 @@ def promote_to(home: RolloutHome, phase: str) -> None:
         state = flags.current_state(con, policy)
         order = policy.phase_names
         while order.index(state.phase) < order.index(phase):
-            flags.promote(con, policy, policy.next_phase(state.phase), actor="pytest")
+            flags.promote(con, policy, policy.next_phase(state.phase), actor="pytest",
+                          reason="test set-up" if force else None, force=force)
             state = flags.current_state(con, policy)
     finally:
         con.close()

@@ -56,6 +56,21 @@ def test_real_policy_loads_with_phase_order_and_hash(policy: Policy):
     assert policy.phase("A-1").slos[0].threshold == 2500.0
 
 
+def test_how_far_later_verdicts_read_a_phases_events(policy: Policy):
+    """The late-data sensor re-scores these windows after a late event (`read_later`)."""
+    from datetime import timedelta
+
+    assert policy.read_later("A-0") == timedelta(hours=RAW["baseline"]["lookback_hours"])
+    burn = _phase(RAW, "A-2")["burn_rate_alerts"][0]["long_minutes"]
+    assert policy.read_later("A-2") == timedelta(minutes=burn - 15)  # it ends with its window
+    assert [policy.read_later(p) for p in ("A-1", "B-0", "B-1")] == [timedelta(0)] * 3
+    # no phase judged against the baseline: nothing reads the baseline phase's events later
+    def no_crash_rule(raw):
+        for ph in raw["phases"]:
+            ph["slos"] = [s for s in ph.get("slos", []) if s["metric"] != "crash_rate_delta"]
+    assert parse_policy(mutated(no_crash_rule), "p.yaml").read_later("A-0") == timedelta(0)
+
+
 def test_a_content_change_changes_the_version():
     a = parse_policy(POLICY_TEXT)
     b = parse_policy(POLICY_TEXT + "\n# a comment is a change too\n")

@@ -165,7 +165,7 @@ def test_duplicate_event_ids_across_files_count_once_in_a_run(home):
 def test_the_cursor_scans_only_complete_appended_lines(home):
     path = write_canary(home, "A-1", [event(event_id="a", ts=iso(W0))])
     windows, marks, _ = appended_windows(home, None)
-    assert windows == set() and marks["reports/canary/phase-A-1.jsonl"].offset == path.stat(
+    assert set(windows) == set() and marks["reports/canary/phase-A-1.jsonl"].offset == path.stat(
     ).st_size
     # an unterminated line is not consumed until its newline arrives
     line = event(event_id="b", ts="2025-01-18T18:16:00+09:00")  # 09:16 UTC
@@ -173,18 +173,18 @@ def test_the_cursor_scans_only_complete_appended_lines(home):
     with open(path, "ab") as f:
         f.write(raw[:20])
     windows, marks2, _ = appended_windows(home, marks)
-    assert windows == set()
+    assert set(windows) == set()
     assert marks2["reports/canary/phase-A-1.jsonl"].offset == marks[
         "reports/canary/phase-A-1.jsonl"].offset
     with open(path, "ab") as f:
         f.write(raw[20:] + b"\n")
     windows, marks3, scanned = appended_windows(home, marks2)
-    assert windows == {W1}  # +09:00 converted: the event belongs to the 09:15 UTC window
+    assert set(windows) == {W1}  # +09:00 converted: the event belongs to the 09:15 UTC window
     assert marks3["reports/canary/phase-A-1.jsonl"].offset == path.stat().st_size
     # a file replaced by a shorter one is scanned again from the start
     write_canary(home, "A-1", [event(event_id="c", ts=iso(W2))], mode="w")
     windows, _, _ = appended_windows(home, marks3)
-    assert windows == {W2}
+    assert windows == {W2: {"A-1"}}  # with the phases its lines name
     # a new file appearing later is scanned whole
     write_canary(home, "B-0", [event(event_id="d", phase="B-0", kind="session", ts=iso(W0),
                                      drop=["latency_ms", "ok"])])
@@ -206,3 +206,76 @@ def test_an_unreadable_file_keeps_its_mark_until_it_can_be_read(home):
         path.chmod(0o644)
     windows, _, _ = appended_windows(home, marks2)
     assert windows == {W1}
+
+
+def _kind_events(phase: str, ws, tag: str, kind: str, n: int, ok: bool | None = None,
+                 second: int = 30) -> list[dict]:
+    """`n` events of `kind` (sessions, crashes: no latency or ok; restores: `ok`) at one time
+    in window `ws`, ids `<phase>-<tag>-<kind><i>`."""
+    drop = ["latency_ms"] + (["ok"] if ok is None else [])
+    return [event(event_id=f"{phase}-{tag}-{kind}{i}", phase=phase, kind=kind,
+                  ts=iso(ws + timedelta(seconds=second)), drop=drop,
+                  **({} if ok is None else {"ok": ok})) for i in range(n)]
+
+
+def _scores(home, slo: str, ws):
+    return query(home, "select value, sample_size, passed from slo_scores where slo = ? "
+                       "and window_start = ? and phase = 'A-2'", [slo, ws])
+
+
+def test_late_baseline_events_rescore_the_windows_judged_against_them(home):
+    """Late A-0 sessions change the crash baseline of every A-2 window in the next 168 h: the
+    sensor re-ran only the A-0 window they fell in, and A-2's missed breach stayed a pass
+    (found by an independent audit, against a fresh home with the same files)."""
+    promote_to(home, "A-2", force=True)
+    wa, wb = T0 + timedelta(hours=3), T0 + timedelta(hours=26)
+    write_canary(home, "A-0", _kind_events("A-0", wa, "base", "session", 250)
+                 + _kind_events("A-0", wa, "base", "crash", 25))
+    write_canary(home, "A-2", _kind_events("A-2", wb, "can", "session", 100)
+                 + _kind_events("A-2", wb, "can", "crash", 12))
+    run_range(home, wa, wa + timedelta(minutes=15), log=lambda m: None)
+    run_range(home, wb, wb + timedelta(minutes=15), log=lambda m: None)
+    # baseline 25/250 = 0.10, the canary 12/100 = 0.12: +0.02 holds
+    assert _scores(home, "crash_rate_delta", wb) == [(pytest.approx(0.02), 100, True)]
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []  # first tick: remember
+
+    # 250 more A-0 sessions of 12:00 arrive late: the baseline is 25/500 = 0.05, +0.07 breaks
+    write_canary(home, "A-0", _kind_events("A-0", wa, "late", "session", 250, second=40))
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 2  # two ranges
+    assert [(r.tags["dagster/asset_partition_range_start"],
+             r.tags["dagster/asset_partition_range_end"]) for r in late_runs(instance)] == [
+        ("2025-01-19-11:00", "2025-01-19-11:00"), ("2025-01-18-12:00", "2025-01-18-12:00")]
+    assert _scores(home, "crash_rate_delta", wb) == [(pytest.approx(0.07), 100, False)]
+    assert query(home, "select breach, rollback_to, level from window_verdicts "
+                       "where window_start = ? and phase = 'A-2'", [wb]) == [(True, "A-1", "P2")]
+    assert query(home, "select rollback_id, status from rollbacks") == [
+        ("20250119T1100Z:A-2", "succeeded")]
+    instance.dispose()
+
+
+def test_late_restores_rescore_the_windows_whose_burn_rate_reads_them(home):
+    """A-2's restore burn rate reads its last 6 h: three late failed restores of 20:00 must
+    reach the 20:15 window's score too (it kept 0.0 over 600 restores; a fresh home gives
+    49.75 over 603, a warning breach)."""
+    w1, w2 = T0 + timedelta(hours=11), T0 + timedelta(hours=11, minutes=15)
+    write_canary(home, "A-2", _kind_events("A-2", w1, "a", "restore", 300, ok=True)
+                 + _kind_events("A-2", w2, "b", "restore", 300, ok=True))
+    run_range(home, w1, w2 + timedelta(minutes=15), log=lambda m: None)
+    assert _scores(home, "restore_slow_burn", w2) == [(0.0, 600, True)]
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+
+    write_canary(home, "A-2", _kind_events("A-2", w1, "late", "restore", 3, ok=False))
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 1
+    (run,) = late_runs(instance)
+    assert (run.tags["dagster/asset_partition_range_start"],
+            run.tags["dagster/asset_partition_range_end"]) == (
+        "2025-01-18-20:00", "2025-01-18-20:15")
+    burn = (3 / 603) / (1 - 0.9999)  # error rate over the budget: 49.75
+    assert _scores(home, "restore_slow_burn", w2) == [(pytest.approx(burn), 603, False)]
+    assert query(home, "select breach, level from window_verdicts where window_start = ? "
+                       "and phase = 'A-2'", [w2]) == [(True, "warning")]
+    instance.dispose()

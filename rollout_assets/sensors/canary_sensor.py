@@ -6,10 +6,13 @@ byte offset of the last complete line it scanned and a fingerprint of the bytes 
 the DuckDB file a run may be writing. A rotated file new to the cursor that holds the bytes a
 vanished or replaced file's mark scanned carries on from that mark: late lines written before or
 after the rotation are scanned, the old ones are not scanned twice.
-When a file grew, it scans only the appended complete lines for their `ts` (a cheap regex, no
-validation: the Collector validates), maps them to windows, keeps the windows Dagster has
-already scored (a `window_verdicts` materialization exists; the schedule handles the others),
-and launches `rollout_window_job` once per contiguous range of them. The re-run ingests the new
+When a file grew, it scans only the appended complete lines for their `ts` and `phase` (cheap
+regexes, no validation: the Collector validates), maps them to windows, adds the later windows
+whose verdicts read those events too (`Policy.read_later`: a late event of the crash baseline's
+phase moves the baseline of the next `lookback_hours` of windows; one of a phase with burn-rate
+rules, that phase's burn over the next `long_minutes`), keeps the windows Dagster has already
+scored (a `window_verdicts` materialization exists; the schedule handles the others), and
+launches `rollout_window_job` once per contiguous range of them. The re-run ingests the new
 lines, replaces the windows' rows and verdicts; the breach sensor then sees the corrected
 verdicts, and its run key `<window>:<phase>` and the notification ledger make sure a breach
 already handled is not rolled back or paged twice.
@@ -29,7 +32,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -44,11 +47,13 @@ from rollout_assets.home import RolloutHome
 from rollout_assets.ingest import RetryableIOError
 from rollout_assets.jobs import window_job
 from rollout_assets.partitions import (
+    WINDOW,
     floor_window,
     partition_key,
     window_partitions,
     window_ranges,
 )
+from rollout_assets.policy import Policy, load_policy
 from rollout_assets.resources.home import HomeResource
 from rollout_assets.retention import KEPT_BEFORE_KEY
 from rollout_assets.rotation import fingerprint, holds
@@ -60,6 +65,7 @@ VERDICTS_KEY = dg.AssetKey("window_verdicts")
 COLLECTOR_KEY = dg.AssetKey("canary_events")
 SCAN_CHUNK = 8 * 1024 * 1024
 _TS = re.compile(rb'"ts"\s*:\s*"([^"\\]{1,64})"')
+_PHASE = re.compile(rb'"phase"\s*:\s*"([^"\\\n]{1,64})"')
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,10 @@ def _window_of(raw: bytes) -> datetime | None:
     return floor_window(dt.astimezone(UTC).replace(tzinfo=None))
 
 
-def scan_appended(path: Path, start: int, end: int) -> tuple[set[datetime], int]:
-    """Windows of the complete lines in bytes [start, end) and the offset after the last one."""
-    windows: set[datetime] = set()
+def scan_appended(path: Path, start: int, end: int) -> tuple[dict[datetime, set[str]], int]:
+    """Windows of the complete lines in bytes [start, end), each with the phases its lines
+    name, and the offset after the last one."""
+    windows: dict[datetime, set[str]] = {}
     offset = start
     carry = b""
     with open(path, "rb") as f:
@@ -135,8 +142,13 @@ def scan_appended(path: Path, start: int, end: int) -> tuple[set[datetime], int]
             offset = pos - len(carry)
             for m in _TS.finditer(complete):
                 w = _window_of(m.group(1))
-                if w is not None:
-                    windows.add(w)
+                if w is None:
+                    continue
+                phases = windows.setdefault(w, set())
+                line_start = complete.rfind(b"\n", 0, m.start()) + 1
+                p = _PHASE.search(complete, line_start, complete.find(b"\n", m.end()))
+                if p is not None:
+                    phases.add(p.group(1).decode("utf-8", "replace"))
     return windows, offset
 
 
@@ -153,10 +165,11 @@ def _end_of_complete_lines(path: Path, size: int) -> int:
 
 
 def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
-                     ) -> tuple[set[datetime], dict[str, FileMark], list[tuple]]:
-    """(windows touched by appended lines, the new marks, the scanned byte ranges)."""
+                     ) -> tuple[dict[datetime, set[str]], dict[str, FileMark], list[tuple]]:
+    """(windows touched by appended lines with the phases they name, the new marks, the
+    scanned byte ranges)."""
     new: dict[str, FileMark] = {}
-    windows: set[datetime] = set()
+    windows: dict[datetime, set[str]] = {}
     scanned: list[tuple] = []
     files = [*home.canary_files(), *home.rotated_canary_files()]
     # marks whose file no longer holds what they scanned: rotated away (renamed, copied and
@@ -192,8 +205,20 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
         new[rel] = _mark(path, st.st_size, st.st_mtime, offset)
         if offset > start:
             scanned.append((rel, start, offset))
-            windows |= found
+            for w, phases in found.items():
+                windows.setdefault(w, set()).update(phases)
     return windows, new, scanned
+
+
+def affected_windows(policy: Policy, touched: dict[datetime, set[str]]) -> set[datetime]:
+    """The windows whose verdicts read events in `touched` (window -> phases of its new
+    events): each of them, and the later windows judged against them (`Policy.read_later`)."""
+    out = set(touched)
+    reach = {p: policy.read_later(p) for p in policy.phase_names}
+    for w, phases in touched.items():
+        later = max((reach[p] for p in phases if p in reach), default=timedelta(0))
+        out.update(w + i * WINDOW for i in range(1, later // WINDOW + 1))
+    return out
 
 
 def scored(instance: dg.DagsterInstance, windows: set[datetime]) -> list[datetime]:
@@ -224,10 +249,13 @@ def kept_by_retention(instance: dg.DagsterInstance) -> datetime | None:
 
 def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: str | None
                        ) -> tuple[list[dg.RunRequest], str]:
-    """Run requests re-scoring the already-scored windows that got new lines, and the cursor."""
+    """Run requests re-scoring the already-scored windows that got new lines or are judged
+    against them, and the cursor. A policy that does not load fails the tick (the cursor stays:
+    the same lines are looked at again once it is fixed; runs refuse it too)."""
     marks = load_cursor(cursor)
-    windows, new_marks, scanned = appended_windows(home, marks)
-    todo = scored(instance, windows)
+    touched, new_marks, scanned = appended_windows(home, marks)
+    todo = scored(instance, affected_windows(load_policy(home.policy_path), touched)
+                  if touched else set())
     digest = hashlib.sha256(json.dumps(sorted(scanned)).encode()).hexdigest()[:16]
     requests = []
     for first, last in window_ranges(todo):
@@ -247,7 +275,9 @@ def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: 
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Re-scores windows that were already judged when events for them are appended to "
-                "reports/canary/phase-*.jsonl (cursor: size, mtime and scanned offset per file).",
+                "reports/canary/phase-*.jsonl, and the later windows judged against those events "
+                "(the crash baseline's lookback, burn-rate windows); cursor: size, mtime and "
+                "scanned offset per file.",
 )
 def canary_late_data_sensor(context: dg.SensorEvaluationContext, home: HomeResource):
     reap_dead_runs(context.instance, context.log.warning)
