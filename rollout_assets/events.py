@@ -228,11 +228,21 @@ def validate_line(raw: bytes, phases: frozenset[str] | set[str],
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return None, raw[:RAW_KEEP].decode("utf-8", "replace"), "not UTF-8"
+        return _quarantined(raw[:RAW_KEEP].decode("utf-8", "replace"), "not UTF-8",
+                            len(raw) > RAW_KEEP, "bytes", len(raw))
     try:
         return validate_event(text, phases, now), "", ""
     except Reject as exc:
-        return None, text[:RAW_KEEP], str(exc)
+        return _quarantined(text[:RAW_KEEP], str(exc), len(text) > RAW_KEEP, "characters",
+                            len(raw))
+
+
+def _quarantined(kept: str, reason: str, cut: bool, unit: str,
+                 nbytes: int) -> tuple[None, str, str]:
+    """A rejected line as quarantine keeps it: a line cut to RAW_KEEP says so in its reason."""
+    if cut:
+        reason += f" (raw keeps the first {RAW_KEEP} {unit} of {nbytes} bytes)"
+    return None, kept, reason
 
 
 def parse_chunk(

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from rollout_assets import collect
 from rollout_assets.assets.collector import canary_events
+from rollout_assets.events import RAW_KEEP
 from rollout_assets.home import RolloutHome
 from rollout_assets.partitions import partition_key
 from rollout_assets.policy import Policy, load_policy
@@ -408,10 +409,15 @@ def test_lines_of_several_megabytes(home, policy):
                                             (False, None), (True, "after")]})
     con = connect(home.db_path, read_only=True)
     try:
-        raws = [r[0] for r in con.execute("select raw from quarantine").fetchall()]
+        rows = con.execute("select raw, reason from quarantine order by line_no").fetchall()
     finally:
         con.close()
-    assert all(raw is not None and 0 < len(raw) <= 6 * 1024 * 1024 for raw in raws)
+    # `raw` keeps the first RAW_KEEP characters of a long line, and its reason says so (it was
+    # cut without a word: an auditor took the 64 KiB for the whole line)
+    assert [len(raw) for raw, _ in rows] == [RAW_KEEP, RAW_KEEP]
+    assert rows[0][1].startswith("invalid JSON") and rows[0][1].endswith(
+        f"(raw keeps the first {RAW_KEEP} characters of {6 * 1024 * 1024} bytes)")
+    assert rows[1][1].endswith(f"of {len(lines[3])} bytes)")
 
 
 def test_the_canary_events_asset_survives_every_kind_of_damage(home):
