@@ -89,6 +89,7 @@ def cmd_simulate(args, home: RolloutHome) -> int:
 
 # ---- run --------------------------------------------------------------------------------------
 def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[str]:
+    from rollout_assets.reporting import RETRY_SEP
     from rollout_assets.warehouse import connect
 
     con = connect(home.db_path, read_only=True)
@@ -126,12 +127,15 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
         ).fetchall():
             lines.append(f"incident {iid}: {level}, {status}, {n} breached window(s); RCA draft "
                          f"reports/rca/{iid}.md owned by {owner}, due {due}")
-        for ws, phase, to, status, code in con.execute(
-            "select window_start, phase, rollback_to, status, exit_code from rollbacks "
-            "where window_start >= ? and window_start < ? order by 1, 2", [start, end]
+        for rid, ws, phase, to, status, code in con.execute(
+            "select rollback_id, window_start, phase, rollback_to, status, exit_code "
+            "from rollbacks where window_start >= ? and window_start < ? "
+            "order by window_start, phase, started_at", [start, end]
         ).fetchall():
             outcome = f"ExitCode={code}" if code is not None else "command not run again"
-            lines.append(f"rollback {ws:%Y-%m-%d %H:%M} {phase} -> {to}: {status}, {outcome}")
+            retry = rid.partition(RETRY_SEP)[2]
+            lines.append(f"rollback {ws:%Y-%m-%d %H:%M} {phase} -> {to}"
+                         f"{f' (retry {retry})' if retry else ''}: {status}, {outcome}")
         return lines
     finally:
         con.close()
@@ -139,8 +143,8 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
 
 def cmd_run(args, home: RolloutHome) -> int:
     with paused_gc():  # Dagster's import: see rollout_assets/startup.py
+        from rollout_assets.reporting import RETRY_SEP
         from rollout_assets.runner import BadRange, RunError, run_range
-        from rollout_assets.sensors.breach_sensor import RETRY_SEP
 
     _policy(home)
     start, end = _time(args.from_, "--from"), _time(args.to, "--to")

@@ -154,17 +154,20 @@ def _checklist(con, policy: Policy, inc: Incident, since: datetime) -> dict:
             "select judged_at from window_verdicts where phase = ? and window_start = ?",
             [inc.phase, inc.opened_window]).fetchone()
         alert = alert[0] if alert else None
-    rb = con.execute(
-        "select started_at, exit_code, status from rollbacks where phase = ? and window_start >= ? "
-        "and window_start <= ? and status <> 'skipped' order by started_at limit 1",
+    # every attempt (a failed one and its retries): the first says when it was decided and
+    # run, the latest how it ended; any failure escalated the incident (seed §8 step 3)
+    first, exit_code, failed = con.execute(
+        "select min(started_at), arg_max_null(exit_code, started_at), "
+        "coalesce(bool_or(exit_code <> 0), false) from rollbacks where phase = ? "
+        "and window_start >= ? and window_start <= ? and status <> 'skipped'",
         [inc.phase, since, inc.last_breach_window]).fetchone()
-    decided = rb[0] if rb else (alert if not inc.rollback_required else None)
+    decided = first if first else (alert if not inc.rollback_required else None)
     late = None
     if alert is not None and decided is not None:
         late = (decided - alert) > timedelta(minutes=policy.incidents.escalation_deadline_minutes)
     return dict(alert_received_at=alert, escalation_decided_at=decided, escalation_late=late,
-                rollback_executed_at=rb[0] if rb else None,
-                rollback_exit_code=rb[1] if rb else None)
+                rollback_executed_at=first, rollback_exit_code=exit_code,
+                rollback_failed=failed)
 
 
 def _closed_at(recorded: datetime, alert: datetime | None) -> datetime:
@@ -208,8 +211,8 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
                     prev.get("opened_window") or inc.opened_window)
         check = _checklist(con, policy, inc, began)
         level = inc.level
-        if check["rollback_exit_code"] not in (None, 0):
-            level = "P1"  # a failed rollback escalates (seed §8 step 3)
+        if check.pop("rollback_failed"):
+            level = "P1"  # a failed rollback escalates (seed §8 step 3), retried or not
         rca_rel = home.relative(home.rca_dir / f"{inc.incident_id}.md")
         row = dict(
             incident_id=inc.incident_id, phase=inc.phase, level=level, status=inc.status,

@@ -131,7 +131,9 @@ def execute_rollback(
     validate_phase(policy, config.phase)
     validate_phase(policy, config.rollback_to)
     ws = window_from_stamp(config.window)
-    rollback_id = rollback_run_key(ws, config.phase)
+    # each attempt is a row of its own (and a log of its own): a retry that succeeds leaves
+    # the failed attempts, their exit codes and the P1 they caused on record
+    rollback_id = rollback_run_key(ws, config.phase, config.retry)
     # The DuckDB file is closed while the command runs: it opens the flag store itself
     # (released below, after this block).
     with warehouse.connect() as con:
@@ -200,8 +202,9 @@ def execute_rollback(
     outcome = rollback_runner.run(policy, config.rollback_to)
     status = "succeeded" if outcome.exit_code == 0 else (
         "timed_out" if outcome.timed_out else "failed")
-    log_path = home.home.inside(
-        home.home.rollback_log_dir / f"{config.window}-{config.phase}.log")
+    attempt = f"retry-{config.retry}" if config.retry else ""
+    log_name = "-".join(filter(None, (config.window, config.phase, attempt))) + ".log"
+    log_path = home.home.inside(home.home.rollback_log_dir / log_name)
     earlier = (f"# an earlier attempt (run {interrupted[1]}, started "
                f"{interrupted[2]:%Y-%m-%d %H:%M:%S} UTC) was interrupted before it recorded its "
                f"outcome; the flags were {flags_before} then, {before.describe()} when this "
@@ -225,7 +228,6 @@ def execute_rollback(
         payload = {"exit_code": outcome.exit_code, "status": status,
                    "rollback_to": config.rollback_to, "command": outcome.command}
         # a retry's outcome is news of its own (the failed attempt's message is in the ledger)
-        attempt = f"retry-{config.retry}" if config.retry else ""
         for ch in slack_channels(policy, config.phase, level, step="rollback"):
             notifier.send(con, Message(ws, config.phase, ch, "rollback", level, text, payload,
                                        incident, about=attempt))

@@ -55,9 +55,15 @@ def value_text(value, threshold) -> str:
     return text
 
 
-def rollback_run_key(window_start: datetime, phase: str) -> str:
-    """One breach, one rollback: the sensor's run key for a (window, phase) breach."""
-    return f"{window_stamp(window_start)}:{phase}"
+RETRY_SEP = ":retry-"
+
+
+def rollback_run_key(window_start: datetime, phase: str, retry: int = 0) -> str:
+    """One breach, one rollback: the sensor's run key for a (window, phase) breach, and the
+    `rollbacks.rollback_id` of its attempt; the breach sensor's n-th retry of a failed one is
+    `<window>:<phase>:retry-<n>`, a row of its own."""
+    key = f"{window_stamp(window_start)}:{phase}"
+    return f"{key}{RETRY_SEP}{retry}" if retry else key
 
 
 def slack_channels(policy: Policy, phase: str, level: str, step: str | None = None) -> list[str]:
@@ -114,11 +120,12 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
         excluded = dict(con.execute(
             "select reason, events from window_exclusions where window_start = ? and phase = ? "
             "order by reason", [ws, phase]).fetchall())
-        rb = con.execute(
-            "select command, status, exit_code, log_tail, flags_before, flags_after "
-            "from rollbacks where window_start = ? and phase = ? order by started_at desc limit 1",
-            [ws, phase],
-        ).fetchone()
+        attempts = con.execute(
+            "select command, status, exit_code, log_tail, flags_before, flags_after, "
+            "rollback_id, log_path from rollbacks where window_start = ? and phase = ? "
+            "order by started_at", [ws, phase],
+        ).fetchall()
+        rb = attempts[-1] if attempts else None  # the latest attempt: how it ended
         score_dicts = [
             dict(slo=s[0], metric=s[1], value=s[2], value_text=value_text(s[2], s[4]),
                  comparator=s[3],
@@ -142,6 +149,8 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
             run_key=rollback_run_key(ws, phase),
             rollback=dict(command=rb[0], status=rb[1], exit_code=rb[2], log_tail=rb[3] or "",
                           flags_before=rb[4], flags_after=rb[5]) if rb else None,
+            earlier_attempts=[dict(rollback_id=a[6], status=a[1], exit_code=a[2], log=a[7])
+                              for a in attempts[:-1] if a[1] != "skipped"],
             evidence_sql=evidence_sql(policy, ws, phase, sorted({s["metric"] for s in score_dicts}),
                                       baseline),
         ))
@@ -151,7 +160,8 @@ def alert_context(con, policy: Policy, ws: datetime) -> dict | None:
         window_stamp=window_stamp(ws), level=max_level([p["level"] for p in phases]),
         # a rollback that failed left the breach live: it was escalated to P1 (#incident and a
         # critical PagerDuty escalation, `jobs.execute_rollback`), as its incident says
-        escalated=any(p["rollback"] and p["rollback"]["exit_code"] not in (None, 0)
+        escalated=any((p["rollback"] and p["rollback"]["exit_code"] not in (None, 0))
+                      or any(a["exit_code"] not in (None, 0) for a in p["earlier_attempts"])
                       for p in phases),
         policy_label=policy.version_label, policy_version=policy.version,
         flags=dict(phase=state.phase if state else "unknown", flags=state.flags if state else {}),

@@ -191,7 +191,23 @@ def test_a_failed_rollback_is_retried_by_the_breach_sensor_until_it_succeeds(hom
         time.sleep(RETRY_AFTER)
         (second,) = tick_breach_sensor(instance, defs, log=lambda m: None)
         assert (second.run_key, second.success) == ("20250118T0900Z:A-1:retry-2", True)
-        assert query(home, "select status, exit_code from rollbacks") == [("succeeded", 0)]
+        # one row and one log per attempt: the retry overwrote the failed attempts' rows and
+        # log, the incident fell back to P2 and the P1 it paged left no trace in the tables
+        # the GA gate reads (found by an independent audit)
+        assert query(home, "select rollback_id, status, exit_code, log_path from rollbacks "
+                           "order by started_at") == [
+            ("20250118T0900Z:A-1", "failed", 3, "reports/rollbacks/20250118T0900Z-A-1.log"),
+            ("20250118T0900Z:A-1:retry-1", "failed", 3,
+             "reports/rollbacks/20250118T0900Z-A-1-retry-1.log"),
+            ("20250118T0900Z:A-1:retry-2", "succeeded", 0,
+             "reports/rollbacks/20250118T0900Z-A-1-retry-2.log")]
+        for (log,) in query(home, "select log_path from rollbacks"):
+            assert "ExitCode=" in (home.root / log).read_text()
+        assert query(home, "select level, rollback_exit_code from incidents") == [("P1", 0)]
+        report = (home.alerts_dir / "20250118T0900Z.md").read_text()
+        assert "escalated to **P1**" in report and "- Status: succeeded" in report
+        assert "- Earlier attempt `20250118T0900Z:A-1`: failed, ExitCode=3" in report
+        assert "- Earlier attempt `20250118T0900Z:A-1:retry-1`: failed, ExitCode=3" in report
         assert query(home, "select phase from flag_state") == [("A-0",)]
         assert tick_breach_sensor(instance, defs, log=lambda m: None) == []  # done
         # each attempt's outcome was told (a retry's message had the first one's ledger key

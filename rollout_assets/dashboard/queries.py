@@ -118,7 +118,10 @@ select strftime(v.window_start, '{ISO}') as t, v.phase, v.level, v.failed_slos,
        a.path as alert_report, r.status as rollback_status, r.exit_code as rollback_exit_code
 from window_verdicts v
 left join alert_reports a on a.window_start = v.window_start
-left join rollbacks r on r.window_start = v.window_start and r.phase = v.phase
+left join (  -- a breach's latest rollback attempt (a failed one may have been retried)
+    select * from rollbacks
+    qualify row_number() over (partition by window_start, phase order by started_at desc) = 1
+) r on r.window_start = v.window_start and r.phase = v.phase
 where v.breach and v.window_start >= ? and v.window_start < ?
 order by v.window_start, v.phase
 """

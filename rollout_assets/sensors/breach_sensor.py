@@ -21,14 +21,13 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 from rollout_assets.jobs import rollback_job
 from rollout_assets.partitions import window_from_key, window_stamp
 from rollout_assets.policy import PolicyError
-from rollout_assets.reporting import rollback_run_key
+from rollout_assets.reporting import RETRY_SEP, rollback_run_key
 from rollout_assets.resources.home import HomeResource
 
 VERDICTS_KEY = dg.AssetKey("window_verdicts")
 BATCH = 500
 KEY_TAG = "rollout/rollback_key"  # the breach's run key, on its first run and every retry
 RETRY_TAG = "rollout/retry"
-RETRY_SEP = ":retry-"
 RETRY_HORIZON = timedelta(days=1)  # failures older than this are left to people
 
 
