@@ -17,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from rollout_assets.home import RolloutHome
+from rollout_assets.home import InstanceOfAnotherHome, RolloutHome
 from rollout_assets.startup import paused_gc
 
 EXIT_BAD_INPUT = 2
@@ -617,6 +617,10 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise CliError(f"rollout home {root} is not writable ({exc.strerror})") from None
+    try:
+        home.check_instance()
+    except InstanceOfAnotherHome as exc:
+        raise CliError(str(exc)) from None
 
 
 def _reexec_in_utf8_mode() -> None:

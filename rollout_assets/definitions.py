@@ -27,6 +27,7 @@ from rollout_assets.sensors.sla_sensor import sla_refresh_sensor
 
 def build_definitions(home: RolloutHome | None = None) -> dg.Definitions:
     home = home or RolloutHome.resolve()
+    home.check_instance(claim=True)  # `dagster dev` over a DAGSTER_HOME another home uses
     policy = load_policy(home.policy_path)
     root = str(home.root)
     defs = dg.Definitions(

@@ -24,6 +24,11 @@ def resolve_home(cli_home: str | os.PathLike | None = None) -> Path:
 
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".Z")
+INSTANCE_OWNER_FILE = "rollout-home.txt"  # in the Dagster instance: the home it serves
+
+
+class InstanceOfAnotherHome(RuntimeError):
+    """The Dagster instance in use serves another rollout home (`check_instance`)."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,11 @@ class RolloutHome:
 
     @property
     def policy_path(self) -> Path:
+        """The home's own policy when it has one, else the project's. Anything at the home's
+        path counts as its own (a dangling link, a directory): loading it then fails loudly,
+        where falling back would judge, and allow drills, under other thresholds and mode."""
         own = self.root / "governance" / "policy.yaml"
-        return own if own.is_file() else PROJECT_ROOT / "governance" / "policy.yaml"
+        return own if os.path.lexists(own) else PROJECT_ROOT / "governance" / "policy.yaml"
 
     @property
     def templates_dir(self) -> Path:
@@ -107,6 +115,34 @@ class RolloutHome:
     def dagster_home(self) -> Path:
         env = os.environ.get("DAGSTER_HOME")  # Dagster needs it absolute
         return Path(env).expanduser().resolve() if env else self.root / ".dagster"
+
+    def check_instance(self, claim: bool = False) -> None:
+        """Refuse a Dagster instance that serves another home. The breach sensor's cursor, the
+        rollbacks' run keys (`<window>:<phase>`) and the materializations it reads are per
+        instance: two homes sharing one (a `DAGSTER_HOME` exported for both) skip their own
+        rollbacks as "handled" and roll back each other's flags. The instance names its home
+        in `INSTANCE_OWNER_FILE`; `claim` writes this home's name there when it names none (or
+        the instance is this home's own `.dagster`, which a moved home carries along)."""
+        instance = self.dagster_home
+        marker = instance / INSTANCE_OWNER_FILE
+        try:
+            owner = marker.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            owner = None
+        mine = str(self.root)
+        if owner == mine:
+            return
+        if owner is not None and instance.resolve() != (self.root / ".dagster").resolve():
+            raise InstanceOfAnotherHome(
+                f"the Dagster instance {instance} (DAGSTER_HOME) serves the rollout home "
+                f"{owner}, not {mine}: homes sharing an instance act on each other's breaches. "
+                "Unset DAGSTER_HOME (each home keeps its own in <home>/.dagster) or point it at "
+                f"this home's own instance; if {owner} is gone for good, delete {marker}")
+        if claim:
+            instance.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+            tmp.write_text(mine + "\n", encoding="utf-8")
+            os.replace(tmp, marker)
 
     def relative(self, path: Path) -> str:
         try:

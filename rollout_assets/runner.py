@@ -105,6 +105,7 @@ def prepare_instance(home: RolloutHome) -> dg.DagsterInstance:
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     os.environ["ROLLOUT_HOME"] = str(home.root)
     with instance_lock(dagster_home):  # a concurrent `rollout run` may be creating it too
+        home.check_instance(claim=True)
         if not cfg.exists():
             cfg.write_text(INSTANCE_YAML)
         else:

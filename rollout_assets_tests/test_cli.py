@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,55 @@ def test_a_relative_dagster_home_is_taken_from_the_current_directory(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "instance" / "dagster.yaml").is_file()
     assert not (home / ".dagster").exists()
+
+
+def test_a_dagster_instance_serves_one_home(tmp_path, monkeypatch, capsys):
+    """Two homes under one exported DAGSTER_HOME: the second's rollback was skipped as
+    "handled by an earlier run" (the run key `<window>:<phase>` was the first home's) and its
+    breach left live, or its breach sensor rolled back the other home's flags (found by an
+    independent audit). The instance names the home it serves; another home is refused in one
+    line, by `rollout`, by `rollout run`'s Python entry and by the code location."""
+    from rollout_assets.definitions import build_definitions
+    from rollout_assets.home import INSTANCE_OWNER_FILE, InstanceOfAnotherHome
+    from rollout_assets.runner import run_range
+    from rollout_assets_tests.reliability_helpers import T0
+
+    shared = tmp_path / "shared-instance"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for h in (first, second):
+        h.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(shared))
+    run_range(RolloutHome(first), T0, T0 + timedelta(minutes=15), log=lambda m: None)
+    assert (shared / INSTANCE_OWNER_FILE).read_text().strip() == str(first)
+    code = cli.main(["--home", str(second), "run", "--from", "2025-01-18T09:00Z",
+                     "--to", "2025-01-18T09:15Z"])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"serves the rollout home {first}, not {second}" in err
+    assert not (second / "data").exists()  # refused before anything was written
+    with pytest.raises(InstanceOfAnotherHome):
+        run_range(RolloutHome(second), T0, T0 + timedelta(minutes=15), log=lambda m: None)
+    with pytest.raises(InstanceOfAnotherHome):
+        build_definitions(RolloutHome(second))
+    # each home with its own instance is fine, and the first home still uses the shared one
+    monkeypatch.delenv("DAGSTER_HOME")
+    assert cli.main(["--home", str(second), "flags", "show"]) == 0
+    monkeypatch.setenv("DAGSTER_HOME", str(shared))
+    assert cli.main(["--home", str(first), "flags", "show"]) == 0
+
+
+def test_a_home_policy_that_is_not_a_file_is_refused_not_replaced(tmp_path, capsys):
+    """A dangling link (or a directory) at governance/policy.yaml fell back to the project's
+    rehearsal policy: drills ran and windows were judged under other thresholds, without a
+    word (found by an independent audit)."""
+    (tmp_path / "governance").mkdir()
+    (tmp_path / "governance" / "policy.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    code = cli.main(["--home", str(tmp_path), "simulate", "--start", "2025-01-18T00:00Z",
+                     "--hours", "1", "--phase", "A-2", "--simulate-breach",
+                     "restore_success_rate"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "policy file not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists()
 
 
 def test_a_full_disk_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
