@@ -46,21 +46,30 @@ def _time(text: str, flag: str) -> datetime:
         return parse_cli_time(text)
     except ValueError:
         raise CliError(f"{flag}: not an ISO-8601 time: {text!r}") from None
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first representable time
+        raise CliError(f"{flag}: out of range: {text!r}") from None
 
 
 # ---- simulate ---------------------------------------------------------------------------------
 MAX_SIMULATE_HOURS = 24 * 366
+MAX_SIMULATE_EVENTS = 5_000_000  # held in memory at once (benchmarks/generate.py: any volume)
+
+
+def _check_volume(hours: float, rate: float) -> None:
+    if not (math.isfinite(hours) and math.isfinite(rate)) or hours <= 0 or rate <= 0:
+        raise CliError("--hours and --rate must be positive")
+    if hours > MAX_SIMULATE_HOURS:
+        raise CliError(f"--hours: at most {MAX_SIMULATE_HOURS} (a year) at a time")
+    if hours * 60 * rate > MAX_SIMULATE_EVENTS:
+        raise CliError(f"at most {MAX_SIMULATE_EVENTS:,} events at a time (--hours x 60 x "
+                       "--rate): simulate in several steps, or use benchmarks/generate.py")
 
 
 def cmd_simulate(args, home: RolloutHome) -> int:
     from rollout_assets.simulate import DrillRefused, simulate
 
     policy = _policy(home)
-    if not (math.isfinite(args.hours) and math.isfinite(args.rate)) or (
-            args.hours <= 0 or args.rate <= 0):
-        raise CliError("--hours and --rate must be positive")
-    if args.hours > MAX_SIMULATE_HOURS:
-        raise CliError(f"--hours: at most {MAX_SIMULATE_HOURS} (a year) at a time")
+    _check_volume(args.hours, args.rate)
     if args.simulate_latency is not None and not (
             math.isfinite(args.simulate_latency) and args.simulate_latency >= 0):
         raise CliError("--simulate-latency must be a number of milliseconds >= 0")
@@ -77,6 +86,9 @@ def cmd_simulate(args, home: RolloutHome) -> int:
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    except OverflowError:
+        raise CliError(f"--start {args.start} plus --hours {args.hours:g}: past the last time "
+                       "Python can hold (year 9999)") from None
     for path, n in res.files.items():
         print(f"wrote {n} lines to {path}")
     print(f"{res.events} events, {res.duplicates} duplicate deliveries, {res.malformed} malformed "
@@ -188,8 +200,14 @@ def cmd_flags(args, home: RolloutHome) -> int:
     try:
         if args.flags_cmd in ("rollback", "promote"):
             flags.validate_phase(policy, args.phase)
+        if args.flags_cmd == "rollback" and args.dry_run:
+            flags.refuse_drill(policy)
     except flags.FlagError as exc:
         raise CliError(str(exc)) from None
+    if args.flags_cmd != "promote" and not home.db_path.exists():
+        # an on-call in the wrong directory must not be told "nothing to roll back"
+        raise CliError(f"no warehouse at {home.db_path}: not a rollout home yet (check --home "
+                       "/ ROLLOUT_HOME; `rollout run` or `rollout demo` starts one)")
     con = connect(home.db_path)
     try:
         check_phase_history(con, policy)
@@ -359,6 +377,13 @@ def cmd_demo(args, home: RolloutHome) -> int:
 
     t0 = time.monotonic()
     policy = _policy(home)
+    _check_volume(24, args.rate)
+    if policy.effective_mode() == "production" or not args.breach:
+        # a demo always injects a breach and rolls back: a drill, whatever `--breach` says
+        raise CliError("rollout demo is a drill (it injects a breach and rolls back): refused "
+                       "in production mode (policy mode or ROLLOUT_MODE=production)"
+                       if policy.effective_mode() == "production" else
+                       "--breach: name the metric the demo breaks (e.g. restore_success_rate)")
     start = (datetime.now(UTC).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
              - timedelta(days=1))
     if args.start:
@@ -623,6 +648,15 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
         raise CliError(str(exc)) from None
 
 
+def _check_environment() -> None:
+    from rollout_assets.partitions import check_partitions_start
+
+    try:
+        check_partitions_start()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _reexec_in_utf8_mode() -> None:
     """Run the command again in Python's UTF-8 mode when the locale's encoding is not UTF-8
     (`LC_ALL=C` with `PYTHONUTF8=0`): Python would then spell a non-ASCII path such as
@@ -648,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     home = RolloutHome.resolve(args.home)
     try:
         _check_home(args.cmd, home)
+        _check_environment()
         return args.func(args, home)
     except CliError as exc:
         print(f"rollout: {exc}", file=sys.stderr)

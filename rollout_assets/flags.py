@@ -147,14 +147,18 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
     return before, after, msg
 
 
+def refuse_drill(policy: Policy) -> None:
+    if policy.effective_mode() == "production":
+        raise FlagError("dry-run rollbacks are drills and are refused in production mode "
+                        "(policy mode or ROLLOUT_MODE=production)")
+
+
 def write_rehearsal(home: RolloutHome, policy: Policy, before: FlagState, target: str,
                     when: datetime | None = None, reason: str | None = None,
                     actor: str | None = None) -> str:
     """A dry-run rollback drill: record what would change in docs/rehearsal/, change nothing.
     Drills are refused in production mode, as the simulator's are."""
-    if policy.effective_mode() == "production":
-        raise FlagError("dry-run rollbacks are drills and are refused in production mode "
-                        "(policy mode or ROLLOUT_MODE=production)")
+    refuse_drill(policy)
     validate_phase(policy, target)
     when = when or now_utc()
     nothing = nothing_to_roll_back(policy, before, target)

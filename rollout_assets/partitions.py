@@ -20,8 +20,22 @@ STAMP_FMT = "%Y%m%dT%H%MZ"
 PARTITIONS_START = os.environ.get("ROLLOUT_PARTITIONS_START", "2024-01-01-00:00")
 
 
+def check_partitions_start() -> None:
+    """ROLLOUT_PARTITIONS_START must name a window start (Dagster's own error is a traceback)."""
+    try:
+        start = datetime.strptime(PARTITIONS_START, PARTITION_FMT)
+    except ValueError:
+        start = None
+    if start is None or start.minute % 15:
+        raise ValueError(f"ROLLOUT_PARTITIONS_START={PARTITIONS_START!r}: expected a window start "
+                         "as YYYY-MM-DD-HH:MM in UTC, minutes 00, 15, 30 or 45 (e.g. "
+                         "2024-01-01-00:00)")
+
+
 def _build_partitions() -> dict:
     import dagster as dg
+
+    check_partitions_start()
 
     return {
         "window_partitions": dg.TimeWindowPartitionsDefinition(

@@ -239,7 +239,12 @@ def duckdb_path(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
-def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
+# how long anything that opens the warehouse waits for another process's lock: a run of a
+# backfill, the UI's daemon, a reader's SQL session (the README's "up to 15 minutes")
+LOCK_WAIT_SECONDS = 900.0
+
+
+def connect(path: Path, read_only: bool = False, wait_seconds: float = LOCK_WAIT_SECONDS):
     """Open the warehouse, waiting while another process holds the single-writer lock.
 
     DuckDB allows one process to open the file for writing, and a read-only open fails while it
@@ -261,9 +266,9 @@ def connect(path: Path, read_only: bool = False, wait_seconds: float = 120.0):
                 raise
             if not said and time.monotonic() - start > SAY_WAITING_AFTER:
                 said = True  # once, so a long wait is not mistaken for a hang
-                print(f"rollout: waiting for {path.name}: another process (a run, the UI's "
-                      f"daemon) holds its write lock; giving up after {wait_seconds:g} s",
-                      file=sys.stderr, flush=True)
+                print(f"rollout: waiting for {path.name}: another process has it open (a run, "
+                      "the UI's daemon, or a reader's SQL session); giving up after "
+                      f"{wait_seconds:g} s", file=sys.stderr, flush=True)
             # jitter: two waiting processes must not retry in lockstep
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 1.0)

@@ -29,6 +29,7 @@ from rollout_assets_tests.pipeline_helpers import (
 )
 
 ROLLOUT = shutil.which("rollout", path=os.path.dirname(sys.executable)) or "rollout"
+PROJECT = Path(__file__).resolve().parent.parent
 CONTRACT_CHECK = Path("/work/shared/tools/contract_check.py")
 FROM, TO = "2025-01-18T08:00Z", "2025-01-18T10:00Z"
 
@@ -180,6 +181,8 @@ def test_flags_commands(session):
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     """`rollout flags show | head -1`: output into a closed pipe ends quietly (128 + SIGPIPE)."""
+    assert cli.main(["--home", str(tmp_path), "flags", "promote", "--phase", "A-1", "--force",
+                     "--reason", "a home with a flag store"]) == 0
     proc = subprocess.Popen([ROLLOUT, "--home", str(tmp_path), "flags", "show"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
     proc.stdout.close()  # before the first line: importing takes far longer than this
@@ -220,6 +223,21 @@ BAD_INPUT = [
     (["run", "--from", "2025-01-18T09:00Z"], "the following arguments are required: --to"),
     (["rollback"], "invalid choice: 'rollback'"),
     (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "x"], "--hours: invalid float"),
+    # tracebacks an independent audit found: times past what Python holds, a rate that
+    # exhausted the memory, a demo that reset the home before its rate or breach was checked,
+    # flags on a directory that is no home yet ("nothing to roll back": a wrong --home)
+    (["run", "--from", "0001-01-01T00:00+01:00", "--to", "2025-01-18T01:00Z"],
+     "--from: out of range"),
+    (["replay", "--policy", "governance/policy.yaml", "--from", "2025-01-18T00:00Z",
+      "--to", "9999-12-31T23:59-01:00"], "--to: out of range"),
+    (["simulate", "--start", "9999-12-31T23:00Z", "--hours", "2"], "past the last time"),
+    (["simulate", "--start", "2025-01-18T00:00Z", "--hours", "0.25", "--rate", "1e9"],
+     "at most 5,000,000 events"),
+    (["demo", "--rate", "nan"], "must be positive"),
+    (["demo", "--rate", "1e9"], "at most 5,000,000 events"),
+    (["demo", "--breach", ""], "--breach: name the metric"),
+    (["flags", "rollback", "--phase", "A-1"], "no warehouse at"),
+    (["flags", "show"], "no warehouse at"),
 ]
 
 
@@ -241,9 +259,18 @@ def test_bad_input_in_process(tmp_path, capsys, monkeypatch, args, expected):
     # the console script's own entry point, without a process start per case
     for var in ("ROLLOUT_HOME", "DAGSTER_HOME"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(PROJECT)  # `replay --policy governance/policy.yaml`
     code = cli.main(["--home", str(tmp_path), *args])
     out, err = capsys.readouterr()
     _assert_refused(code, out, err, expected, tmp_path)
+
+
+def test_a_bad_partitions_start_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("rollout_assets.partitions.PARTITIONS_START", "garbage")
+    code = cli.main(["--home", str(tmp_path), "run", "--from", "2025-01-18T09:00Z",
+                     "--to", "2025-01-18T09:15Z"])
+    _, err = capsys.readouterr()
+    _assert_refused(code, "", err, "ROLLOUT_PARTITIONS_START='garbage'", tmp_path)
 
 
 def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
@@ -259,6 +286,13 @@ def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
     assert code == 2 and "refused in production mode" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "docs" / "rehearsal").exists()
+    assert not (tmp_path / "data").exists()  # refused before the warehouse was made
+    # the demo is a drill whatever `--breach` says (`--breach ''` got through and wrote
+    # judged traffic into the home before it crashed; found by an independent audit)
+    code = cli.main(["--home", str(tmp_path), "demo", "--breach", ""])
+    _, err = capsys.readouterr()
+    assert code == 2 and "refused in production mode" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_a_broken_home_policy_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
@@ -311,9 +345,10 @@ def test_every_command_takes_home_after_its_name_too(tmp_path):
     assert parse(["flags", "show", "--home", "H"]).home == "H"
     assert parse(["files", "forget", "x", "--reason", "r", "--home", "H"]).home == "H"
     assert parse(["simulate", "--start", "s", "--hours", "1"]).home is None
-    proc = subprocess.run([ROLLOUT, "flags", "show", "--home", str(tmp_path)],
+    proc = subprocess.run([ROLLOUT, "flags", "promote", "--phase", "A-1", "--force", "--reason",
+                           "r", "--home", str(tmp_path)],
                           capture_output=True, text=True, env=clean_env(), timeout=60)
-    assert proc.returncode == 0 and "phase: A-0" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "A-1" in proc.stdout, proc.stderr
     assert (tmp_path / "data" / "rollout.duckdb").is_file()
 
 
@@ -369,7 +404,8 @@ def test_a_dagster_instance_serves_one_home(tmp_path, monkeypatch, capsys):
         build_definitions(RolloutHome(second))
     # each home with its own instance is fine, and the first home still uses the shared one
     monkeypatch.delenv("DAGSTER_HOME")
-    assert cli.main(["--home", str(second), "flags", "show"]) == 0
+    assert cli.main(["--home", str(second), "run", "--from", "2025-01-18T09:00Z",
+                     "--to", "2025-01-18T09:15Z"]) == 0
     monkeypatch.setenv("DAGSTER_HOME", str(shared))
     assert cli.main(["--home", str(first), "flags", "show"]) == 0
 

@@ -35,7 +35,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
     window's whole ETL slot is 15 minutes."""
 
     path: str
-    lock_wait_seconds: float = 900.0
+    lock_wait_seconds: float = warehouse.LOCK_WAIT_SECONDS
     _keep: bool = PrivateAttr(default=False)
     _con: Any = PrivateAttr(default=None)
 
