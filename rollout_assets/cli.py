@@ -292,6 +292,7 @@ def cmd_files(args, home: RolloutHome) -> int:
 
 # ---- replay -----------------------------------------------------------------------------------
 def cmd_replay(args, home: RolloutHome) -> int:
+    from rollout_assets.governance import check_phase_history
     from rollout_assets.policy import PolicyError, load_policy
     from rollout_assets.replay import describe, replay
     from rollout_assets.retention import kept_before
@@ -308,6 +309,10 @@ def cmd_replay(args, home: RolloutHome) -> int:
         raise CliError(f"no warehouse at {home.db_path}: run `rollout run` first")
     con = connect(home.db_path)
     try:
+        try:  # as `run` and `flags` refuse it: a candidate that drops a phase with verdicts
+            check_phase_history(con, candidate)  # said "0 would change" for all of them
+        except PolicyError as exc:
+            raise CliError(f"candidate {args.policy}: {exc}") from None
         kept = kept_before(con, candidate)
         if kept is not None and end <= kept:
             raise CliError(f"every window in the range is kept as it was: the events of windows "
@@ -328,9 +333,11 @@ def cmd_replay(args, home: RolloutHome) -> int:
     gone = sum(1 for d in diffs if d.kind == "no longer a breach")
     rollbacks = sum(1 for d in diffs if d.candidate.rollback_required
                     and not (d.production and d.production[2]))
+    fewer = sum(1 for d in diffs if d.production and d.production[2]
+                and not d.candidate.rollback_required)
     print(f"new breaches: {new}; breaches that would disappear: {gone}; extra rollbacks: "
-          f"{rollbacks}. Stored in replay_diffs (replay_id = '{replay_id}'); production tables "
-          "unchanged, nothing sent.")
+          f"{rollbacks}; rollbacks that would not run: {fewer}. Stored in replay_diffs "
+          f"(replay_id = '{replay_id}'); production tables unchanged, nothing sent.")
     return 0
 
 

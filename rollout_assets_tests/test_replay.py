@@ -76,3 +76,33 @@ def test_cli_replay_prints_the_diff(con, home, policy, tmp_path, capsys):
     assert main(["--home", str(home.root), "replay", "--policy", str(bad),
                  "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 2
     assert "comparator" in capsys.readouterr().err
+
+
+def test_cli_replay_refuses_a_candidate_without_a_phase_with_verdicts(con, home, policy,
+                                                                      tmp_path, capsys):
+    """A candidate without A-1 replayed A-1's breach as "0 would change" (found by an
+    independent audit): such a policy could never be deployed (`run` refuses it), so replay
+    refuses it the same way; a looser one counts the rollbacks it would not have run."""
+    import yaml
+
+    _load(con, home, policy, restore_failures=10)  # 290/300: a P2 breach, rollback to A-0
+    con.close()
+    raw = yaml.safe_load(policy.source_text)
+    for ph in raw["phases"]:
+        if ph["name"] == "A-1":
+            ph["name"] = "A-9"
+    for ex in raw.get("exclusions", []):
+        if isinstance(ex.get("phases"), list):
+            ex["phases"] = ["A-9" if p == "A-1" else p for p in ex["phases"]]
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["--home", str(home.root), "replay", "--policy", str(renamed),
+                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 2
+    err = capsys.readouterr().err
+    assert "the policy has no phase 'A-1'" in err and len(err.strip().splitlines()) == 1
+    looser = tmp_path / "looser.yaml"
+    looser.write_text(policy.source_text.replace("threshold: 0.995", "threshold: 0.95"))
+    assert main(["--home", str(home.root), "replay", "--policy", str(looser),
+                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 0
+    out = capsys.readouterr().out
+    assert "no longer a breach" in out and "rollbacks that would not run: 1" in out
