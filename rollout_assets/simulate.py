@@ -94,10 +94,14 @@ def plan(policy: Policy, start: datetime, hours: float, breach_metric: str | Non
          only_phase: str | None = None) -> tuple[list, tuple | None]:
     """(phase schedule, breach span) of a simulation, refused as `simulate` would refuse it
     (a drill in production mode, an unknown metric or phase) before anything is written."""
-    if (breach_metric or latency_ms) and policy.effective_mode() == "production":
+    if policy.effective_mode() == "production":
+        # made-up traffic in a production home's canary files is judged as real: with no
+        # breach injected it still dilutes one (found by an independent audit)
         raise DrillRefused(
             "--simulate-breach / --simulate-latency are drills and are refused in production mode "
-            "(policy mode or ROLLOUT_MODE=production)")
+            "(policy mode or ROLLOUT_MODE=production)" if breach_metric or latency_ms else
+            "rollout simulate writes made-up canary traffic, which runs judge as real: refused "
+            "in production mode (policy mode or ROLLOUT_MODE=production)")
     if breach_metric and breach_metric not in DEGRADED:
         raise ValueError(f"unknown metric {breach_metric!r}; choose from {', '.join(DEGRADED)}")
     schedule = phase_schedule(policy, start, hours, only_phase)

@@ -279,6 +279,12 @@ def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
                      "--hours", "1", "--simulate-breach", "restore_success_rate"])
     _, err = capsys.readouterr()
     assert code == 2 and "production" in err and len(err.strip().splitlines()) == 1
+    # plain simulated traffic too: the next run judges it as real
+    code = cli.main(["--home", str(tmp_path), "simulate", "--start", "2025-01-18T00:00Z",
+                     "--hours", "1"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "made-up canary traffic" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists()
     # a dry-run rollback is a drill too
     code = cli.main(["--home", str(tmp_path), "flags", "rollback", "--phase", "A-0",
                      "--dry-run"])
