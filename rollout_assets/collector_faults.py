@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rollout_assets import collect
 from rollout_assets.home import RolloutHome
+from rollout_assets.ingest import set_aside
 from rollout_assets.policy import Policy
 from rollout_assets.scoring import Verdict, max_level
 from rollout_assets.warehouse import transaction
@@ -172,7 +173,10 @@ def forget_file(con, home: RolloutHome, name: str, reason: str, actor: str,
             "insert into forgotten_files select source_file, byte_offset, lines_read, loaded, "
             "?, ?, ? from ingest_files where source_file = ? returning loaded",
             [reason, actor, now, rel]).fetchone()[0]
-        con.execute("delete from ingest_files where source_file = ?", [rel])
+        # its cursor, batches and quarantine rows move aside together, as a replaced file's
+        # do (an archive that is gone, never a fault): a file of that name written later
+        # starts with records of its own (its quarantine rows were mixed with the old ones)
+        set_aside(con, rel)
     return (f"forgot {rel}: its {loaded} events stay stored and it is no longer a collector "
             "fault (re-run the windows it faulted to clear their verdicts)")
 

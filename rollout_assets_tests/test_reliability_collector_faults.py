@@ -206,7 +206,7 @@ def test_a_retired_file_is_forgotten_by_the_operator_and_no_longer_a_fault(home,
     promote_to(home, "A-1")
     write_canary(home, "A-1", [*window_events("A-1", W0, "w0"), *window_events("A-1", W1, "w1"),
                                *window_events("A-1", W2, "w2")])
-    a2 = write_canary(home, "A-2", window_events("A-2", W0, "w0"))
+    a2 = write_canary(home, "A-2", [*window_events("A-2", W0, "w0"), "not json, first life"])
     run_range(home, W0, W1, log=lambda m: None)
 
     def rollout(*args: str) -> tuple[int, str, str]:
@@ -227,7 +227,7 @@ def test_a_retired_file_is_forgotten_by_the_operator_and_no_longer_a_fault(home,
     assert code == 0 and "its 24 events stay stored" in out
     assert query(home, "select source_file, lines_read, loaded, reason, actor "
                        "from forgotten_files") == [
-        ("reports/canary/phase-A-2.jsonl", 24, 24, "A-2 retired", "alice")]
+        ("reports/canary/phase-A-2.jsonl", 25, 24, "A-2 retired", "alice")]
     code, _, err = rollout("files", "forget", "phase-A-2.jsonl", "--reason", "again")
     assert code == 2 and "reports/canary/phase-A-2.jsonl was already forgotten (by alice, " in err
 
@@ -238,9 +238,16 @@ def test_a_retired_file_is_forgotten_by_the_operator_and_no_longer_a_fault(home,
     assert query(home, "select count(*) from canary_events") == [(24 * 4,)]  # nothing lost
     # a file of that name written again is read from its first line; an event stored before
     # still counts once
-    write_canary(home, "A-2", window_events("A-2", W0, "w0")[:1] + window_events("A-2", W2, "w2"))
+    write_canary(home, "A-2", window_events("A-2", W0, "w0")[:1] + window_events("A-2", W2, "w2")
+                 + ["not json, second life"])
     run_range(home, W2, W2 + timedelta(minutes=15), log=lambda m: None)
     assert query(home, "select events from window_metrics where window_start = ? and "
                        "phase = 'A-2'", [W2]) == [(24,)]
-    assert query(home, "select lines_read, loaded, duplicates from ingest_files where "
-                       "source_file = 'reports/canary/phase-A-2.jsonl'") == [(25, 24, 1)]
+    assert query(home, "select lines_read, loaded, duplicates, quarantined from ingest_files "
+                       "where source_file = 'reports/canary/phase-A-2.jsonl'") == [(26, 24, 1, 1)]
+    # the forgotten file's quarantine rows went with it: under the name, only the new file's
+    # (they were mixed: 2 rows, 1 quarantined; found by an independent audit)
+    assert query(home, "select line_no, raw from quarantine where source_file = "
+                       "'reports/canary/phase-A-2.jsonl'") == [(26, "not json, second life")]
+    assert query(home, "select source_file like 'reports/canary/phase-A-2.jsonl#%', line_no "
+                       "from quarantine where raw = 'not json, first life'") == [(True, 25)]
