@@ -133,6 +133,8 @@ def promote(con, policy: Policy, target: str, reason: str | None = None,
     _write(con, policy, before.phase, target, action, reason, actor)
     after = current_state(con, policy)
     msg = f"promoted {before.describe()} -> {after.describe()}"
+    if not gate.ok:  # said, not only recorded: the gate did not hold
+        msg += f" (forced past the gate: {'; '.join(gate.reasons)}; reason: {reason})"
     gate_day = gate.details.get("ga_gate_day")
     if gate_day is not None:
         msg += (f"; the GA gate held over the {gate_span(policy)} UTC days ending {gate_day}, "

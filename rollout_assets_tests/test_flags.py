@@ -59,7 +59,10 @@ def test_a_forced_promotion_needs_a_reason(con, policy):
     flags.promote(con, policy, "A-1")  # A-0 judges nothing: the gate holds
     with pytest.raises(flags.FlagError, match="needs --reason"):
         flags.promote(con, policy, "A-2", force=True)
-    flags.promote(con, policy, "A-2", force=True, reason="hotfix verified by hand")
+    _, _, msg = flags.promote(con, policy, "A-2", force=True, reason="hotfix verified by hand")
+    # the override is said, not only recorded (an audit found "promoted ..." alone)
+    assert "(forced past the gate: A-1 needs 4 consecutive green" in msg
+    assert msg.endswith("; reason: hotfix verified by hand)")
     assert con.execute("select action, reason from flag_history order by changed_at desc "
                        "limit 1").fetchone() == ("promote_forced", "hotfix verified by hand")
 
