@@ -62,19 +62,23 @@ def test_same_policy_changes_nothing_and_exclusions_come_from_the_candidate(con,
     assert [d.kind for d in diffs] == ["new breach"]
 
 
+def _cli_replay(home, candidate) -> int:
+    """`rollout replay` of the hour from 09:00 under the candidate policy file."""
+    return main(["--home", str(home.root), "replay", "--policy", str(candidate),
+                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"])
+
+
 def test_cli_replay_prints_the_diff(con, home, policy, tmp_path, capsys):
     _load(con, home, policy, restore_failures=1)
     con.close()
     candidate = tmp_path / "candidate.yaml"
     candidate.write_text(policy.source_text.replace("threshold: 0.995", "threshold: 0.999"))
-    assert main(["--home", str(home.root), "replay", "--policy", str(candidate),
-                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 0
+    assert _cli_replay(home, candidate) == 0
     out = capsys.readouterr().out
     assert "2025-01-18 09:00 A-1: new breach" in out and "extra rollbacks: 1" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(policy.source_text.replace('comparator: ">="', 'comparator: "=>"', 1))
-    assert main(["--home", str(home.root), "replay", "--policy", str(bad),
-                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 2
+    assert _cli_replay(home, bad) == 2
     assert "comparator" in capsys.readouterr().err
 
 
@@ -96,13 +100,11 @@ def test_cli_replay_refuses_a_candidate_without_a_phase_with_verdicts(con, home,
             ex["phases"] = ["A-9" if p == "A-1" else p for p in ex["phases"]]
     renamed = tmp_path / "renamed.yaml"
     renamed.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert main(["--home", str(home.root), "replay", "--policy", str(renamed),
-                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 2
+    assert _cli_replay(home, renamed) == 2
     err = capsys.readouterr().err
     assert "the policy has no phase 'A-1'" in err and len(err.strip().splitlines()) == 1
     looser = tmp_path / "looser.yaml"
     looser.write_text(policy.source_text.replace("threshold: 0.995", "threshold: 0.95"))
-    assert main(["--home", str(home.root), "replay", "--policy", str(looser),
-                 "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"]) == 0
+    assert _cli_replay(home, looser) == 0
     out = capsys.readouterr().out
     assert "no longer a breach" in out and "rollbacks that would not run: 1" in out
