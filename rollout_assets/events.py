@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -100,6 +101,38 @@ def parse_ts(value: object, now: datetime) -> datetime:
     if dt > now + FUTURE_SLACK:
         raise Reject("ts more than a day in the future")
     return dt
+
+
+_TS_KEY = re.compile(rb'"ts"\s*:\s*"([^"\\]{1,64})"')
+_PHASE_KEY = re.compile(rb'"phase"\s*:\s*"([^"\\]{1,64})"')
+
+
+def time_and_phase(line: bytes, now: datetime) -> tuple[datetime, str] | None:
+    """The `ts` (UTC) and `phase` a line would be stored under, as the validator reads them
+    (top-level keys, the first of a repeated one, escapes decoded), or None when it would not
+    be stored for lack of either. Cheap for a plain line (one `"ts"`, one `"phase"`, no
+    backslash: its key spellings are then the top-level ones, or the line is invalid anyway);
+    any other line is parsed as JSON (a `"phase"` inside `tags`, `"A\u002d0"`)."""
+    if b"\\" not in line and line.count(b'"ts"') == 1 and line.count(b'"phase"') == 1:
+        ts, phase = _TS_KEY.search(line), _PHASE_KEY.search(line)
+        if ts is None or phase is None:
+            return None
+        ts_value, phase_value = ts.group(1).decode("utf-8", "replace"), phase.group(1).decode(
+            "utf-8", "replace")
+    else:
+        try:
+            obj = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_first_wins)
+        except (Reject, ValueError, RecursionError):
+            return None
+        if not isinstance(obj, dict):
+            return None
+        ts_value, phase_value = obj.get("ts"), obj.get("phase")
+        if not isinstance(phase_value, str):
+            return None
+    try:
+        return parse_ts(ts_value, now), phase_value
+    except Reject:
+        return None  # quarantined by the Collector: it counts in no window
 
 
 def validate_event(text: str, phases: frozenset[str] | set[str], now: datetime) -> tuple:

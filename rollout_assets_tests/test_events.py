@@ -260,3 +260,31 @@ def test_columns_are_typed_for_the_warehouse():
     assert c["window_start"] == [datetime(2025, 1, 18, 9, 15), datetime(2025, 1, 18, 9, 0)]
     assert c["latency_ms"] == [812.5, None] and c["ok"] == [True, None]
     assert c["conflict"] == [False, False]
+
+
+@pytest.mark.parametrize("line,expected", [
+    (b'{"ts":"2025-01-18T09:03:00Z","phase":"A-0"}', (datetime(2025, 1, 18, 9, 3), "A-0")),
+    # what the late-data sensor's regexes got wrong (found by an independent audit): a
+    # "phase" inside tags, an escaped value or key, a repeated key (the first wins)
+    (b'{"tags":{"phase":"A-2"},"ts":"2025-01-18T09:03:00Z","phase":"A-0"}',
+     (datetime(2025, 1, 18, 9, 3), "A-0")),
+    (b'{"ts":"2025-01-18T09:03:00Z","phase":"A\\u002d0"}', (datetime(2025, 1, 18, 9, 3), "A-0")),
+    (b'{"\\u0074s":"2025-01-18T18:03:00+09:00","ph\\u0061se":"A-0"}',
+     (datetime(2025, 1, 18, 9, 3), "A-0")),
+    (b'{"ts":"2025-01-18T09:03:00Z","phase":"A-0","phase":"A-2"}',
+     (datetime(2025, 1, 18, 9, 3), "A-0")),
+    (b'{"tags":{"ts":"2020-01-01T00:00:00Z"},"ts":"2025-01-18T09:03:00Z","phase":"A-1"}',
+     (datetime(2025, 1, 18, 9, 3), "A-1")),
+    # lines the Collector quarantines for their time or phase count nowhere
+    (b'{"ts":"9999-12-31T23:59:59Z","phase":"A-0"}', None),
+    (b'{"ts":"0001-01-01T00:00:00+01:00","phase":"A-0"}', None),
+    (b'{"ts":"2025-01-18T09:03:00","phase":"A-0"}', None),
+    (b'{"ts":"2025-01-18T09:03:00Z"}', None),
+    (b'{"ts":"2025-01-18T09:03:00Z","phase":7}', None),
+    (b'not json "ts":"2025-01-18T09:03:00Z" "phase":"A-0" \\', None),
+    (b'', None),
+])
+def test_time_and_phase_as_the_validator_reads_them(line, expected):
+    from rollout_assets.events import time_and_phase
+
+    assert time_and_phase(line, datetime(2026, 11, 29)) == expected

@@ -279,3 +279,24 @@ def test_late_restores_rescore_the_windows_whose_burn_rate_reads_them(home):
     assert query(home, "select breach, level from window_verdicts where window_start = ? "
                        "and phase = 'A-2'", [w2]) == [(True, "warning")]
     instance.dispose()
+
+
+def test_a_line_dated_year_9999_does_not_stop_the_sensor(home):
+    """A "max date" sentinel in a late A-0 line made the later-window arithmetic overflow: the
+    tick failed before it saved its cursor, so every tick failed on the same line and no late
+    data was re-scored again (found by an independent audit). The Collector quarantines such a
+    line; the sensor counts it nowhere, and the late failures beside it are re-scored."""
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", W0, "w0"))
+    run_range(home, W0, W1, log=lambda m: None)
+    instance = prepare_instance(home)
+    defs = build_definitions(home)
+    assert tick_canary_sensor(instance, defs, log=lambda m: None) == []
+    write_canary(home, "A-0", [event(event_id="sentinel", phase="A-0", kind="session",
+                                     ts="9999-12-31T23:59:59Z", drop=["latency_ms", "ok"])])
+    write_canary(home, "A-1", window_events("A-1", W0, "late", autosaves=0, restores=6,
+                                            failed_restores=6))
+    assert len(tick_canary_sensor(instance, defs, log=lambda m: None)) == 1
+    assert verdict(home, W0)[0][:2] == (True, True)
+    assert query(home, "select reason from quarantine") == [("ts more than a day in the future",)]
+    instance.dispose()

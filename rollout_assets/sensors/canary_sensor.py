@@ -6,8 +6,9 @@ byte offset of the last complete line it scanned and a fingerprint of the bytes 
 the DuckDB file a run may be writing. A rotated file new to the cursor that holds the bytes a
 vanished or replaced file's mark scanned carries on from that mark: late lines written before or
 after the rotation are scanned, the old ones are not scanned twice.
-When a file grew, it scans only the appended complete lines for their `ts` and `phase` (cheap
-regexes, no validation: the Collector validates), maps them to windows, adds the later windows
+When a file grew, it scans only the appended complete lines for their `ts` and `phase` as the
+Collector will read them (`events.time_and_phase`: a regex for a plain line, JSON for any other;
+nothing else is validated), maps them to windows, adds the later windows
 whose verdicts read those events too (`Policy.read_later`: a late event of the crash baseline's
 phase moves the baseline of the next `lookback_hours` of windows; one of a phase with burn-rate
 rules, that phase's burn over the next `long_minutes`), keeps the windows Dagster has already
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +43,7 @@ from dagster._core.storage.tags import (
     SENSOR_NAME_TAG,
 )
 
+from rollout_assets.events import time_and_phase
 from rollout_assets.home import RolloutHome
 from rollout_assets.ingest import RetryableIOError
 from rollout_assets.jobs import window_job
@@ -64,8 +65,6 @@ CLI_CURSOR_KEY = "rollout/cli/canary_late_data_sensor_cursor"
 VERDICTS_KEY = dg.AssetKey("window_verdicts")
 COLLECTOR_KEY = dg.AssetKey("canary_events")
 SCAN_CHUNK = 8 * 1024 * 1024
-_TS = re.compile(rb'"ts"\s*:\s*"([^"\\]{1,64})"')
-_PHASE = re.compile(rb'"phase"\s*:\s*"([^"\\\n]{1,64})"')
 
 
 @dataclass(frozen=True)
@@ -106,22 +105,12 @@ def dump_cursor(marks: dict[str, FileMark]) -> str:
                       separators=(",", ":"))
 
 
-def _window_of(raw: bytes) -> datetime | None:
-    text = raw.decode("utf-8", "replace").strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        return None  # the Collector quarantines it: it belongs to no window
-    return floor_window(dt.astimezone(UTC).replace(tzinfo=None))
-
-
-def scan_appended(path: Path, start: int, end: int) -> tuple[dict[datetime, set[str]], int]:
-    """Windows of the complete lines in bytes [start, end), each with the phases its lines
-    name, and the offset after the last one."""
+def scan_appended(path: Path, start: int, end: int,
+                  now: datetime | None = None) -> tuple[dict[datetime, set[str]], int]:
+    """Windows of the complete lines in bytes [start, end), each with the phases of its lines,
+    as the Collector will store them (`events.time_and_phase`: lines it would quarantine for
+    their `ts` or `phase` count nowhere), and the offset after the last one."""
+    now = now or datetime.now(UTC).replace(tzinfo=None)
     windows: dict[datetime, set[str]] = {}
     offset = start
     carry = b""
@@ -140,15 +129,10 @@ def scan_appended(path: Path, start: int, end: int) -> tuple[dict[datetime, set[
                 continue
             complete, carry = data[: cut + 1], data[cut + 1:]
             offset = pos - len(carry)
-            for m in _TS.finditer(complete):
-                w = _window_of(m.group(1))
-                if w is None:
-                    continue
-                phases = windows.setdefault(w, set())
-                line_start = complete.rfind(b"\n", 0, m.start()) + 1
-                p = _PHASE.search(complete, line_start, complete.find(b"\n", m.end()))
-                if p is not None:
-                    phases.add(p.group(1).decode("utf-8", "replace"))
+            for line in complete.split(b"\n"):
+                found = time_and_phase(line, now)
+                if found is not None:
+                    windows.setdefault(floor_window(found[0]), set()).add(found[1])
     return windows, offset
 
 
@@ -210,13 +194,16 @@ def appended_windows(home: RolloutHome, marks: dict[str, FileMark] | None
     return windows, new, scanned
 
 
-def affected_windows(policy: Policy, touched: dict[datetime, set[str]]) -> set[datetime]:
+def affected_windows(policy: Policy, touched: dict[datetime, set[str]],
+                     until: datetime) -> set[datetime]:
     """The windows whose verdicts read events in `touched` (window -> phases of its new
-    events): each of them, and the later windows judged against them (`Policy.read_later`)."""
+    events): each of them, and the later windows judged against them (`Policy.read_later`),
+    up to `until` (no window after it has been judged)."""
     out = set(touched)
     reach = {p: policy.read_later(p) for p in policy.phase_names}
     for w, phases in touched.items():
-        later = max((reach[p] for p in phases if p in reach), default=timedelta(0))
+        later = min(max((reach[p] for p in phases if p in reach), default=timedelta(0)),
+                    max(until - w, timedelta(0)))
         out.update(w + i * WINDOW for i in range(1, later // WINDOW + 1))
     return out
 
@@ -254,8 +241,9 @@ def late_data_requests(instance: dg.DagsterInstance, home: RolloutHome, cursor: 
     the same lines are looked at again once it is fixed; runs refuse it too)."""
     marks = load_cursor(cursor)
     touched, new_marks, scanned = appended_windows(home, marks)
-    todo = scored(instance, affected_windows(load_policy(home.policy_path), touched)
-                  if touched else set())
+    now = datetime.now(UTC).replace(tzinfo=None)
+    todo = scored(instance, affected_windows(load_policy(home.policy_path), touched,
+                                             floor_window(now)) if touched else set())
     digest = hashlib.sha256(json.dumps(sorted(scanned)).encode()).hexdigest()[:16]
     requests = []
     for first, last in window_ranges(todo):
