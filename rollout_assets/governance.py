@@ -65,7 +65,8 @@ with v as (
     from window_exclusions where window_start >= ? and window_start < ?
       and reason in (select unnest(?::VARCHAR[])) group by all
 ), r as (
-    select phase, window_start::DATE as day, count(*) as rollbacks
+    -- breaches rolled back (a failed attempt and its retries are one)
+    select phase, window_start::DATE as day, count(distinct window_start) as rollbacks
     from rollbacks where status <> 'skipped' and window_start >= ? and window_start < ?
     group by all
 ), i as (

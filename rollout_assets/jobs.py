@@ -22,6 +22,7 @@ from rollout_assets.governance import (
 from rollout_assets.incidents import incident_for, refresh_incidents
 from rollout_assets.partitions import daily_partitions, window_from_stamp, window_partitions
 from rollout_assets.reporting import (
+    RETRY_SEP,
     announced_as,
     pagerduty_service,
     resolve_messages,
@@ -160,18 +161,23 @@ def execute_rollback(
         # the breached phase (seed §3), also when the flags have moved past that phase.
         # A retry after the incident closed, and an attempt interrupted before it recorded its
         # outcome, are handled first.
-        interrupted_before = con.execute(
-            "select 1 from rollbacks where rollback_id = ? and status = 'running'",
-            [rollback_id]).fetchone()
-        if config.retry and _closed(con, incident):
+        # an attempt of this breach (this one relaunched, or an earlier retry) whose run died
+        # while its command ran: its row still says 'running', and the flags may have moved
+        interrupted = con.execute(
+            "select rollback_id, flags_before, dagster_run_id, started_at from rollbacks "
+            "where (rollback_id = ? or starts_with(rollback_id, ?)) and status = 'running' "
+            "order by started_at limit 1",
+            [rollback_run_key(ws, config.phase), rollback_run_key(ws, config.phase) + RETRY_SEP]
+        ).fetchone()
+        if config.retry and _closed(con, incident) and not interrupted:
             # the failed attempt's row (exit code, log) stays as it is
             msg = (f"retry {config.retry} of {rollback_id}: incident {incident} closed after "
                    "the failed attempt; the rollback is not run again")
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
-        why = None if interrupted_before else _not_live(con, policy, before.phase, config,
-                                                         incident, ws)
+        why = None if interrupted else _not_live(con, policy, before.phase, config, incident,
+                                                  ws)
         if why:
             msg = f"{why}; nothing to do"
             con.execute(
@@ -187,11 +193,14 @@ def execute_rollback(
         # The attempt is on record before the command runs. The command runs in its own
         # session, so it outlives a run killed meanwhile and may move the flags; the next
         # attempt then finds the flags already moved, and this row says from where.
-        interrupted = con.execute(
-            "select flags_before, dagster_run_id, started_at from rollbacks "
-            "where rollback_id = ? and status = 'running'", [rollback_id]).fetchone()
-        flags_before = interrupted[0] if interrupted else before.describe()
+        flags_before = interrupted[1] if interrupted else before.describe()
         started = now_utc()
+        if interrupted and interrupted[0] != rollback_id:  # this attempt takes over from it
+            con.execute(
+                "update rollbacks set status = 'interrupted', finished_at = ?, log_tail = ? "
+                "where rollback_id = ?",
+                [started, f"its run died while the command ran; {rollback_id} took over",
+                 interrupted[0]])
         con.execute(
             "insert or replace into rollbacks values "
             "(?, ?, ?, ?, 'running', ?, NULL, NULL, NULL, ?, NULL, ?, ?, ?, NULL)",
@@ -205,8 +214,8 @@ def execute_rollback(
     attempt = f"retry-{config.retry}" if config.retry else ""
     log_name = "-".join(filter(None, (config.window, config.phase, attempt))) + ".log"
     log_path = home.home.inside(home.home.rollback_log_dir / log_name)
-    earlier = (f"# an earlier attempt (run {interrupted[1]}, started "
-               f"{interrupted[2]:%Y-%m-%d %H:%M:%S} UTC) was interrupted before it recorded its "
+    earlier = (f"# an earlier attempt ({interrupted[0]}, run {interrupted[2]}, started "
+               f"{interrupted[3]:%Y-%m-%d %H:%M:%S} UTC) was interrupted before it recorded its "
                f"outcome; the flags were {flags_before} then, {before.describe()} when this "
                "attempt began\n" if interrupted else "")
     atomic_write(log_path, f"{earlier}$ {outcome.command}\n{outcome.output}\n"

@@ -295,7 +295,7 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
                 if r.tags.get(SENSOR_NAME_TAG) == SENSOR_NAME and REAPED_TAG not in r.tags
             ]  # a rollback whose process was killed (reaped) is launched again
             if existing:
-                # handled before: report how that rollback ended (a failed one stays failed).
+                # handled before: report how that rollback ended (its latest attempt).
                 # Its run may have failed only on a message it could not deliver, which the
                 # window's re-run has delivered since: the command's outcome is what counts.
                 ok = (existing[0].status == dg.DagsterRunStatus.SUCCESS
@@ -318,12 +318,18 @@ def _tick_breach_sensor(instance: dg.DagsterInstance, defs: dg.Definitions,
     return out
 
 
-def _rollback_status(defs: dg.Definitions, rollback_id: str) -> str | None:
-    """The `rollbacks` row's status of a rollback (its id is the run key), None without one."""
+def _rollback_status(defs: dg.Definitions, run_key: str) -> str | None:
+    """How the rollback of a breach ended: the status of its latest attempt's `rollbacks` row
+    (a failed first attempt may have been retried since; ids are the run keys), None without
+    one."""
+    from rollout_assets.reporting import RETRY_SEP
+
+    base = run_key.split(RETRY_SEP)[0]
     row = _query_warehouse(
         Path(defs.resources["warehouse"].path),
-        lambda con: con.execute("select status from rollbacks where rollback_id = ?",
-                                [rollback_id]).fetchone(), None)
+        lambda con: con.execute(
+            "select status from rollbacks where rollback_id = ? or starts_with(rollback_id, ?) "
+            "order by started_at desc limit 1", [base, base + RETRY_SEP]).fetchone(), None)
     return row[0] if row else None
 
 

@@ -267,6 +267,59 @@ def test_retries_stop_at_the_policys_count(home, tmp_path):
         instance.dispose()
 
 
+def test_a_retry_takes_over_an_earlier_retry_whose_run_was_killed(home, tmp_path):
+    """Attempts have rows of their own: retry 2 did not see retry 1's row, left 'running' by a
+    killed run whose command had moved the flags, and recorded "skipped: the flags are at
+    A-0" (found by an independent audit). It takes over: retry 1 is marked interrupted, and
+    retry 2's row says A-1 -> A-0, with the interrupted attempt named in its log."""
+    promote_to(home, "A-1")
+    write_canary(home, "A-1", window_events("A-1", T0, "w0", failed_restores=3))
+    calls, moved = tmp_path / "calls", tmp_path / "moved"
+    script = tmp_path / "fails_then_slow.py"
+    script.write_text(
+        "import pathlib, subprocess, sys, time\n"
+        "home, phase, calls, marker = sys.argv[1:5]\n"
+        "p = pathlib.Path(calls); n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "if n == 1:\n"
+        "    print('flag service down'); sys.exit(3)\n"
+        "r = subprocess.run([sys.executable, '-m', 'rollout_assets.cli', '--home', home, "
+        "'flags', 'rollback', '--phase', phase])\n"
+        "if n == 2:\n"
+        "    pathlib.Path(marker).write_text(str(r.returncode)); time.sleep(2)\n"
+        "sys.exit(r.returncode)\n")
+    write_home_policy(home, ["{python}", str(script), "{home}", "{phase}", str(calls), str(moved)])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=2, retry_after_minutes=0)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    frm, to = "2025-01-18T09:00Z", "2025-01-18T09:15Z"
+    proc = start_run(home, frm, to)  # attempt 1 fails; the run's own tick retries at once
+    deadline = time.monotonic() + 120
+    while not moved.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert moved.exists(), proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGKILL)  # while retry 1's command sleeps
+    proc.wait(timeout=30)
+    time.sleep(2.5)
+    assert query(home, "select phase from flag_state") == [("A-0",)]
+
+    ok(rollout(home, "run", "--from", frm, "--to", to))
+    rows = query(home, "select rollback_id, status, exit_code, flags_before like 'A-1 %', "
+                       "flags_after like 'A-0 %' from rollbacks order by started_at")
+    assert rows == [("20250118T0900Z:A-1", "failed", 3, True, False),
+                    ("20250118T0900Z:A-1:retry-1", "interrupted", None, True, None),
+                    ("20250118T0900Z:A-1:retry-2", "succeeded", 0, True, True)], rows
+    tail = query(home, "select log_tail from rollbacks where rollback_id like '%retry-2'")[0][0]
+    assert "an earlier attempt (20250118T0900Z:A-1:retry-1" in tail and "was interrupted" in tail
+    assert query(home, "select count(*) from flag_history where action = 'rollback'") == [(1,)]
+    # and a run of the range again says the rollback succeeded (its first attempt's failed
+    # row made it exit 1; found by the same audit)
+    ok(rollout(home, "run", "--from", frm, "--to", to))
+    # one breach rolled back, however many attempts it took (the count was 3)
+    assert query(home, "select breaches, rollbacks from sla_daily where phase = 'A-1'") == [
+        (1, 1)]
+
+
 def test_a_rollback_whose_run_was_killed_while_its_command_ran_is_recorded_from_the_start(
         home, tmp_path):
     """`rollout run` is killed while the rollback command runs. The command runs in its own

@@ -140,7 +140,7 @@ select rollback_id, strftime(window_start, '{ISO}') as t, phase, rollback_to, st
        dagster_run_id
 from rollbacks
 where window_start >= ? and window_start < ?
-order by window_start, phase
+order by window_start, phase, started_at
 """
 
 # Verdict status per phase: judged = pass or breach; attainment = passed / judged.
@@ -154,7 +154,7 @@ select v.phase,
        round(count(*) filter (where v.status = 'pass')
              / nullif(count(*) filter (where v.status in ('pass', 'breach')), 0), 4)
            as attainment,
-       (select count(*) from rollbacks r
+       (select count(distinct r.window_start) from rollbacks r  -- a breach's, not attempts
         where r.phase = v.phase and r.window_start >= ? and r.window_start < ?
           and r.status <> 'skipped') as rollbacks
 from window_verdicts v
@@ -336,9 +336,9 @@ def signoff(home: RolloutHome, policy: Policy, checks: list[dict], breaches: lis
 
     missing_reports = [b for b in breaches if not b["alert_report"]
                        or not (home.root / b["alert_report"]).is_file()]
-    by_key = {(r["t"], r["phase"]): r for r in rollbacks}
+    by_key = {(r["t"], r["phase"]): r for r in rollbacks}  # each breach's latest attempt
     not_rolled = [q for q in required if (q["t"], q["phase"]) not in by_key]
-    bad_exit = [r for r in rollbacks if r["status"] != "skipped" and r["exit_code"] != 0]
+    bad_exit = [r for r in by_key.values() if r["status"] != "skipped" and r["exit_code"] != 0]
     unlogged = []
     for b in breaches:
         rb = by_key.get((b["t"], b["phase"]))
