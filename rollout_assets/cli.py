@@ -395,6 +395,8 @@ def cmd_demo(args, home: RolloutHome) -> int:
              - timedelta(days=1))
     if args.start:
         start = _time(args.start, "--start")
+    if start > datetime(9999, 12, 30):  # its day and the windows after it must exist
+        raise CliError(f"--start {args.start}: past the last day Python can hold (year 9999)")
     # everything that could refuse the demo is asked before it resets the home
     try:
         plan(policy, start, 24, args.breach, args.breach_phase)
@@ -624,6 +626,7 @@ def _disk_full(exc: BaseException) -> str | None:
 
 
 STARTS_A_HOME = ("simulate", "demo")  # the commands that may create the home directory
+USES_THE_INSTANCE = ("run", "demo", "ui")  # the commands that open the Dagster instance
 
 
 def _check_home(cmd: str, home: RolloutHome) -> None:
@@ -638,6 +641,11 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
                        "(DuckDB) needs one; rename the directory") from None
     if root.exists() and not root.is_dir():
         raise CliError(f"rollout home {root} is not a directory")
+    if cmd in USES_THE_INSTANCE:  # (`flags` never does: the on-call's rollback is not refused)
+        try:
+            home.check_instance()
+        except InstanceOfAnotherHome as exc:
+            raise CliError(str(exc)) from None
     if not root.exists():
         if cmd in STARTS_A_HOME:
             return
@@ -649,10 +657,6 @@ def _check_home(cmd: str, home: RolloutHome) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise CliError(f"rollout home {root} is not writable ({exc.strerror})") from None
-    try:
-        home.check_instance()
-    except InstanceOfAnotherHome as exc:
-        raise CliError(str(exc)) from None
 
 
 def _check_environment() -> None:
@@ -694,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"rollout: {exc}", file=sys.stderr)
         return exc.code
+    except InstanceOfAnotherHome as exc:  # found past `_check_home` (a home made meanwhile)
+        print(f"rollout: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `rollout ... | head`: the reader has what it wanted

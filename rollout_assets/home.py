@@ -126,7 +126,7 @@ class RolloutHome:
         instance = self.dagster_home
         marker = instance / INSTANCE_OWNER_FILE
         try:
-            owner = marker.read_text(encoding="utf-8").strip() or None
+            owner = marker.read_text(encoding="utf-8").removesuffix("\n") or None
         except FileNotFoundError:
             owner = None
         mine = str(self.root)

@@ -7,6 +7,7 @@ use `%Y-%m-%d-%H:%M`; files use the contract's `YYYYMMDDTHHMMZ` stamp.
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -22,14 +23,20 @@ PARTITIONS_START = os.environ.get("ROLLOUT_PARTITIONS_START", "2024-01-01-00:00"
 
 def check_partitions_start() -> None:
     """ROLLOUT_PARTITIONS_START must name a window start (Dagster's own error is a traceback)."""
-    try:
-        start = datetime.strptime(PARTITIONS_START, PARTITION_FMT)
+    try:  # strptime alone takes "2024-1-1-0:00", which the daily partitions then refuse
+        start = (datetime.strptime(PARTITIONS_START, PARTITION_FMT)
+                 if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{2}:[0-9]{2}", PARTITIONS_START)
+                 else None)
     except ValueError:
         start = None
     if start is None or start.minute % 15:
         raise ValueError(f"ROLLOUT_PARTITIONS_START={PARTITIONS_START!r}: expected a window start "
                          "as YYYY-MM-DD-HH:MM in UTC, minutes 00, 15, 30 or 45 (e.g. "
                          "2024-01-01-00:00)")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if not datetime(2000, 1, 1) <= start <= now:  # events before 2000 are never stored
+        raise ValueError(f"ROLLOUT_PARTITIONS_START={PARTITIONS_START!r}: must lie between "
+                         f"2000-01-01-00:00 and now ({now:{PARTITION_FMT}} UTC)")
 
 
 def _build_partitions() -> dict:

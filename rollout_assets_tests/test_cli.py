@@ -236,6 +236,7 @@ BAD_INPUT = [
     (["demo", "--rate", "nan"], "must be positive"),
     (["demo", "--rate", "1e9"], "at most 5,000,000 events"),
     (["demo", "--breach", ""], "--breach: name the metric"),
+    (["demo", "--start", "9999-12-31T00:00Z", "--rate", "1"], "past the last day"),
     (["flags", "rollback", "--phase", "A-1"], "no warehouse at"),
     (["flags", "show"], "no warehouse at"),
 ]
@@ -265,12 +266,14 @@ def test_bad_input_in_process(tmp_path, capsys, monkeypatch, args, expected):
     _assert_refused(code, out, err, expected, tmp_path)
 
 
-def test_a_bad_partitions_start_is_a_one_line_reason(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("rollout_assets.partitions.PARTITIONS_START", "garbage")
+@pytest.mark.parametrize("start", ["garbage", "2024-1-1-0:00", "2024-01-01-00:10",
+                                   "0001-01-01-00:00", "2099-01-01-00:00"])
+def test_a_bad_partitions_start_is_a_one_line_reason(tmp_path, capsys, monkeypatch, start):
+    monkeypatch.setattr("rollout_assets.partitions.PARTITIONS_START", start)
     code = cli.main(["--home", str(tmp_path), "run", "--from", "2025-01-18T09:00Z",
                      "--to", "2025-01-18T09:15Z"])
     _, err = capsys.readouterr()
-    _assert_refused(code, "", err, "ROLLOUT_PARTITIONS_START='garbage'", tmp_path)
+    _assert_refused(code, "", err, f"ROLLOUT_PARTITIONS_START={start!r}", tmp_path)
 
 
 def test_production_mode_refuses_drills(tmp_path, capsys, monkeypatch):
@@ -408,12 +411,26 @@ def test_a_dagster_instance_serves_one_home(tmp_path, monkeypatch, capsys):
         run_range(RolloutHome(second), T0, T0 + timedelta(minutes=15), log=lambda m: None)
     with pytest.raises(InstanceOfAnotherHome):
         build_definitions(RolloutHome(second))
+    # a demo into a new home under that instance is refused before it writes anything
+    third = tmp_path / "third"
+    assert cli.main(["--home", str(third), "demo", "--rate", "5"]) == 2
+    assert "serves the rollout home" in capsys.readouterr().err and not third.exists()
     # each home with its own instance is fine, and the first home still uses the shared one
     monkeypatch.delenv("DAGSTER_HOME")
     assert cli.main(["--home", str(second), "run", "--from", "2025-01-18T09:00Z",
                      "--to", "2025-01-18T09:15Z"]) == 0
     monkeypatch.setenv("DAGSTER_HOME", str(shared))
     assert cli.main(["--home", str(first), "flags", "show"]) == 0
+    # the flag commands never open the instance: the on-call's rollback of the second home is
+    # not refused for an exported DAGSTER_HOME (a false refusal an audit found)
+    assert cli.main(["--home", str(second), "flags", "rollback", "--phase", "A-0"]) == 0
+    # a home whose name ends in a space is its own owner (the marker was read stripped)
+    spaced = tmp_path / "spaced "
+    spaced.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "spaced-instance"))
+    for _ in range(2):
+        assert cli.main(["--home", str(spaced), "run", "--from", "2025-01-18T09:00Z",
+                         "--to", "2025-01-18T09:15Z"]) == 0
 
 
 def test_a_home_policy_that_is_not_a_file_is_refused_not_replaced(tmp_path, capsys):
