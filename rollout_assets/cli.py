@@ -342,7 +342,8 @@ def cmd_replay(args, home: RolloutHome) -> int:
 
 
 # ---- demo -------------------------------------------------------------------------------------
-DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "reports/canary",
+DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "data/rollout-read.duckdb",
+                "reports/canary",
                 "reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks",
                 "reports/rca", "docs/rehearsal")
 
@@ -466,7 +467,8 @@ def cmd_demo(args, home: RolloutHome) -> int:
     print("next:")
     print(f"  rollout --home {home.root} ui      # Dagster UI: lineage, check history, sensor, "
           "rollback runs")
-    print(f"  duckdb -readonly {home.db_path} \"select * from window_verdicts where breach\"")
+    print(f"  duckdb -readonly {home.reader_db_path} "
+          "\"select * from window_verdicts where breach\"   # the readers' copy")
     print(f"  open {home.root / 'reports' / 'dashboard' / 'index.html'}   # offline dashboard")
     return 0
 

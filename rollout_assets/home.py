@@ -88,6 +88,11 @@ class RolloutHome:
         return self.root / "data" / "rollout.duckdb"
 
     @property
+    def reader_db_path(self) -> Path:
+        """The copy SQL readers query (`warehouse.publish_reader_copy`): never locked by a run."""
+        return self.root / "data" / "rollout-read.duckdb"
+
+    @property
     def monitoring_dir(self) -> Path:
         return self.root / "reports" / "monitoring"
 

@@ -7,7 +7,7 @@ import dagster as dg
 
 from rollout_assets.assets.analyzer import slo_scores, window_verdicts
 from rollout_assets.assets.collector import canary_events, window_metrics
-from rollout_assets.assets.common import WAREHOUSE_POOL
+from rollout_assets.assets.common import WAREHOUSE_POOL, publish_for_readers
 from rollout_assets.assets.dashboard import dashboard, refresh_dashboard
 from rollout_assets.assets.governance import incidents, sla_daily
 from rollout_assets.assets.reporter import alert_reports, publish_window
@@ -146,6 +146,7 @@ def execute_rollback(
             # moved and the row is written; only the publishing may be unfinished.
             publish_after_rollback(context, con, home, notifier, policy, ws)
             send_resolves(con, notifier, policy)
+            publish_for_readers(context, con, home.home)
             msg = f"rollback {rollback_id} already succeeded; its report and messages are current"
             context.log.info(msg)
             return dg.Output(json.dumps({"already_done": rollback_id}),
@@ -187,6 +188,7 @@ def execute_rollback(
                  before.describe(), context.run_id, policy.version, now_utc(), now_utc()])
             publish_after_rollback(context, con, home, notifier, policy, ws)
             send_resolves(con, notifier, policy)
+            publish_for_readers(context, con, home.home)
             context.log.info(msg)
             return dg.Output(json.dumps({"skipped": msg}), metadata={"status": "skipped",
                                                                      "incident": incident})
@@ -251,6 +253,7 @@ def execute_rollback(
                 {**payload, "severity": "critical"}, paged_as,
                 about=f"rollback{':' + attempt if attempt else ''}"))
         send_resolves(con, notifier, policy)  # an incident closed before its rollback ran
+        publish_for_readers(context, con, home.home)
     context.log.info(text)
     metadata = {
         "command": outcome.command, "exit_code": outcome.exit_code, "status": status,

@@ -510,3 +510,39 @@ def transaction(con) -> Iterator:
         con.execute("rollback")
         raise
     con.execute("commit")
+
+
+# ---- the readers' copy -----------------------------------------------------------------------
+
+NOT_FOR_READERS = frozenset({"canary_events"})  # the raw events: 70 MB a 10M-event day
+
+
+def publish_reader_copy(con, path: Path) -> int:
+    """Write every table of `con`'s warehouse but the raw events to a new DuckDB file and move
+    it over `path` at once; returns the tables copied.
+
+    DuckDB lets one process write a file and no other open it meanwhile, readers included: an
+    SQL session on the warehouse fails while a run writes, and one held open stalls the runs and
+    can make a rollback time out. Readers query this copy instead. A run writes it beside and
+    renames it over the old one, so it never waits for them: a session keeps the copy it opened,
+    the next one opens the newest. Called at the end of each run that changes tables (outside
+    a transaction: ATTACH cannot run in one)."""
+    tables = [t for (t,) in con.execute(
+        "select table_name from duckdb_tables() where database_name = current_database() "
+        "and schema_name = 'main' order by 1").fetchall() if t not in NOT_FOR_READERS]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        con.execute(f"attach {sql_string(duckdb_path(tmp))} as _reader_copy")
+        try:
+            for t in tables:
+                name = sql_identifier(t)
+                con.execute(f"create table _reader_copy.{name} as select * from main.{name}")
+            con.execute("checkpoint _reader_copy")
+        finally:
+            con.execute("detach _reader_copy")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(tables)

@@ -107,6 +107,56 @@ def test_two_runs_and_a_reader_at_the_same_time(home):
     instance.dispose()
 
 
+def test_a_session_on_the_readers_copy_never_holds_up_a_run(home):
+    """An SQL session held open on the warehouse stalls every run for up to 15 minutes and can
+    make a rollback time out. Readers have `data/rollout-read.duckdb`: every table but the raw
+    events, renamed into place after each run, so a session (another process, holding it
+    open) never waits for a run nor holds one up; it reads the copy it opened, and the next
+    session opens the newest."""
+    import subprocess
+    import sys
+
+    two_hours_of_traffic(home)
+    ok(rollout(home, "run", "--from", "2025-01-18T08:00Z", "--to", "2025-01-18T09:00Z"))
+    copy = home.reader_db_path
+    assert copy.is_file()
+    session = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time\n"
+         f"c = duckdb.connect({str(copy)!r}, read_only=True)\n"
+         "q = 'select count(*) from window_verdicts'\n"
+         "print(c.execute(q).fetchone()[0], flush=True)\n"
+         "sys.stdin.readline()\n"  # held open until the test says
+         "print(c.execute(q).fetchone()[0], flush=True)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert session.stdout.readline().strip() == "4"
+        t0 = time.monotonic()
+        ok(rollout(home, "run", "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T10:00Z"))
+        assert time.monotonic() - t0 < 120 and session.poll() is None
+        out, _ = session.communicate("go\n", timeout=60)
+        assert out.strip() == "4"  # its own snapshot, whole
+    finally:
+        if session.poll() is None:
+            session.kill()
+    fresh = duckdb.connect(str(copy), read_only=True)
+    try:
+        assert fresh.execute("select count(*) from window_verdicts").fetchone() == (8,)
+        tables = {t for (t,) in fresh.execute("show tables").fetchall()}
+    finally:
+        fresh.close()
+    live = connect(home.db_path, read_only=True)
+    try:
+        every = {t for (t,) in live.execute("show tables").fetchall()}
+        for t in ("window_metrics", "slo_scores", "window_verdicts", "quarantine", "rollbacks",
+                  "notifications", "incidents", "sla_daily"):
+            assert live.execute(f"select count(*) from {t}").fetchone() == duckdb.connect(
+                str(copy), read_only=True).execute(f"select count(*) from {t}").fetchone(), t
+    finally:
+        live.close()
+    assert tables == every - {"canary_events", "canary_event_sources"}  # the raw events
+    assert [p.name for p in copy.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_a_file_still_being_created_is_waited_for_not_reported_corrupt(tmp_path):
     """DuckDB creates a new file, then writes its headers: a reader (or a second writer) that
     opens it in between is told the file "is not a valid DuckDB database file". That is

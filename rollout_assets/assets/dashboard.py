@@ -9,7 +9,7 @@ to deliver a message, since its failure skips this step).
 
 import dagster as dg
 
-from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL
+from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, publish_for_readers
 from rollout_assets.dashboard.render import render_dashboard
 from rollout_assets.home import RolloutHome
 from rollout_assets.policy import Policy
@@ -73,6 +73,7 @@ def dashboard(
     # connection beside a read-write one to the same file in one process; the pool serializes
     with warehouse.connect() as con:
         path, data = render_dashboard(con, home.home, policy, days=config.days)
+        publish_for_readers(context, con, home.home)  # the window job's last step
     context.log.info(f"dashboard written to {home.home.relative(path)}")
     return dg.MaterializeResult(metadata=dashboard_metadata(home.home, path, data))
 

@@ -6,7 +6,13 @@ from datetime import date, datetime
 import dagster as dg
 
 from rollout_assets.assets.analyzer import window_verdicts
-from rollout_assets.assets.common import OWNERS, WAREHOUSE_POOL, column_schema, run_window_days
+from rollout_assets.assets.common import (
+    OWNERS,
+    WAREHOUSE_POOL,
+    column_schema,
+    publish_for_readers,
+    run_window_days,
+)
 from rollout_assets.governance import (
     SLA_DAYS_KEY,
     compute_sla_daily,
@@ -89,6 +95,7 @@ def sla_daily(
                 {f"{ph}/attainment": float(a) for ph, a in att if a is not None},
                 partition_key=d.isoformat())
         schema = column_schema(con, "sla_daily")
+        publish_for_readers(context, con, home.home)
     return dg.MaterializeResult(metadata={
         "rows": n, "days": len(days), "summaries": len([s for s in summaries if s]),
         "dagster/column_schema": schema,

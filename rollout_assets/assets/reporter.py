@@ -9,6 +9,7 @@ from rollout_assets.assets.common import (
     column_schema,
     log_events,
     on_last_window,
+    publish_for_readers,
     run_totals,
     run_windows,
 )
@@ -109,6 +110,7 @@ def alert_reports(
             # this step fails below, and Dagster then skips the dashboard's: keep the page
             # current here, failed deliveries and all
             refresh_dashboard(context, con, home.home, home.policy())
+            publish_for_readers(context, con, home.home)
     log_events(context, slot_evaluations(home.policy(), "reporter", windows, now_utc()))
     notifier.raise_for_failures()  # after every window's messages went out (or escalated)
     on_last_window(context, {"latest_reports": dg.MetadataValue.json(reports[-10:]),
