@@ -531,7 +531,8 @@ def publish_reader_copy(con, path: Path) -> int:
         "select table_name from duckdb_tables() where database_name = current_database() "
         "and schema_name = 'main' order by 1").fetchall() if t not in NOT_FOR_READERS]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed run's: this process
+        stale.unlink(missing_ok=True)  # holds the writer's lock, no other one is publishing
     try:
         con.execute(f"attach {sql_string(duckdb_path(tmp))} as _reader_copy")
         try:
