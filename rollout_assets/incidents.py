@@ -214,13 +214,16 @@ def refresh_incidents(con, home: RolloutHome, policy: Policy,
         if check.pop("rollback_failed"):
             level = "P1"  # a failed rollback escalates (seed §8 step 3), retried or not
         rca_rel = home.relative(home.rca_dir / f"{inc.incident_id}.md")
+        first_seen = prev.get("rca_created_at") or now
         row = dict(
             incident_id=inc.incident_id, phase=inc.phase, level=level, status=inc.status,
             opened_window=inc.opened_window, last_breach_window=inc.last_breach_window,
             breach_windows=inc.breach_windows, failed_slos=inc.failed_slos,
             rollback_required=inc.rollback_required, **check, rca_path=rca_rel,
-            rca_created_at=prev.get("rca_created_at") or now,
-            rca_due=add_business_days(inc.opened_window.date(),
+            rca_created_at=first_seen,
+            # one business day after it opened, or after it was first seen when that was
+            # later: a backfill finds last week's incidents today, not overdue
+            rca_due=add_business_days(max(inc.opened_window.date(), first_seen.date()),
                                       policy.incidents.rca_business_days),
             owner=rca_owner(policy, inc.phase), green_cycles=inc.green_cycles,
             closed_window=inc.closed_window,

