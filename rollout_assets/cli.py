@@ -343,7 +343,7 @@ def cmd_replay(args, home: RolloutHome) -> int:
 
 # ---- demo -------------------------------------------------------------------------------------
 DEMO_OUTPUTS = ("data/rollout.duckdb", "data/rollout.duckdb.wal", "data/rollout-read.duckdb",
-                "reports/canary",
+                "data/rollout-read.duckdb.wal", "reports/canary",
                 "reports/monitoring", "reports/alerts", "reports/outbox", "reports/rollbacks",
                 "reports/rca", "docs/rehearsal")
 

@@ -531,8 +531,13 @@ def publish_reader_copy(con, path: Path) -> int:
         "select table_name from duckdb_tables() where database_name = current_database() "
         "and schema_name = 'main' order by 1").fetchall() if t not in NOT_FOR_READERS]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed run's: this process
-        stale.unlink(missing_ok=True)  # holds the writer's lock, no other one is publishing
+    for stale in path.parent.glob(f".{path.name}.*.tmp*"):  # a killed run's (and its .wal):
+        stale.unlink(missing_ok=True)  # this process holds the writer's lock, none publishes
+    # A log beside the copy (a session that opened it read-write, the `duckdb` shell's
+    # default) would be replayed onto the next copy, deleting rows by number (found by an
+    # independent audit): it goes before and after the rename. The copy itself is read-only
+    # on disk, so such a session fails to open it unless it asks for `-readonly`.
+    wal = path.with_name(path.name + ".wal")
     try:
         con.execute(f"attach {sql_string(duckdb_path(tmp))} as _reader_copy")
         try:
@@ -542,8 +547,13 @@ def publish_reader_copy(con, path: Path) -> int:
             con.execute("checkpoint _reader_copy")
         finally:
             con.execute("detach _reader_copy")
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+        os.chmod(tmp, 0o444)
+        wal.unlink(missing_ok=True)
         os.replace(tmp, path)
+        wal.unlink(missing_ok=True)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
         raise
     return len(tables)

@@ -154,7 +154,25 @@ def test_a_session_on_the_readers_copy_never_holds_up_a_run(home):
     finally:
         live.close()
     assert tables == every - {"canary_events", "canary_event_sources"}  # the raw events
-    assert [p.name for p in copy.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in copy.parent.iterdir() if ".tmp" in p.name] == []
+
+    # a session that opened the copy read-write and was killed leaves a log beside it; the
+    # next copy must not have it replayed onto it (it deleted rows by number; found by an
+    # independent audit)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import duckdb, os\n"
+         f"c = duckdb.connect({str(copy)!r})\n"
+         "c.execute('delete from window_verdicts where phase = \\'A-1\\'')\n"
+         "os._exit(9)\n"], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    assert copy.with_name(copy.name + ".wal").exists()
+    ok(rollout(home, "run", "--from", "2025-01-18T09:00Z", "--to", "2025-01-18T09:15Z"))
+    again = duckdb.connect(str(copy), read_only=True)
+    try:
+        assert again.execute("select count(*) from window_verdicts where phase = 'A-1'"
+                             ).fetchone() == (8,)
+    finally:
+        again.close()
 
 
 def test_a_file_still_being_created_is_waited_for_not_reported_corrupt(tmp_path):
