@@ -99,6 +99,20 @@ def cmd_simulate(args, home: RolloutHome) -> int:
     return 0
 
 
+def _publish_for_readers(con, home: RolloutHome) -> None:
+    """A command that changed tables refreshes the SQL readers' copy as runs do; a copy that
+    cannot be written is a warning (the command's own change stands)."""
+    import duckdb
+
+    from rollout_assets.warehouse import publish_reader_copy
+
+    try:
+        publish_reader_copy(con, home.reader_db_path)
+    except (duckdb.Error, OSError) as exc:
+        print(f"rollout: warning: readers' copy {home.relative(home.reader_db_path)} not "
+              f"refreshed: {exc}", file=sys.stderr)
+
+
 # ---- run --------------------------------------------------------------------------------------
 def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[str]:
     from rollout_assets.reporting import RETRY_SEP
@@ -240,6 +254,7 @@ def cmd_flags(args, home: RolloutHome) -> int:
             _, _, msg = flags.promote(con, policy, args.phase, reason=args.reason,
                                       actor=args.actor, force=args.force)
         print(msg)
+        _publish_for_readers(con, home)  # a rollback by hand is the on-call's usual one
         return 0
     except (flags.FlagError, PolicyError) as exc:
         raise CliError(str(exc)) from None
@@ -263,6 +278,7 @@ def cmd_files(args, home: RolloutHome) -> int:
                                   now_utc()))
             except ForgetError as exc:
                 raise CliError(str(exc)) from None
+            _publish_for_readers(con, home)
             return 0
         rows = con.execute("select source_file, byte_offset, lines_read, loaded, duplicates, "
                            "quarantined, updated_at, rotated_from from ingest_files "
@@ -323,6 +339,8 @@ def cmd_replay(args, home: RolloutHome) -> int:
                   "deleted by retention")
             start = kept
         replay_id, diffs, compared = replay(con, candidate, start, end)
+        if diffs:  # stored in replay_diffs
+            _publish_for_readers(con, home)
     finally:
         con.close()
     print(f"{replay_id}: candidate policy {candidate.version} ({candidate.version_label}) over "
