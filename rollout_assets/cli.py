@@ -167,6 +167,23 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
         con.close()
 
 
+def _latest_attempts(home: RolloutHome, keys: list[str]) -> dict[str, str]:
+    """Breach run key -> the status of its latest rollback attempt's row (`rollbacks`)."""
+    from rollout_assets.reporting import RETRY_SEP
+    from rollout_assets.warehouse import connect
+
+    if not keys or not home.db_path.exists():
+        return {}
+    con = connect(home.db_path, read_only=True)
+    try:
+        return dict(con.execute(
+            "select k, arg_max(status, started_at) from rollbacks, unnest(?::VARCHAR[]) t(k) "
+            "where rollback_id = k or starts_with(rollback_id, k || ?) group by k",
+            [keys, RETRY_SEP]).fetchall())
+    finally:
+        con.close()
+
+
 def cmd_run(args, home: RolloutHome) -> int:
     with paused_gc():  # Dagster's import: see rollout_assets/startup.py
         from rollout_assets.reporting import RETRY_SEP
@@ -190,10 +207,17 @@ def cmd_run(args, home: RolloutHome) -> int:
               "rollback lines below)")
     for line in _verdict_summary(home, start, end):
         print(line)
-    latest = {}  # a rollback's outcome is its last attempt's (a retry may have succeeded)
+    latest = {}
     for rb in summary.rollbacks:
         latest[rb.run_key.split(RETRY_SEP)[0]] = rb
-    failed = [rb for rb in latest.values() if not rb.success]
+    # a breach's outcome is its latest attempt's row (a retry may have succeeded, or been
+    # skipped once its incident closed, leaving the failed attempt the last word; it printed
+    # that retry's success and exited 0, then 1 on the same run again); the run's own outcome
+    # when the attempt left no row
+    outcome = _latest_attempts(home, list(latest))
+    failed = [rb for key, rb in latest.items()
+              if outcome.get(key, "succeeded" if rb.success else "failed")
+              not in ("succeeded", "skipped")]
     if failed:
         raise CliError("rollback failed for " + ", ".join(rb.run_key for rb in failed)
                        + ": see `rollbacks`, reports/rollbacks/ and the runs in the Dagster UI",

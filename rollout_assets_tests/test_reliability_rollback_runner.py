@@ -246,6 +246,31 @@ def test_rollout_run_exits_0_when_its_own_retry_succeeded(home, tmp_path, capsys
     assert query(home, "select phase from flag_state") == [("A-0",)]
 
 
+def test_a_retry_skipped_for_a_closed_incident_does_not_turn_a_failure_into_success(
+        home, tmp_path, capsys):
+    """The rollback failed, the incident closed on green windows, and the retry was skipped for
+    it: `rollout run` printed the retry's "succeeded" and exited 0, and 1 when run again (found
+    by an independent audit). The breach's outcome is its latest attempt's row: failed, both
+    times."""
+    promote_to(home, "A-1")
+    write_home_policy(home, ["{python}", "-c", "raise SystemExit(3)", "{phase}"])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=1, retry_after_minutes=0)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_canary(home, "A-1", window_events("A-1", T0, "red", failed_restores=6)
+                 + window_events("A-1", T0 + timedelta(minutes=15), "g1")
+                 + window_events("A-1", T0 + timedelta(minutes=30), "g2"))
+    args = ["--home", str(home.root), "run", "--from", "2025-01-18T09:00Z",
+            "--to", "2025-01-18T09:45Z"]
+    assert cli.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "rollback failed for 20250118T0900Z:A-1" in err
+    assert query(home, "select status from incidents") == [("closed",)]
+    assert query(home, "select rollback_id, status from rollbacks") == [
+        ("20250118T0900Z:A-1", "failed")]
+    assert cli.main(args) == 1
+
+
 def test_retries_stop_at_the_policys_count(home, tmp_path):
     from rollout_assets.runner import run_range, tick_breach_sensor
 
