@@ -177,3 +177,25 @@ def test_an_incident_never_closes_before_its_alert_was_received(con, home, polic
     assert row["closed_at"] == sent
     assert con.execute("select closed_at >= alert_received_at from incidents").fetchone() == (
         True,)
+
+
+def test_an_alert_report_shows_the_failed_attempts_before_a_skipped_one(con, home, policy):
+    """A breach whose rollback failed, then whose retry was skipped (another window's retry had
+    rolled the incident back): its report said "escalated to P1: a rollback failed (see
+    below)" and below showed only "Not run again" (found by an independent audit)."""
+    from rollout_assets.reporting import alert_context, render_alert
+
+    _verdict(con, T0, "A-2", "breach", "P2", ["restore_success"], True, "A-1")
+    for rid, status, code, tail, log, at in (
+            ("20250117T0900Z:A-2", "failed", 3, "flag service down",
+             "reports/rollbacks/20250117T0900Z-A-2.log", T0 + W),
+            ("20250117T0900Z:A-2:retry-1", "skipped", None,
+             "incident was already rolled back by 20250117T0915Z:A-2:retry-1", None,
+             T0 + 2 * W)):
+        con.execute("insert into rollbacks values (?, ?, 'A-2', 'A-1', ?, 'cmd', ?, ?, ?, "
+                    "'A-2', 'A-2', 'run', 'test', ?, ?)", [rid, T0, status, code, tail, log, at, at])
+    text = render_alert(home, alert_context(con, policy, T0)).read_text()
+    assert "escalated to **P1**: a rollback failed (see below)" in text
+    assert "Not run again: incident was already rolled back by 20250117T0915Z:A-2:retry-1" in text
+    assert ("- Earlier attempt `20250117T0900Z:A-2`: failed, ExitCode=3 (log "
+            "`reports/rollbacks/20250117T0900Z-A-2.log`)") in text
