@@ -184,9 +184,25 @@ def _latest_attempts(home: RolloutHome, keys: list[str]) -> dict[str, str]:
         con.close()
 
 
+def _failed_rollbacks(home: RolloutHome, rollbacks: list) -> list:
+    """The rollback runs (`RollbackRun`s of one command) of the breaches whose rollback did not
+    end well. A breach's outcome is its latest attempt's row (a retry may have succeeded, or
+    been skipped once its incident closed, leaving the failed attempt the last word; `run`
+    printed that retry's success and exited 0, then 1 on the same run again), else, when the
+    attempt left no row, its run's."""
+    from rollout_assets.reporting import RETRY_SEP
+
+    latest = {}
+    for rb in rollbacks:
+        latest[rb.run_key.split(RETRY_SEP)[0]] = rb
+    outcome = _latest_attempts(home, list(latest))
+    return [rb for key, rb in latest.items()
+            if outcome.get(key, "succeeded" if rb.success else "failed")
+            not in ("succeeded", "skipped")]
+
+
 def cmd_run(args, home: RolloutHome) -> int:
     with paused_gc():  # Dagster's import: see rollout_assets/startup.py
-        from rollout_assets.reporting import RETRY_SEP
         from rollout_assets.runner import BadRange, RunError, run_range
 
     _policy(home)
@@ -207,17 +223,7 @@ def cmd_run(args, home: RolloutHome) -> int:
               "rollback lines below)")
     for line in _verdict_summary(home, start, end):
         print(line)
-    latest = {}
-    for rb in summary.rollbacks:
-        latest[rb.run_key.split(RETRY_SEP)[0]] = rb
-    # a breach's outcome is its latest attempt's row (a retry may have succeeded, or been
-    # skipped once its incident closed, leaving the failed attempt the last word; it printed
-    # that retry's success and exited 0, then 1 on the same run again); the run's own outcome
-    # when the attempt left no row
-    outcome = _latest_attempts(home, list(latest))
-    failed = [rb for key, rb in latest.items()
-              if outcome.get(key, "succeeded" if rb.success else "failed")
-              not in ("succeeded", "skipped")]
+    failed = _failed_rollbacks(home, summary.rollbacks)
     if failed:
         raise CliError("rollback failed for " + ", ".join(rb.run_key for rb in failed)
                        + ": see `rollbacks`, reports/rollbacks/ and the runs in the Dagster UI",
@@ -453,6 +459,14 @@ def cmd_demo(args, home: RolloutHome) -> int:
         raise CliError(f"{home.root} holds data rollout demo did not make ({', '.join(foreign)}) "
                        "and the demo starts by removing it: run it in an empty directory "
                        "(--home DIR), or remove them first")
+    instance = home.dagster_home
+    if instance.resolve().parent != home.root and (instance / "history").exists():
+        # the demo starts the warehouse afresh; runs an outside instance keeps would count its
+        # new breaches as handled by their run keys (`<window>:<phase>`): no rollback at all
+        raise CliError(f"the Dagster instance {instance} (DAGSTER_HOME) is outside the home and "
+                       "holds earlier runs, whose run keys would count the demo's breaches as "
+                       "handled: unset DAGSTER_HOME (the demo then starts <home>/.dagster "
+                       "afresh too) or point it at an empty directory")
     print(f"rollout demo in {home.root}")
     reset_demo_home(home)
     sim = simulate(home, policy, start, 24, rate=args.rate, seed=args.seed,
@@ -512,6 +526,10 @@ def cmd_demo(args, home: RolloutHome) -> int:
     print(f"  duckdb -readonly {home.reader_db_path} "
           "\"select * from window_verdicts where breach\"   # the readers' copy")
     print(f"  open {home.root / 'reports' / 'dashboard' / 'index.html'}   # offline dashboard")
+    failed = _failed_rollbacks(home, rollbacks)
+    if failed:  # as `rollout run` says it (a demo whose rollback failed exited 0)
+        raise CliError("rollback failed for " + ", ".join(rb.run_key for rb in failed)
+                       + ": see `rollbacks` and reports/rollbacks/", EXIT_FAILED)
     return 0
 
 

@@ -113,13 +113,13 @@ def time_and_phase(line: bytes, now: datetime) -> tuple[datetime, str] | None:
     be stored for lack of either. Cheap for a plain line (one `"ts"`, one `"phase"`, no
     backslash: its key spellings are then the top-level ones, or the line is invalid anyway);
     any other line is parsed as JSON (a `"phase"` inside `tags`, `"A\u002d0"`)."""
-    if b"\\" not in line and line.count(b'"ts"') == 1 and line.count(b'"phase"') == 1:
-        ts, phase = _TS_KEY.search(line), _PHASE_KEY.search(line)
-        if ts is None or phase is None:
-            return None
+    plain = b"\\" not in line and line.count(b'"ts"') == 1 and line.count(b'"phase"') == 1
+    ts = _TS_KEY.search(line) if plain else None
+    phase = _PHASE_KEY.search(line) if ts else None
+    if ts and phase:
         ts_value, phase_value = ts.group(1).decode("utf-8", "replace"), phase.group(1).decode(
             "utf-8", "replace")
-    else:
+    else:  # (also a plain line the patterns miss: a `ts` of 65 characters and more)
         try:
             obj = json.loads(line, parse_constant=_reject_constant, object_pairs_hook=_first_wins)
         except (Reject, ValueError, RecursionError):

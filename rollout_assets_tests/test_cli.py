@@ -433,6 +433,20 @@ def test_a_dagster_instance_serves_one_home(tmp_path, monkeypatch, capsys):
                          "--to", "2025-01-18T09:15Z"]) == 0
 
 
+def test_the_demo_refuses_an_outside_instance_that_holds_earlier_runs(tmp_path, capsys,
+                                                                     monkeypatch):
+    """A second demo under an exported DAGSTER_HOME started the warehouse afresh but kept the
+    instance: the old run keys counted its breach as handled, and it reported a rollback that
+    never ran (found by an independent audit)."""
+    home, instance = tmp_path / "home", tmp_path / "instance"
+    (instance / "history").mkdir(parents=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(instance))
+    assert cli.main(["--home", str(home), "demo", "--rate", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds earlier runs" in err and len(err.strip().splitlines()) == 1
+    assert not home.exists()
+
+
 def test_a_home_policy_that_is_not_a_file_is_refused_not_replaced(tmp_path, capsys):
     """A dangling link (or a directory) at governance/policy.yaml fell back to the project's
     rehearsal policy: drills ran and windows were judged under other thresholds, without a

@@ -283,6 +283,9 @@ def test_columns_are_typed_for_the_warehouse():
     (b'{"ts":"2025-01-18T09:03:00Z","phase":7}', None),
     (b'not json "ts":"2025-01-18T09:03:00Z" "phase":"A-0" \\', None),
     (b'', None),
+    # a time stamp longer than the quick pattern takes: the JSON path reads it
+    (b'{"ts":"2025-01-18T09:03:00.' + b"1" * 60 + b'Z","phase":"A-0"}',
+     (datetime(2025, 1, 18, 9, 3, 0, 111111), "A-0")),
 ])
 def test_time_and_phase_as_the_validator_reads_them(line, expected):
     from rollout_assets.events import time_and_phase

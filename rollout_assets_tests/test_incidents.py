@@ -193,7 +193,8 @@ def test_an_alert_report_shows_the_failed_attempts_before_a_skipped_one(con, hom
              "incident was already rolled back by 20250117T0915Z:A-2:retry-1", None,
              T0 + 2 * W)):
         con.execute("insert into rollbacks values (?, ?, 'A-2', 'A-1', ?, 'cmd', ?, ?, ?, "
-                    "'A-2', 'A-2', 'run', 'test', ?, ?)", [rid, T0, status, code, tail, log, at, at])
+                    "'A-2', 'A-2', 'run', 'test', ?, ?)",
+                    [rid, T0, status, code, tail, log, at, at])
     text = render_alert(home, alert_context(con, policy, T0)).read_text()
     assert "escalated to **P1**: a rollback failed (see below)" in text
     assert "Not run again: incident was already rolled back by 20250117T0915Z:A-2:retry-1" in text

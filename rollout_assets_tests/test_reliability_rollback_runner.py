@@ -387,3 +387,15 @@ def test_a_rollback_whose_run_was_killed_while_its_command_ran_is_recorded_from_
     assert before.startswith("A-1 ") and after.startswith("A-0 "), row
     assert "an earlier attempt" in tail and "was interrupted" in tail
     assert query(home, "select count(*) from flag_history where action = 'rollback'") == [(1,)]
+
+
+def test_a_demo_whose_rollback_failed_exits_1(home, capsys):
+    """Like `rollout run`: the demo's rollback failed and it exited 0 (found by an independent
+    audit)."""
+    write_home_policy(home, ["{python}", "-c", "raise SystemExit(3)", "{phase}"])
+    raw = yaml.safe_load((home.root / "governance" / "policy.yaml").read_text())
+    raw["rollback"].update(retries=0)
+    (home.root / "governance" / "policy.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert cli.main(["--home", str(home.root), "demo", "--rate", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "rollback failed for " in err and len(err.strip().splitlines()) == 1
