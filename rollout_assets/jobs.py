@@ -164,12 +164,11 @@ def execute_rollback(
         # outcome, are handled first.
         # an attempt of this breach (this one relaunched, or an earlier retry) whose run died
         # while its command ran: its row still says 'running', and the flags may have moved
+        breach = rollback_run_key(ws, config.phase)
         interrupted = con.execute(
             "select rollback_id, flags_before, dagster_run_id, started_at from rollbacks "
             "where (rollback_id = ? or starts_with(rollback_id, ?)) and status = 'running' "
-            "order by started_at limit 1",
-            [rollback_run_key(ws, config.phase), rollback_run_key(ws, config.phase) + RETRY_SEP]
-        ).fetchone()
+            "order by started_at limit 1", [breach, breach + RETRY_SEP]).fetchone()
         if config.retry and _closed(con, incident) and not interrupted:
             # the failed attempt's row (exit code, log) stays as it is
             msg = (f"retry {config.retry} of {rollback_id}: incident {incident} closed after "
