@@ -168,18 +168,14 @@ def _verdict_summary(home: RolloutHome, start: datetime, end: datetime) -> list[
 
 
 def _latest_attempts(home: RolloutHome, keys: list[str]) -> dict[str, str]:
-    """Breach run key -> the status of its latest rollback attempt's row (`rollbacks`)."""
-    from rollout_assets.reporting import RETRY_SEP
+    from rollout_assets.reporting import latest_attempts
     from rollout_assets.warehouse import connect
 
     if not keys or not home.db_path.exists():
         return {}
     con = connect(home.db_path, read_only=True)
     try:
-        return dict(con.execute(
-            "select k, arg_max(status, started_at) from rollbacks, unnest(?::VARCHAR[]) t(k) "
-            "where rollback_id = k or starts_with(rollback_id, k || ?) group by k",
-            [keys, RETRY_SEP]).fetchall())
+        return latest_attempts(con, keys)
     finally:
         con.close()
 

@@ -66,6 +66,17 @@ def rollback_run_key(window_start: datetime, phase: str, retry: int = 0) -> str:
     return f"{key}{RETRY_SEP}{retry}" if retry else key
 
 
+def latest_attempts(con, keys: list[str]) -> dict[str, str]:
+    """Breach run key (`rollback_run_key` without a retry) -> the status of its latest
+    rollback attempt's `rollbacks` row: how its rollback ended, retries included."""
+    if not keys:
+        return {}
+    return dict(con.execute(
+        "select k, arg_max(status, started_at) from rollbacks, unnest(?::VARCHAR[]) t(k) "
+        "where rollback_id = k or starts_with(rollback_id, k || ?) group by k",
+        [keys, RETRY_SEP]).fetchall())
+
+
 def slack_channels(policy: Policy, phase: str, level: str, step: str | None = None) -> list[str]:
     """The phase's channel, plus `incident_channel` at its levels, or for an incident runbook
     `step` the policy reports there whatever the level (`incident_channel_steps`)."""

@@ -322,15 +322,11 @@ def _rollback_status(defs: dg.Definitions, run_key: str) -> str | None:
     """How the rollback of a breach ended: the status of its latest attempt's `rollbacks` row
     (a failed first attempt may have been retried since; ids are the run keys), None without
     one."""
-    from rollout_assets.reporting import RETRY_SEP
+    from rollout_assets.reporting import RETRY_SEP, latest_attempts
 
     base = run_key.split(RETRY_SEP)[0]
-    row = _query_warehouse(
-        Path(defs.resources["warehouse"].path),
-        lambda con: con.execute(
-            "select status from rollbacks where rollback_id = ? or starts_with(rollback_id, ?) "
-            "order by started_at desc limit 1", [base, base + RETRY_SEP]).fetchone(), None)
-    return row[0] if row else None
+    return _query_warehouse(Path(defs.resources["warehouse"].path),
+                            lambda con: latest_attempts(con, [base]).get(base), None)
 
 
 def _as_dict(run_config) -> dict:
