@@ -104,8 +104,10 @@ def _publish_for_readers(con, home: RolloutHome) -> None:
     cannot be written is a warning (the command's own change stands)."""
     import duckdb
 
-    from rollout_assets.warehouse import publish_reader_copy
+    from rollout_assets.warehouse import READERS_COPY_BY_CALLER_ENV, publish_reader_copy
 
+    if os.environ.get(READERS_COPY_BY_CALLER_ENV):  # the rollback job's command: it writes it
+        return
     try:
         publish_reader_copy(con, home.reader_db_path)
     except (duckdb.Error, OSError) as exc:

@@ -515,6 +515,8 @@ def transaction(con) -> Iterator:
 # ---- the readers' copy -----------------------------------------------------------------------
 
 NOT_FOR_READERS = frozenset({"canary_events"})  # the raw events: 70 MB a 10M-event day
+# set for a command whose caller writes the readers' copy after it (the rollback job's command)
+READERS_COPY_BY_CALLER_ENV = "ROLLOUT_READERS_COPY_BY_CALLER"
 
 
 def publish_reader_copy(con, path: Path) -> int:

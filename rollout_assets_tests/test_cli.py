@@ -447,6 +447,22 @@ def test_the_demo_refuses_an_outside_instance_that_holds_earlier_runs(tmp_path, 
     assert not home.exists()
 
 
+def test_a_flag_move_writes_the_readers_copy_unless_its_caller_does(tmp_path, monkeypatch):
+    """By hand, `flags promote` / `rollback` refresh the readers' copy; as the rollback job's
+    command (the runner sets ROLLOUT_READERS_COPY_BY_CALLER) they leave it to the job, which
+    writes it once its row is in: it was written twice per rollback."""
+    from rollout_assets.warehouse import READERS_COPY_BY_CALLER_ENV
+
+    home = RolloutHome(tmp_path.resolve())
+    args = ["--home", str(tmp_path), "flags", "promote", "--force", "--reason", "t", "--phase"]
+    monkeypatch.setenv(READERS_COPY_BY_CALLER_ENV, "1")
+    assert cli.main([*args, "A-1"]) == 0
+    assert not home.reader_db_path.exists()
+    monkeypatch.delenv(READERS_COPY_BY_CALLER_ENV)
+    assert cli.main([*args, "A-2"]) == 0
+    assert home.reader_db_path.is_file()
+
+
 def test_a_home_policy_that_is_not_a_file_is_refused_not_replaced(tmp_path, capsys):
     """A dangling link (or a directory) at governance/policy.yaml fell back to the project's
     rehearsal policy: drills ran and windows were judged under other thresholds, without a

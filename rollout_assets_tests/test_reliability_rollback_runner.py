@@ -10,6 +10,7 @@ import signal
 import time
 from datetime import timedelta
 
+import duckdb
 import pytest
 import yaml
 
@@ -208,6 +209,15 @@ def test_a_failed_rollback_is_retried_by_the_breach_sensor_until_it_succeeds(hom
         assert "escalated to **P1**" in report and "- Status: succeeded" in report
         assert "- Earlier attempt `20250118T0900Z:A-1`: failed, ExitCode=3" in report
         assert "- Earlier attempt `20250118T0900Z:A-1:retry-1`: failed, ExitCode=3" in report
+        # the readers' copy has the last attempt (the job writes it once its row is in; its
+        # command, a `flags rollback`, leaves that to the job)
+        copy = duckdb.connect(str(home.reader_db_path), read_only=True)
+        try:
+            assert copy.execute("select count(*), max(status) from rollbacks").fetchone() == (
+                3, "succeeded")
+            assert copy.execute("select phase from flag_state").fetchall() == [("A-0",)]
+        finally:
+            copy.close()
         assert query(home, "select phase from flag_state") == [("A-0",)]
         assert tick_breach_sensor(instance, defs, log=lambda m: None) == []  # done
         # each attempt's outcome was told (a retry's message had the first one's ledger key

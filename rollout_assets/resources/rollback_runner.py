@@ -22,6 +22,7 @@ import dagster as dg
 from rollout_assets.flags import validate_phase
 from rollout_assets.policy import Policy
 from rollout_assets.redaction import redact, scrubbed_env
+from rollout_assets.warehouse import READERS_COPY_BY_CALLER_ENV
 
 TIMEOUT_EXIT_CODE = 124  # what coreutils `timeout` returns
 NOT_STARTED_EXIT_CODE = 127  # what a shell returns for a command it cannot run
@@ -75,7 +76,9 @@ class RollbackRunner(dg.ConfigurableResource):
             extra_env: dict | None = None) -> RollbackOutcome:
         argv = self.argv(policy, target_phase)
         secrets = _secret_vars(policy)
-        env = {**scrubbed_env(extra=secrets), "ROLLOUT_HOME": self.home, **(extra_env or {})}
+        env = {**scrubbed_env(extra=secrets), "ROLLOUT_HOME": self.home,
+               READERS_COPY_BY_CALLER_ENV: "1",  # the rollback job writes it once, after
+               **(extra_env or {})}
         timeout = policy.rollback.timeout_seconds
         started = time.monotonic()
         try:
