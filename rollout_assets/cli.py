@@ -100,19 +100,13 @@ def cmd_simulate(args, home: RolloutHome) -> int:
 
 
 def _publish_for_readers(con, home: RolloutHome) -> None:
-    """A command that changed tables refreshes the SQL readers' copy as runs do; a copy that
-    cannot be written is a warning (the command's own change stands)."""
-    import duckdb
-
-    from rollout_assets.warehouse import READERS_COPY_BY_CALLER_ENV, publish_reader_copy
+    """A command that changed tables refreshes the SQL readers' copy as runs do."""
+    from rollout_assets.warehouse import READERS_COPY_BY_CALLER_ENV, refresh_reader_copy
 
     if os.environ.get(READERS_COPY_BY_CALLER_ENV):  # the rollback job's command: it writes it
         return
-    try:
-        publish_reader_copy(con, home.reader_db_path)
-    except (duckdb.Error, OSError) as exc:
-        print(f"rollout: warning: readers' copy {home.relative(home.reader_db_path)} not "
-              f"refreshed: {exc}", file=sys.stderr)
+    refresh_reader_copy(con, home.reader_db_path,
+                        lambda msg: print(f"rollout: warning: {msg}", file=sys.stderr))
 
 
 # ---- run --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -559,3 +559,14 @@ def publish_reader_copy(con, path: Path) -> int:
             leftover.unlink(missing_ok=True)
         raise
     return len(tables)
+
+
+def refresh_reader_copy(con, path: Path, warn: Callable[[str], None]) -> int | None:
+    """`publish_reader_copy` once a run's or command's writes are done; a copy that cannot be
+    written is a warning (the writes stand, readers keep the previous copy). Returns the tables
+    copied, None when it was not written."""
+    try:
+        return publish_reader_copy(con, path)
+    except (duckdb.Error, OSError) as exc:
+        warn(f"readers' copy {path} not refreshed: {exc}")
+        return None

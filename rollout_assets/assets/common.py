@@ -7,7 +7,6 @@ from contextlib import nullcontext
 from datetime import date, datetime, timedelta
 
 import dagster as dg
-import duckdb
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -18,7 +17,7 @@ from rollout_assets.instance_storage import BatchingSqliteEventLogStorage
 from rollout_assets.metrics_catalog import METRICS
 from rollout_assets.partitions import partition_key, window_from_key, window_partitions
 from rollout_assets.retention import kept_before, kept_note, split_kept
-from rollout_assets.warehouse import publish_reader_copy
+from rollout_assets.warehouse import refresh_reader_copy
 
 WAREHOUSE_POOL = "rollout_warehouse"
 OWNERS = ["team:release-engineering"]
@@ -123,10 +122,6 @@ def publish_for_readers(context, con, home) -> None:
     """Refresh the SQL readers' copy (`warehouse.publish_reader_copy`) once a run's writes are
     done. A copy that cannot be written is a warning: the run's own work stands, and readers
     keep the previous copy."""
-    try:
-        n = publish_reader_copy(con, home.reader_db_path)
-    except (duckdb.Error, OSError) as exc:
-        context.log.warning(f"readers' copy {home.relative(home.reader_db_path)} not refreshed: "
-                            f"{exc}")
-        return
-    context.log.info(f"readers' copy {home.relative(home.reader_db_path)}: {n} tables")
+    n = refresh_reader_copy(con, home.reader_db_path, context.log.warning)
+    if n is not None:
+        context.log.info(f"readers' copy {home.relative(home.reader_db_path)}: {n} tables")
