@@ -325,6 +325,38 @@ def test_event_ids_first_character_is_decided_alike_on_both_fast_paths(twin):
     assert counts["events"] == 2 * len(firsts)
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["looked-up", "cut-row-by-row"])
+def test_labels_are_stored_alike_however_many_a_range_holds(twin, many):
+    """The stage holds `tenant` and `environment` as their JSON text; the store turns a range's
+    distinct texts into values and looks each row's up (or, past `_LABEL_LOOKUP_MAX` texts,
+    cuts the quotes row by row). Rows decided in SQL and rows the validator accepted (spaced
+    lines, escaped values), null, absent, "null" as a string and odd characters: the same."""
+    from rollout_assets.ingest import _LABEL_LOOKUP_MAX
+
+    tenants = ["beta", "null", "", "NULL", "qa'x", "é", "a b", None,
+               *(f"t{i}" for i in range(_LABEL_LOOKUP_MAX + 5 if many else 3))]
+    rows = []
+    for i, t in enumerate(tenants):
+        body = ev(event_id=f"l{i}", phase="A-2", tenant=t)
+        if i % 3 == 0:
+            body["environment"] = None
+        elif i % 3 == 1:
+            body.pop("environment", None)
+        rows.append(compact(body))
+        spaced = ev(event_id=f"s{i}", phase="A-2", tenant=t, environment=f"e{i % 4}")
+        rows.append(json.dumps(spaced, separators=(", ", ": ")))
+        # minified, but a non-ASCII value escaped ("\u00e9"): the validator's row
+        rows.append(json.dumps(ev(event_id=f"x{i}", phase="A-2", tenant=t),
+                               separators=(",", ":"), ensure_ascii=True))
+    twin.write("phase-A-2.jsonl", lines(*rows))
+    twin.ingest()
+    counts = twin.assert_same()
+    assert counts["events"] == len(rows)
+    stored = {r[0] for r in twin.cons["fast"].execute(
+        "select distinct tenant from canary_events").fetchall()}
+    assert stored == set(tenants)
+
+
 def test_values_read_as_strings_must_not_spell_a_non_string():
     """ts, phase and kind are read as their string's value, which a number, literal, object or
     array also has (its own text): a value SQL accepts must not be one of those texts."""
