@@ -178,6 +178,7 @@ def _flags(clean: str, ok_code: str, conflict: str, observed_only: str, dry_run:
 # in a list (`flags`), a 10M-event ingest went from 12.6-13.1 s to 11.7-12.1 s (22.1-22.9 to
 # 20.5-21.5 CPU-s).
 _STAGED_LABELS = ("tenant", "environment")
+assert set(_STAGED_LABELS) == set(LABEL_COLUMNS) - {"phase"}
 _LABEL_LOOKUP_MAX = 64  # more distinct texts in a range: the insert cuts the quotes row by row
 
 
@@ -709,6 +710,7 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     earlier line of the stage (the first occurrence wins), as a new batch: the range of `lines`
     lines and `nbytes` bytes at the cursor. Returns the rows inserted."""
     exprs = {**_FROM_FLAGS, "phase": f"{_sql_list(phases)}[{_FROM_FLAGS['phase']}]",
+             "kind": f"({_sql_list(KINDS)}::event_kind[])[{_FROM_FLAGS['kind']}]",
              "batch_id": "$batch", "window_start": "time_bucket(INTERVAL 15 MINUTE, ts)",
              "line_no": "$before + range_line"}
     # Every phase of the policy, present or not: the phase list is cast whole to the column's
@@ -718,19 +720,16 @@ def _store_stage(con, rel: str, cur: _Cursor, lines: int, nbytes: int, now: date
     enum = grow_labels(con, "phase", phases)
     if enum is not None:
         exprs["phase"] = f"({_sql_list(phases)}::{enum}[])[{_FROM_FLAGS['phase']}]"
+    batch = con.execute("select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
+    params = {"batch": batch, "before": cur.lines}
     # the free-text labels' combinations (one grouping: cheaper than a distinct list per column)
-    assert set(_STAGED_LABELS) == set(LABEL_COLUMNS) - {"phase"}
     combos = con.execute(f"select distinct {', '.join(_STAGED_LABELS)} from _ingest_stage "
                          f"where {_clean()}").fetchall()
-    exprs["kind"] = f"({_sql_list(KINDS)}::event_kind[])[{_FROM_FLAGS['kind']}]"
-    params = {"batch": None, "before": cur.lines}
     for i, column in enumerate(_STAGED_LABELS):
         texts = sorted({row[i] for row in combos if row[i] is not None})
         values = [_label_from_stage(t) for t in texts]
         stored_as = grow_labels(con, column, values) or "VARCHAR"
         exprs[column] = _label_expr(column, texts, values, stored_as, params)
-    batch = params["batch"] = con.execute(
-        "select coalesce(max(batch_id), 0) + 1 from ingest_batches").fetchone()[0]
     kept = con.execute(f"""
         insert into canary_events ({', '.join(EVENT_TABLE_COLUMNS)})
         with stored as (  -- built on the (smaller) stage, probing the stored keys
