@@ -41,15 +41,25 @@ def expected(data: bytes):
     return out
 
 
+def stored(con, file_like: str = "%") -> dict:
+    """line_no -> (kind, tenant, environment) the fast warehouse holds, of files like this."""
+    return {r[0]: tuple(r[1:]) for r in con.execute(
+        "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
+        "from canary_event_sources where source_file like ?", [file_like]).fetchall()}
+
+
+def session_line(event_id: str, fields: str) -> str:
+    """A minified A-2 session event with `fields` (raw JSON text) after its required keys."""
+    return (f'{{"event_id":"{event_id}","ts":"2025-01-18T09:03:12Z","phase":"A-2",'
+            f'"kind":"session",{fields}}}')
+
+
 def check(twin, name: str, data: bytes, *, exp=None):
     twin.write(name, data)
     stats = twin.ingest()
     counts = twin.assert_same()
     if exp is not None:
-        got = {r[0]: tuple(r[1:]) for r in twin.cons["fast"].execute(
-            "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
-            "from canary_event_sources where source_file like ? order by line_no",
-            ["%" + name]).fetchall()}
+        got = stored(twin.cons["fast"], "%" + name)
         for k, v in exp.items():
             assert got.get(k) == v, (k, got.get(k), v)
     return stats, counts
@@ -138,9 +148,7 @@ def test_past_max_labels_and_appends(twin):
         twin.ingest()
         twin.assert_same()
     exp = expected(data_all)
-    got = {r[0]: tuple(r[1:]) for r in twin.cons["fast"].execute(
-        "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
-        "from canary_event_sources").fetchall()}
+    got = stored(twin.cons["fast"])
     assert got == exp
     types = dict(twin.cons["fast"].execute(
         "select name, type from pragma_table_info('canary_events')").fetchall())
@@ -246,8 +254,7 @@ DUPS = [
 def test_duplicate_and_escaped_keys(twin, spaced):
     rows = []
     for i, d in enumerate(DUPS):
-        base = (f'{{"event_id":"dk{i}","ts":"2025-01-18T09:03:12Z","phase":"A-2",'
-                f'"kind":"session",{d}}}')
+        base = session_line(f"dk{i}", d)
         rows.append(base.replace(",", ", ") if spaced else base)
     data = lines(*rows)
     check(twin, "phase-A-2.jsonl", data, exp=expected(data))
@@ -270,10 +277,7 @@ def test_files_staged_together_grow_labels(twin, per):
     twin.assert_same()
     for phase, data in datas.items():
         exp = expected(data)
-        got = {r[0]: tuple(r[1:]) for r in twin.cons["fast"].execute(
-            "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
-            "from canary_event_sources where source_file like ?", [f"%phase-{phase}.jsonl"]
-        ).fetchall()}
+        got = stored(twin.cons["fast"], f"%phase-{phase}.jsonl")
         assert got == exp
     # append to all, ingest again
     for phase in PHASES:
@@ -376,9 +380,7 @@ def test_hypothesis_labels(tmp_path_factory, first, second):
         check(t, "phase-A-2.jsonl", d1, exp=expected(d1))
         check(t, "phase-A-2.jsonl", d2, exp=None)
         exp = expected(d1 + d2)
-        got = {r[0]: tuple(r[1:]) for r in t.cons["fast"].execute(
-            "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
-            "from canary_event_sources").fetchall()}
+        got = stored(t.cons["fast"])
         assert got == exp
     finally:
         t.close()
@@ -397,8 +399,7 @@ LENIENT = ['"tenant":"a\\qb"', '"tenant":"\\x41"', '"tenant":"\\u00"', '"tenant"
 def test_lenient_label_syntax(twin, spaced):
     rows = []
     for i, d in enumerate(LENIENT):
-        base = (f'{{"event_id":"ln{i}","ts":"2025-01-18T09:03:12Z","phase":"A-2",'
-                f'"kind":"session",{d}}}')
+        base = session_line(f"ln{i}", d)
         rows.append(base.replace('","', '", "') if spaced else base)
     data = lines(*rows)
     check(twin, "phase-A-2.jsonl", data, exp=expected(data))
@@ -459,7 +460,5 @@ def test_blank_lines_bom_and_odd_ws_with_labels(twin):
     twin.ingest()
     twin.assert_same()
     exp = expected(data)
-    got = {r[0]: tuple(r[1:]) for r in twin.cons["fast"].execute(
-        "select line_no, kind::VARCHAR, tenant::VARCHAR, environment::VARCHAR "
-        "from canary_event_sources where source_file like '%A-2%'").fetchall()}
+    got = stored(twin.cons["fast"], "%A-2%")
     assert got == exp
