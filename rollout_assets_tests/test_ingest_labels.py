@@ -54,6 +54,17 @@ def session_line(event_id: str, fields: str) -> str:
             f'"kind":"session",{fields}}}')
 
 
+def check_sessions(twin, prefix: str, corpus: list[str],
+                   spaced: tuple[str, str] | None) -> None:
+    """One session line per `corpus` entry (`session_line`), its text replaced as `spaced`
+    says (old, new) when given, checked on both paths against the validator."""
+    rows = [session_line(f"{prefix}{i}", d) for i, d in enumerate(corpus)]
+    if spaced:
+        rows = [r.replace(*spaced) for r in rows]
+    data = lines(*rows)
+    check(twin, "phase-A-2.jsonl", data, exp=expected(data))
+
+
 def check(twin, name: str, data: bytes, *, exp=None):
     twin.write(name, data)
     stats = twin.ingest()
@@ -252,12 +263,7 @@ DUPS = [
 
 @pytest.mark.parametrize("spaced", [False, True])
 def test_duplicate_and_escaped_keys(twin, spaced):
-    rows = []
-    for i, d in enumerate(DUPS):
-        base = session_line(f"dk{i}", d)
-        rows.append(base.replace(",", ", ") if spaced else base)
-    data = lines(*rows)
-    check(twin, "phase-A-2.jsonl", data, exp=expected(data))
+    check_sessions(twin, "dk", DUPS, spaced=(",", ", ") if spaced else None)
 
 
 @pytest.mark.parametrize("per", [30, 300])
@@ -397,12 +403,7 @@ LENIENT = ['"tenant":"a\\qb"', '"tenant":"\\x41"', '"tenant":"\\u00"', '"tenant"
 
 @pytest.mark.parametrize("spaced", [False, True])
 def test_lenient_label_syntax(twin, spaced):
-    rows = []
-    for i, d in enumerate(LENIENT):
-        base = session_line(f"ln{i}", d)
-        rows.append(base.replace('","', '", "') if spaced else base)
-    data = lines(*rows)
-    check(twin, "phase-A-2.jsonl", data, exp=expected(data))
+    check_sessions(twin, "ln", LENIENT, spaced=('","', '", "') if spaced else None)
 
 
 def test_tail_and_completed_lines_with_odd_labels(twin):
