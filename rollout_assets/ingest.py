@@ -699,7 +699,7 @@ def _label_expr(column: str, texts: list[str], values: list[str | None], stored_
     if not texts:
         return "NULL"
     if len(texts) > _LABEL_LOOKUP_MAX:
-        return f"case when {column} like '\"%' then {_unquoted(column)} end"
+        return _unquoted(column)  # every staged text is a quoted string (or NULL)
     params[f"{column}_texts"], params[f"{column}_values"] = texts, values
     return (f"(${column}_values::{stored_as}[])"
             f"[list_position(${column}_texts::VARCHAR[], {column})]")
